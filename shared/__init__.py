@@ -1,0 +1,1 @@
+"""Code common to the ingress and the workers: config, channels, storage, partitioning, logging."""

@@ -1,0 +1,26 @@
+"""One module per platform behind one surface (`Channel`); `build_channel` picks the module by platform."""
+
+from __future__ import annotations
+
+from shared.channels.base import Channel, WebhookRequest
+from shared.config import ChannelConfig
+
+
+def build_channel(config: ChannelConfig) -> Channel:
+    """The adapter for a configured channel."""
+    if config.platform == "whatsapp":
+        from shared.channels.whatsapp import WhatsAppChannel
+
+        return WhatsAppChannel(config)
+    if config.platform == "telegram":
+        from shared.channels.telegram import TelegramChannel
+
+        return TelegramChannel(config)
+    if config.platform == "discord":
+        from shared.channels.discord import DiscordChannel
+
+        return DiscordChannel(config)
+    raise ValueError(f"unknown platform {config.platform!r}")
+
+
+__all__ = ["Channel", "WebhookRequest", "build_channel"]

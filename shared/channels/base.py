@@ -1,0 +1,62 @@
+"""The surface every platform adapter offers; verification, parsing and sending are kept apart."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol
+
+from shared.config import ChannelConfig
+from shared.errors import MalformedPayload
+from shared.messages import Delivery, InboundMessage
+
+
+@dataclass(frozen=True)
+class WebhookRequest:
+    """An HTTP request as the ingress received it; headers keys are lower-case."""
+
+    method: str
+    headers: Mapping[str, str]
+    query: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+
+class Channel(Protocol):
+    config: ChannelConfig
+
+    def verify(self, request: WebhookRequest) -> None:
+        """Raise InvalidSignature unless the request really comes from the platform."""
+
+    def parse(self, body: bytes) -> list[InboundMessage]:
+        """The user messages in a verified body (possibly none); MalformedPayload if the shape is wrong."""
+
+    def send(self, message: InboundMessage, text: str) -> Delivery:
+        """Send a reply to the chat the message came from, split to the platform's length limit."""
+
+
+def load_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise MalformedPayload("body is not JSON") from None
+
+
+def require(obj: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    """obj[key] if it is of the expected type, else MalformedPayload naming the path."""
+    if not isinstance(obj, dict) or not isinstance(obj.get(key), kind):
+        raise MalformedPayload(f"{where}.{key} missing or not {getattr(kind, '__name__', kind)}")
+    return obj[key]
+
+
+def same_secret(given: str | None, expected: str) -> bool:
+    """Constant-time comparison of a secret the caller presented."""
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def session_key(channel_id: str, kind: str, boundary: str) -> str:
+    """Session keys are scoped by channel: the same user on two channels is two sessions."""
+    return f"{channel_id}:{kind}:{boundary}"

@@ -1,0 +1,29 @@
+"""One error hierarchy, so callers branch on the kind of failure, never on None."""
+
+
+class ChatSessionsError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class ConfigError(ChatSessionsError):
+    """The configuration is invalid; raised at start, never at the first request."""
+
+
+class UnknownChannel(ChatSessionsError):
+    """A request names a channel that is not configured (HTTP 404)."""
+
+
+class InvalidSignature(ChatSessionsError):
+    """A request's signature or secret token does not match (HTTP 401/403)."""
+
+
+class MalformedPayload(ChatSessionsError):
+    """A request body is not the platform's documented shape (HTTP 400)."""
+
+
+class EnqueueFailed(ChatSessionsError):
+    """The broker did not accept a message; the platform must retry (HTTP 503)."""
+
+
+class DeliveryFailed(ChatSessionsError):
+    """A platform refused a reply for good (not retryable)."""

@@ -1,0 +1,50 @@
+"""What crosses a process boundary: the normalized inbound message and a delivery outcome."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+DM = "dm"
+GROUP = "group"
+NEW_SESSION = "new"
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    """One user message, normalized from any platform; JSON-safe via to_dict/from_dict."""
+
+    channel_id: str
+    platform: str
+    session_key: str
+    chat_id: str
+    chat_kind: str  # DM or GROUP
+    sender_id: str
+    sender_name: str
+    text: str
+    platform_message_id: str
+    sent_at: float
+    command: str | None = None  # NEW_SESSION for /new and its platform equivalents
+    seq: int = 0  # per-session ingress order, assigned by the ingress
+    received_at: float = 0.0  # when the ingress accepted it (epoch seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InboundMessage:
+        return cls(**data)
+
+    def with_ingress(self, seq: int, received_at: float) -> InboundMessage:
+        return dataclasses.replace(self, seq=seq, received_at=received_at)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """The outcome of sending one reply (all its chunks)."""
+
+    ok: bool
+    platform_message_ids: tuple[str, ...] = ()
+    error: str | None = None
+    attempts: int = 1

@@ -1,0 +1,110 @@
+"""Outbound HTTP to the platforms: one pooled requests.Session per channel, timeouts, bounded retries."""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any, Callable
+
+import requests
+import structlog
+
+from shared.messages import Delivery
+
+log = structlog.get_logger(__name__)
+
+TIMEOUT = (3.05, 15)  # connect, read (seconds)
+MAX_ATTEMPTS = 5
+MAX_WAIT = 60.0  # never sleep longer than this on one Retry-After
+
+
+def split_text(text: str, limit: int) -> list[str]:
+    """Split text into chunks of at most `limit` characters, preferring line and word boundaries."""
+    if len(text) <= limit:
+        return [text]
+    chunks: list[str] = []
+    rest = text
+    while len(rest) > limit:
+        cut = rest.rfind("\n", 0, limit + 1)
+        if cut <= 0:
+            cut = rest.rfind(" ", 0, limit + 1)
+        if cut <= 0:
+            cut = limit
+        chunks.append(rest[:cut])
+        rest = rest[cut:].lstrip("\n ") if cut < len(rest) else ""
+    if rest:
+        chunks.append(rest)
+    return chunks
+
+
+def retry_after(response: requests.Response) -> float | None:
+    """Seconds to wait from a 429/5xx: the Retry-After header, or Discord/Telegram JSON fields."""
+    header = response.headers.get("Retry-After")
+    if header:
+        try:
+            return float(header)
+        except ValueError:
+            pass
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if isinstance(body, dict):
+        if isinstance(body.get("retry_after"), (int, float)):
+            return float(body["retry_after"])
+        params = body.get("parameters")
+        if isinstance(params, dict) and isinstance(params.get("retry_after"), (int, float)):
+            return float(params["retry_after"])
+    return None
+
+
+class HttpSender:
+    """POSTs JSON with retries on network errors, 429 and 5xx; other 4xx are final."""
+
+    def __init__(self, headers: dict[str, str], sleep: Callable[[float], None] = time.sleep):
+        self.session = requests.Session()
+        self.session.headers.update(headers)
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=64)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.sleep = sleep
+
+    def post(self, url: str, payload: dict[str, Any], id_of: Callable[[Any], str | None]) -> Delivery:
+        """Send one request; id_of extracts the platform's message id from the JSON answer."""
+        error = "not attempted"
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                response = self.session.post(url, json=payload, timeout=TIMEOUT)
+            except requests.RequestException as exc:
+                error = f"network: {exc.__class__.__name__}"
+                wait = None
+            else:
+                if response.ok:
+                    try:
+                        body = response.json()
+                    except ValueError:
+                        body = None
+                    msg_id = id_of(body)
+                    return Delivery(ok=True, platform_message_ids=(msg_id,) if msg_id else (), attempts=attempt)
+                error = f"http {response.status_code}: {response.text[:200]}"
+                if response.status_code != 429 and response.status_code < 500:
+                    return Delivery(ok=False, error=error, attempts=attempt)
+                wait = retry_after(response)
+            if attempt == MAX_ATTEMPTS:
+                break
+            delay = min(wait if wait is not None else 0.5 * 2 ** (attempt - 1) * (1 + random.random()), MAX_WAIT)
+            log.warning("outbound.retry", url=url.split("/bot")[0], attempt=attempt, wait_s=round(delay, 2), error=error)
+            self.sleep(delay)
+        return Delivery(ok=False, error=error, attempts=MAX_ATTEMPTS)
+
+
+def combine(deliveries: list[Delivery]) -> Delivery:
+    """One Delivery for a reply sent in several chunks: ok only if every chunk was."""
+    ids = tuple(i for d in deliveries for i in d.platform_message_ids)
+    failed = [d for d in deliveries if not d.ok]
+    return Delivery(
+        ok=not failed,
+        platform_message_ids=ids,
+        error=failed[0].error if failed else None,
+        attempts=sum(d.attempts for d in deliveries),
+    )
