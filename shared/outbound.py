@@ -59,15 +59,24 @@ def retry_after(response: requests.Response) -> float | None:
 
 
 class HttpSender:
-    """POSTs JSON with retries on network errors, 429 and 5xx; other 4xx are final."""
+    """POSTs JSON with retries on network errors, 429 and 5xx; other 4xx are final unless `retryable` says so.
 
-    def __init__(self, headers: dict[str, str], sleep: Callable[[float], None] = time.sleep):
+    `retryable` lets a platform mark its own rate-limit answers as transient (WhatsApp reports some with HTTP 400).
+    """
+
+    def __init__(
+        self,
+        headers: dict[str, str],
+        sleep: Callable[[float], None] = time.sleep,
+        retryable: Callable[[requests.Response], bool] | None = None,
+    ):
         self.session = requests.Session()
         self.session.headers.update(headers)
         adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=64)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.sleep = sleep
+        self.retryable = retryable
 
     def post(self, url: str, payload: dict[str, Any], id_of: Callable[[Any], str | None]) -> Delivery:
         """Send one request; id_of extracts the platform's message id from the JSON answer."""
@@ -87,7 +96,8 @@ class HttpSender:
                     msg_id = id_of(body)
                     return Delivery(ok=True, platform_message_ids=(msg_id,) if msg_id else (), attempts=attempt)
                 error = f"http {response.status_code}: {response.text[:200]}"
-                if response.status_code != 429 and response.status_code < 500:
+                transient = response.status_code == 429 or response.status_code >= 500
+                if not transient and not (self.retryable and self.retryable(response)):
                     return Delivery(ok=False, error=error, attempts=attempt)
                 wait = retry_after(response)
             if attempt == MAX_ATTEMPTS:

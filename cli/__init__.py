@@ -1,0 +1,1 @@
+"""The `chatsessions` command: starts the processes and gives operators their tools."""

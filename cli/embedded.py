@@ -1,0 +1,87 @@
+"""The all-in-one process: ingress, workers and beat in one process over an in-process broker.
+
+For trying the system on a laptop (SQLite file, kombu memory://). Production runs the same code as
+separate processes from the Procfile.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+import structlog
+from werkzeug.serving import BaseWSGIServer, make_server
+
+from shared.config import DEFAULT_CONFIG, Settings, get_settings
+from shared.migrate import upgrade
+from shared.partitioning import queue_name
+from shared.queueing import MAINTENANCE_QUEUE
+
+log = structlog.get_logger(__name__)
+
+DEMO_SECRETS = {
+    "ACME_WA_APP_SECRET": "demo-app-secret",
+    "ACME_WA_VERIFY_TOKEN": "demo-verify-token",
+    "ACME_WA_ACCESS_TOKEN": "demo-access-token",
+    "ACME_TG_BOT_TOKEN": "123456:demo-bot-token",
+    "ACME_TG_SECRET_TOKEN": "demo-secret-token",
+    "ACME_DISCORD_BOT_TOKEN": "demo-discord-token",
+    # Ed25519 public key of the demo's interactions signer (see cli/demo.py); replace for real use.
+    "ACME_DISCORD_PUBLIC_KEY": "1e2b5f6ad1b3f0c4a9a4d1c3c0a1f6a2e6d7c5b4a3f2e1d0c9b8a7f6e5d4c3b2",
+}
+
+
+def use_embedded_defaults() -> list[str]:
+    """With the shipped config, fill unset secrets with demo values; returns the names filled in."""
+    filled = []
+    if not os.environ.get("CHATSESSIONS_CONFIG") or os.environ["CHATSESSIONS_CONFIG"] == str(DEFAULT_CONFIG):
+        for name, value in DEMO_SECRETS.items():
+            if not os.environ.get(name):
+                os.environ[name] = value
+                filled.append(name)
+    os.environ.setdefault("BROKER_URL", "memory://")
+    return filled
+
+
+@dataclass
+class Embedded:
+    """Running ingress + worker (+ beat) threads; `stop()` ends them."""
+
+    settings: Settings
+    server: BaseWSGIServer
+    worker: object
+    threads: list[threading.Thread]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.server.host}:{self.server.port}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.worker.stop(in_sighandler=False)
+        for t in self.threads:
+            t.join(timeout=10)
+
+
+def start(host: str = "127.0.0.1", port: int = 8000, concurrency: int = 8, beat: bool = True) -> Embedded:
+    settings = get_settings()
+    upgrade(settings.database_url)
+    from ingress.app import create_app
+    from ingress.publisher import Publisher
+    from workers.app import app as celery_app
+    from workers.runtime import runner
+
+    runner()
+    queues = ",".join([queue_name(p) for p in range(settings.partitions)] + [MAINTENANCE_QUEUE])
+    worker = celery_app.WorkController(pool_cls="threads", concurrency=concurrency, queues=queues,
+                                       beat=beat, without_mingle=True, without_gossip=True, loglevel="WARNING")
+    worker_thread = threading.Thread(target=worker.start, name="worker", daemon=True)
+    worker_thread.start()
+    wsgi = create_app(settings, Publisher(settings, app=celery_app))
+    server = make_server(host, port, wsgi, threaded=True)
+    server_thread = threading.Thread(target=server.serve_forever, name="ingress", daemon=True)
+    server_thread.start()
+    log.info("embedded.started", url=f"http://{server.host}:{server.port}", database=settings.database_url,
+             broker=settings.broker_url, partitions=settings.partitions)
+    return Embedded(settings, server, worker, [server_thread, worker_thread])

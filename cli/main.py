@@ -1,0 +1,173 @@
+"""`chatsessions`: one entry point for every process and tool. Exit codes: 0 ok, 1 failure, 2 bad config/usage."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+import threading
+
+from shared.errors import ConfigError
+
+
+def _exec(argv: list[str]) -> int:
+    """Replace this process (so signals reach gunicorn/celery directly, as under a process manager)."""
+    exe = shutil.which(argv[0]) or os.path.join(os.path.dirname(sys.executable), argv[0])
+    os.execv(exe, argv)
+    return 1  # not reached
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cli import embedded
+
+    filled = embedded.use_embedded_defaults()
+    if filled:
+        print(f"Using demo secrets for {len(filled)} unset variables (embedded default config).", file=sys.stderr)
+    from shared.config import get_settings
+    from shared.logs import configure_logging
+
+    settings = get_settings()
+    configure_logging(settings.log_format, settings.log_level)
+    running = embedded.start(args.host, args.port, args.concurrency)
+    print(f"chatsessions running at {running.url} (Ctrl-C to stop)")
+    for cid, c in settings.channels.items():
+        path = f"/webhooks/{cid}/interactions" if c.platform == "discord" else f"/webhooks/{cid}"
+        print(f"  {c.platform:9} {cid:20} {running.url}{path}")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    running.stop()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cli import demo
+
+    return demo.main(args)
+
+
+def cmd_ingress(args: argparse.Namespace) -> int:
+    from shared.config import get_settings
+
+    get_settings()  # fail here, with a clear message, before gunicorn forks
+    return _exec(["gunicorn", "ingress.wsgi:app", "--bind", args.bind, "--workers", str(args.workers),
+                  "--worker-class", "gthread", "--threads", str(args.threads), "--graceful-timeout", "20",
+                  "--access-logfile", "-" if args.access_log else "/dev/null"])
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from shared.config import get_settings
+    from shared.partitioning import parse_partitions, queue_name
+    from shared.queueing import MAINTENANCE_QUEUE
+
+    settings = get_settings()
+    if settings.embedded:
+        raise ConfigError("BROKER_URL=memory:// works only inside `chatsessions run`; set BROKER_URL=redis://...")
+    try:
+        partitions = parse_partitions(args.partitions, settings.partitions)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    queues = [queue_name(p) for p in partitions] + ([] if args.no_maintenance else [MAINTENANCE_QUEUE])
+    name = args.name or f"pool-{args.partitions.replace(',', '_')}@%h"
+    return _exec(["celery", "-A", "workers.app", "worker", "-E", "-P", "threads",
+                  "-c", str(args.concurrency or settings.worker_concurrency), "-Q", ",".join(queues),
+                  "-n", name, "--without-mingle", "--without-gossip", "-l", args.loglevel])
+
+
+def cmd_beat(args: argparse.Namespace) -> int:
+    return _exec(["celery", "-A", "workers.app", "beat", "-l", args.loglevel,
+                  "--schedule", args.schedule])
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from ingress.discord_gateway import run
+
+    return run(args.channel_id) or 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from shared.config import get_settings
+    from shared.migrate import upgrade
+
+    settings = get_settings()
+    upgrade(settings.database_url)
+    print(f"database at {settings.database_url.split('@')[-1]} is up to date")
+    return 0
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    from cli import sessions
+
+    return sessions.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="chatsessions", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run everything in one process (SQLite + in-process broker)")
+    run.add_argument("--host", default="127.0.0.1")
+    run.add_argument("--port", type=int, default=8000)
+    run.add_argument("--concurrency", type=int, default=8, help="worker threads")
+    run.set_defaults(fn=cmd_run)
+
+    demo = sub.add_parser("demo", help="play a scripted multi-platform conversation and print the transcripts")
+    demo.add_argument("--keep", action="store_true", help="keep the demo database file afterwards")
+    demo.set_defaults(fn=cmd_demo)
+
+    ingress = sub.add_parser("ingress", help="serve the webhook ingress with gunicorn")
+    ingress.add_argument("--bind", default=os.environ.get("BIND", "0.0.0.0:8000"))
+    ingress.add_argument("--workers", type=int, default=2)
+    ingress.add_argument("--threads", type=int, default=8)
+    ingress.add_argument("--access-log", action="store_true")
+    ingress.set_defaults(fn=cmd_ingress)
+
+    worker = sub.add_parser("worker", help="consume a set of partitions (e.g. --partitions 0-7)")
+    worker.add_argument("--partitions", required=True, help='"0-7", "0,2,5-6" or "all"')
+    worker.add_argument("--concurrency", type=int, help="threads (default WORKER_CONCURRENCY or 16)")
+    worker.add_argument("--name", help="Celery node name (default pool-<partitions>@host)")
+    worker.add_argument("--no-maintenance", action="store_true", help="do not also consume the maintenance queue")
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(fn=cmd_worker)
+
+    beat = sub.add_parser("beat", help="run the periodic scheduler (exactly one per deployment)")
+    beat.add_argument("--loglevel", default="INFO")
+    beat.add_argument("--schedule", default="/tmp/chatsessions-beat-schedule")
+    beat.set_defaults(fn=cmd_beat)
+
+    gateway = sub.add_parser("gateway", help="run the Discord gateway connection for one channel")
+    gateway.add_argument("channel_id")
+    gateway.set_defaults(fn=cmd_gateway)
+
+    db = sub.add_parser("db", help="database schema")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_sub.add_parser("upgrade", help="apply migrations").set_defaults(fn=cmd_db)
+
+    sessions = sub.add_parser("sessions", help="inspect sessions")
+    s_sub = sessions.add_subparsers(dest="sessions_command", required=True)
+    s_list = s_sub.add_parser("list", help="list sessions")
+    s_list.add_argument("--channel")
+    s_list.add_argument("--limit", type=int, default=50)
+    s_list.set_defaults(fn=cmd_sessions)
+    s_show = s_sub.add_parser("show", help="a session's transcript with generations and lifecycle events")
+    s_show.add_argument("key")
+    s_show.set_defaults(fn=cmd_sessions)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as exc:
+        print(f"chatsessions: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Local stand-ins for the platforms (Discord gateway, ...) used by tests and the demo."""

@@ -1,0 +1,118 @@
+"""The webhook ingress (WSGI): verify, parse, enqueue, answer. No turn logic here.
+
+Status codes: 404 unknown channel, 401/403 bad signature, 400 malformed body, 413 too large,
+405 wrong method, 503 when the broker cannot take the message (the platform retries), 200 otherwise.
+"""
+
+from __future__ import annotations
+
+import structlog
+from flask import Flask, Response, jsonify, request
+
+from ingress.publisher import Publisher
+from shared.channels import Channel, WebhookRequest, build_channel
+from shared.config import Settings
+from shared.errors import EnqueueFailed, InvalidSignature, MalformedPayload, UnknownChannel
+
+log = structlog.get_logger(__name__)
+
+MAX_BODY_BYTES = 1024 * 1024
+
+
+def create_app(settings: Settings, publisher: Publisher | None = None) -> Flask:
+    app = Flask("chatsessions.ingress")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    channels: dict[str, Channel] = {cid: build_channel(c) for cid, c in settings.channels.items()}
+    publisher = publisher or Publisher(settings)
+
+    def channel_for(channel_id: str, platform: str | None = None) -> Channel:
+        channel = channels.get(channel_id)
+        if channel is None or (platform and channel.config.platform != platform):
+            raise UnknownChannel(channel_id)
+        return channel
+
+    def webhook_request() -> WebhookRequest:
+        return WebhookRequest(
+            method=request.method,
+            headers={k.lower(): v for k, v in request.headers.items()},
+            query=request.args.to_dict(),
+            body=request.get_data(cache=False),
+        )
+
+    def reject(status: int, reason: str, channel_id: str) -> Response:
+        log.warning("ingress.rejected", status=status, reason=reason, channel=channel_id, path=request.path)
+        return Response(reason + "\n", status=status, mimetype="text/plain")
+
+    def accept(channel: Channel, req: WebhookRequest) -> Response:
+        try:
+            messages = channel.parse(req.body)
+        except MalformedPayload as exc:
+            if channel.config.platform == "telegram":
+                # Telegram queues updates per chat: refusing one would block the chat's later updates.
+                log.warning("ingress.dropped", reason=str(exc), channel=channel.config.id)
+                return Response("dropped\n", status=200, mimetype="text/plain")
+            return reject(400, f"malformed payload: {exc}", channel.config.id)
+        publisher.publish(messages)
+        return Response("ok\n", status=200, mimetype="text/plain")
+
+    @app.errorhandler(UnknownChannel)
+    def _unknown(exc: UnknownChannel):
+        return reject(404, "unknown channel", str(exc))
+
+    @app.errorhandler(InvalidSignature)
+    def _forged(exc: InvalidSignature):
+        return reject(401, f"invalid signature: {exc}", request.view_args.get("channel_id", "?") if request.view_args else "?")
+
+    @app.errorhandler(EnqueueFailed)
+    def _unavailable(exc: EnqueueFailed):
+        log.error("ingress.enqueue_failed", reason=str(exc), path=request.path)
+        return Response("temporarily unavailable\n", status=503, headers={"Retry-After": "5"}, mimetype="text/plain")
+
+    @app.errorhandler(413)
+    def _too_large(_exc):
+        return reject(413, f"body larger than {MAX_BODY_BYTES} bytes", "?")
+
+    @app.get("/healthz")
+    def healthz():
+        return Response("ok\n", mimetype="text/plain")
+
+    @app.get("/readyz")
+    def readyz():
+        try:
+            publisher.ready()
+        except Exception as exc:
+            log.warning("ingress.not_ready", reason=exc.__class__.__name__)
+            return Response("broker unreachable\n", status=503, mimetype="text/plain")
+        return Response("ready\n", mimetype="text/plain")
+
+    @app.get("/webhooks/<channel_id>")
+    def whatsapp_handshake(channel_id: str):
+        channel = channel_for(channel_id, "whatsapp")
+        try:
+            challenge = channel.handshake(request.args.to_dict())
+        except InvalidSignature as exc:
+            return reject(403, f"verification failed: {exc}", channel_id)
+        return Response(challenge, mimetype="text/plain")
+
+    @app.post("/webhooks/<channel_id>")
+    def webhook(channel_id: str):
+        channel = channel_for(channel_id)
+        if channel.config.platform == "discord":
+            raise UnknownChannel(channel_id)  # Discord messages come over the gateway; see /interactions
+        req = webhook_request()
+        channel.verify(req)
+        return accept(channel, req)
+
+    @app.post("/webhooks/<channel_id>/interactions")
+    def discord_interactions(channel_id: str):
+        channel = channel_for(channel_id, "discord")
+        req = webhook_request()
+        channel.verify(req)
+        try:
+            response, messages = channel.interaction(req.body)
+        except MalformedPayload as exc:
+            return reject(400, f"malformed payload: {exc}", channel_id)
+        publisher.publish(messages)
+        return jsonify(response)
+
+    return app

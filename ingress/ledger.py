@@ -1,0 +1,73 @@
+"""Per-session ingress order and cheap redelivery dedupe, shared by every ingress process.
+
+The database's unique platform message id stays the final guard; this only keeps obvious
+redeliveries out of the queues and gives workers the order in which messages arrived.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Protocol
+
+import redis
+
+DEDUPE_TTL_S = 7 * 24 * 3600  # Meta retries for up to 7 days
+
+
+class Ledger(Protocol):
+    def claim(self, channel_id: str, platform_message_id: str) -> bool:
+        """True the first time a platform message is seen; False for a redelivery."""
+
+    def release(self, channel_id: str, platform_message_id: str) -> None:
+        """Forget a claim whose publish failed, so the platform's retry is accepted."""
+
+    def next_seq(self, session_key: str) -> int:
+        """The next per-session sequence number (1, 2, ...)."""
+
+    def ping(self) -> None:
+        """Raise if the ledger cannot be reached."""
+
+
+class RedisLedger:
+    def __init__(self, url: str):
+        self.redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=30)
+
+    def claim(self, channel_id: str, platform_message_id: str) -> bool:
+        return bool(self.redis.set(f"seen:{channel_id}:{platform_message_id}", 1, nx=True, ex=DEDUPE_TTL_S))
+
+    def release(self, channel_id: str, platform_message_id: str) -> None:
+        self.redis.delete(f"seen:{channel_id}:{platform_message_id}")
+
+    def next_seq(self, session_key: str) -> int:
+        return int(self.redis.incr(f"seq:{session_key}"))
+
+    def ping(self) -> None:
+        self.redis.ping()
+
+
+class MemoryLedger:
+    """For the embedded all-in-one process only: state lives as long as the process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: set[tuple[str, str]] = set()
+        self._seq: dict[str, int] = {}
+
+    def claim(self, channel_id: str, platform_message_id: str) -> bool:
+        with self._lock:
+            if (channel_id, platform_message_id) in self._seen:
+                return False
+            self._seen.add((channel_id, platform_message_id))
+            return True
+
+    def release(self, channel_id: str, platform_message_id: str) -> None:
+        with self._lock:
+            self._seen.discard((channel_id, platform_message_id))
+
+    def next_seq(self, session_key: str) -> int:
+        with self._lock:
+            self._seq[session_key] = self._seq.get(session_key, 0) + 1
+            return self._seq[session_key]
+
+    def ping(self) -> None:
+        return None

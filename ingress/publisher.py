@@ -1,0 +1,77 @@
+"""Normalized messages -> partition queues. 2xx only after the broker accepted every message."""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+from celery import Celery
+
+from ingress.ledger import Ledger, MemoryLedger, RedisLedger
+from shared.config import Settings
+from shared.errors import EnqueueFailed
+from shared.messages import InboundMessage
+from shared.partitioning import partition_of, queue_name
+from shared.queueing import HANDLE_INBOUND, make_celery
+
+log = structlog.get_logger(__name__)
+
+
+class Publisher:
+    def __init__(self, settings: Settings, app: Celery | None = None, ledger: Ledger | None = None):
+        self.settings = settings
+        self.app = app or make_celery(settings)
+        if ledger is None:
+            ledger = RedisLedger(settings.redis_url) if settings.redis_url else MemoryLedger()
+        self.ledger = ledger
+
+    def publish(self, messages: list[InboundMessage]) -> int:
+        """Enqueue each new message on its session's partition; returns how many were new.
+
+        Raises EnqueueFailed if the ledger or broker is unreachable; claims made for the failed
+        message are released so the platform's retry is not mistaken for a duplicate.
+        """
+        enqueued = 0
+        for message in messages:
+            try:
+                if not self.ledger.claim(message.channel_id, message.platform_message_id):
+                    log.info("ingress.duplicate", channel=message.channel_id, platform_message_id=message.platform_message_id)
+                    continue
+            except Exception as exc:
+                raise EnqueueFailed(f"ledger unreachable: {exc.__class__.__name__}") from exc
+            try:
+                self._send(message)
+            except Exception as exc:
+                try:
+                    self.ledger.release(message.channel_id, message.platform_message_id)
+                except Exception:
+                    log.warning("ingress.release_failed", platform_message_id=message.platform_message_id)
+                raise EnqueueFailed(f"broker unreachable: {exc.__class__.__name__}") from exc
+            enqueued += 1
+        return enqueued
+
+    def _send(self, message: InboundMessage) -> None:
+        partition = partition_of(message.session_key, self.settings.partitions)
+        stamped = message.with_ingress(self.ledger.next_seq(message.session_key), time.time())
+        self.app.send_task(
+            HANDLE_INBOUND,
+            args=[stamped.to_dict()],
+            queue=queue_name(partition),
+            retry=True,
+            # Flower shows which session and partition a task belongs to.
+            shadow=f"{HANDLE_INBOUND}[p{partition} {message.session_key} #{stamped.seq}]",
+        )
+        log.info(
+            "ingress.enqueued",
+            channel=message.channel_id,
+            session_key=message.session_key,
+            partition=partition,
+            seq=stamped.seq,
+            platform_message_id=message.platform_message_id,
+        )
+
+    def ready(self) -> None:
+        """Raise unless both the ledger and the broker answer (for /readyz)."""
+        self.ledger.ping()
+        with self.app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)

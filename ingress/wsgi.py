@@ -1,0 +1,9 @@
+"""gunicorn entry point: `gunicorn ingress.wsgi:app`. Settings are read and validated at import (start)."""
+
+from ingress.app import create_app
+from shared.config import get_settings
+from shared.logs import configure_logging
+
+settings = get_settings()
+configure_logging(settings.log_format, settings.log_level)
+app = create_app(settings)

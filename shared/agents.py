@@ -1,0 +1,114 @@
+"""The Agent interface (a session's context in, a reply out), the built-in Agents, and loading by name."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol, runtime_checkable
+
+from shared.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Utterance:
+    role: str  # "user" or "assistant"
+    sender_name: str  # in groups: which member said it
+    text: str
+    sender_id: str = ""
+    at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """Everything an Agent may see: this session's current generation only, and the new message."""
+
+    channel_id: str
+    session_key: str
+    chat_kind: str  # "dm" or "group"
+    history: tuple[Utterance, ...]
+    message: Utterance
+
+
+@runtime_checkable
+class Agent(Protocol):
+    def reply(self, conversation: Conversation) -> str | None:
+        """The reply text, or None to stay silent."""
+
+
+class EchoAgent:
+    """Repeats the message; for tests."""
+
+    def reply(self, conversation: Conversation) -> str:
+        return f"echo: {conversation.message.text}"
+
+
+_NAME = re.compile(r"\bmy name is ([A-Za-zÀ-ÿ][\w'-]*)", re.I)
+_ORDER = re.compile(r"\border(?: number| no\.?| #)?\s*#?(\d{3,})", re.I)
+
+
+class DemoAgent:
+    """A tiny customer-service Agent that remembers what the user said *in this session*.
+
+    It knows a name and an order number only if they appear in the conversation it is given,
+    so a fact leaking between sessions would be visible in its answers.
+    """
+
+    def reply(self, conversation: Conversation) -> str:
+        said = [u for u in (*conversation.history, conversation.message) if u.role == "user"]
+        name = order = None
+        for u in said:
+            if m := _NAME.search(u.text):
+                name = m.group(1)
+            if m := _ORDER.search(u.text):
+                order = m.group(1)
+        text = conversation.message.text.lower()
+        who = conversation.message.sender_name if conversation.chat_kind == "group" else name
+        greeting = f"{who}, " if who else ""
+        if "my name" in text and "?" in text:
+            return f"Your name is {name}." if name else "You haven't told me your name yet."
+        if "order" in text and "?" in text:
+            if order:
+                return f"{greeting}your order {order} is on its way and should arrive within 2 days."
+            return f"{greeting}I don't have an order number for you yet. What is it?"
+        if m := _NAME.search(conversation.message.text):
+            return f"Nice to meet you, {m.group(1)}! How can I help?"
+        if m := _ORDER.search(conversation.message.text):
+            return f"{greeting}thanks, I noted order {m.group(1)}. Ask me about it any time."
+        return f"{greeting}thanks for your message. I'm here to help with orders and deliveries."
+
+
+BUILTIN = {"echo": EchoAgent, "demo": DemoAgent}
+
+
+def load_agent(spec: str) -> Agent:
+    """An Agent from "echo", "demo" or "package.module:Attribute" (a class, an instance, or a function)."""
+    if spec in BUILTIN:
+        return BUILTIN[spec]()
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"agent {spec!r}: use a built-in ({', '.join(BUILTIN)}) or 'package.module:Attribute'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"agent {spec!r}: cannot import {module_name}: {exc}") from None
+    try:
+        target: Any = getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(f"agent {spec!r}: {module_name} has no attribute {attr!r}") from None
+    if isinstance(target, type):
+        target = target()
+    if isinstance(target, Agent):
+        return target
+    if callable(target):
+        return _FunctionAgent(target)
+    raise ConfigError(f"agent {spec!r}: not an Agent (needs reply(conversation) or to be callable)")
+
+
+@dataclass(frozen=True)
+class _FunctionAgent:
+    fn: Any
+
+    def reply(self, conversation: Conversation) -> str | None:
+        return self.fn(conversation)

@@ -1,0 +1,143 @@
+"""Discord: gateway MESSAGE_CREATE events and signed HTTP interactions share one session per channel."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Any, Callable
+
+import structlog
+from cryptography.exceptions import InvalidSignature as BadEd25519
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from shared.channels.base import WebhookRequest, load_json, require, session_key
+from shared.config import ChannelConfig
+from shared.errors import ConfigError, InvalidSignature, MalformedPayload
+from shared.messages import DM, GROUP, NEW_SESSION, Delivery, InboundMessage
+from shared.outbound import HttpSender, combine, split_text
+
+log = structlog.get_logger(__name__)
+
+TEXT_LIMIT = 2000
+MAX_SKEW = 300.0  # seconds an interaction timestamp may differ from now (replay protection)
+DISCORD_EPOCH_MS = 1420070400000
+NEW_COMMANDS = ("/new", "!new")
+
+
+def _snowflake_time(snowflake: str) -> float:
+    """Interactions carry no timestamp; the id encodes its creation time."""
+    return ((int(snowflake) >> 22) + DISCORD_EPOCH_MS) / 1000
+
+
+def _message_id(body: Any) -> str | None:
+    return str(body["id"]) if isinstance(body, dict) and "id" in body else None
+
+
+class DiscordChannel:
+    def __init__(self, config: ChannelConfig, now: Callable[[], float] = time.time):
+        self.config = config
+        self.now = now
+        try:
+            self.public_key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(config.secrets["public_key"]))
+        except ValueError:
+            raise ConfigError(f"channel {config.id!r}: secrets.public_key is not a hex Ed25519 key") from None
+        self.sender = HttpSender({"Authorization": f"Bot {config.secrets['bot_token']}"})
+
+    def verify(self, request: WebhookRequest) -> None:
+        signature, timestamp = request.header("X-Signature-Ed25519"), request.header("X-Signature-Timestamp")
+        if not signature or not timestamp:
+            raise InvalidSignature("X-Signature-Ed25519 or X-Signature-Timestamp missing")
+        try:
+            stale = abs(self.now() - int(timestamp)) > MAX_SKEW
+            self.public_key.verify(bytes.fromhex(signature), timestamp.encode() + request.body)
+        except (ValueError, BadEd25519):
+            raise InvalidSignature("interaction signature invalid") from None
+        if stale:
+            raise InvalidSignature("interaction timestamp outside the allowed window")
+
+    def parse(self, body: bytes) -> list[InboundMessage]:
+        """A gateway dispatch as JSON; only MESSAGE_CREATE carries user turns."""
+        doc = load_json(body)
+        if not isinstance(doc, dict):
+            raise MalformedPayload("body is not a gateway dispatch object")
+        if doc.get("t") != "MESSAGE_CREATE":
+            return []
+        return self.parse_event(require(doc, "d", dict, "dispatch"))
+
+    def parse_event(self, d: dict[str, Any]) -> list[InboundMessage]:
+        author = require(d, "author", dict, "d")
+        content = d.get("content") if isinstance(d.get("content"), str) else ""
+        attachments = [a for a in d.get("attachments") or [] if isinstance(a, dict)]
+        if author.get("bot") or (not content.strip() and not attachments):
+            log.debug("channel.ignored", channel=self.config.id, reason="bot or empty", message_id=d.get("id"))
+            return []
+        text = "\n".join([content, *(f"[attachment: {a.get('filename', 'file')}]" for a in attachments)]).strip()
+        try:
+            sent_at = datetime.fromisoformat(require(d, "timestamp", str, "d")).timestamp()
+        except ValueError:
+            raise MalformedPayload("d.timestamp is not an ISO 8601 time") from None
+        is_new = content.strip().lower() in NEW_COMMANDS
+        return [self._message(d, author, text, require(d, "id", str, "d"), sent_at, NEW_SESSION if is_new else None)]
+
+    def interaction(self, body: bytes) -> tuple[dict[str, Any], list[InboundMessage]]:
+        """The immediate HTTP answer to an interaction and the turns it starts."""
+        doc = load_json(body)
+        kind = doc.get("type") if isinstance(doc, dict) else None
+        if kind == 1:
+            return {"type": 1}, []
+        if kind != 2:
+            raise MalformedPayload(f"unsupported interaction type {kind!r}")
+        data = require(doc, "data", dict, "interaction")
+        interaction_id = require(doc, "id", str, "interaction")
+        member = doc.get("member") if isinstance(doc.get("member"), dict) else {}
+        user = member.get("user") or doc.get("user")
+        if not isinstance(user, dict):
+            raise MalformedPayload("interaction has neither member.user nor user")
+        name = data.get("name")
+        if name == "new":
+            text, command, reply = "/new", NEW_SESSION, "Starting a new conversation."
+        elif name == "ask":
+            options = {o.get("name"): o.get("value") for o in data.get("options") or [] if isinstance(o, dict)}
+            if not isinstance(options.get("question"), str):
+                raise MalformedPayload("/ask needs a 'question' option")
+            text, command, reply = options["question"], None, "Got it, answering here shortly."
+        else:
+            raise MalformedPayload(f"unknown application command {name!r}")
+        try:
+            sent_at = _snowflake_time(interaction_id)
+        except ValueError:
+            raise MalformedPayload("interaction.id is not a snowflake") from None
+        message = self._message(doc, user, text, f"interaction:{interaction_id}", sent_at, command)
+        return {"type": 4, "data": {"content": reply}}, [message]
+
+    def _message(
+        self, d: dict[str, Any], user: dict[str, Any], text: str, msg_id: str, sent_at: float, command: str | None
+    ) -> InboundMessage:
+        """Gateway messages and interactions in one channel land in the same session."""
+        channel_id = require(d, "channel_id", str, "d")
+        kind = GROUP if d.get("guild_id") else DM
+        user_id = require(user, "id", str, "author")
+        return InboundMessage(
+            channel_id=self.config.id,
+            platform="discord",
+            session_key=session_key(self.config.id, kind, channel_id),
+            chat_id=channel_id,
+            chat_kind=kind,
+            sender_id=user_id,
+            sender_name=str(user.get("global_name") or user.get("username") or user_id),
+            text=text,
+            platform_message_id=msg_id,
+            sent_at=sent_at,
+            command=command,
+        )
+
+    def send(self, message: InboundMessage, text: str) -> Delivery:
+        url = f"{self.config.api_base}/channels/{message.chat_id}/messages"
+        deliveries: list[Delivery] = []
+        for chunk in split_text(text, TEXT_LIMIT):
+            # The Agent's text must never ping @everyone or roles.
+            payload = {"content": chunk, "allowed_mentions": {"parse": []}}
+            deliveries.append(self.sender.post(url, payload, _message_id))
+            if not deliveries[-1].ok:
+                break
+        return combine(deliveries)

@@ -1,0 +1,155 @@
+"""WhatsApp Cloud API: Meta webhook handshake and signatures, message normalization, replies via the Graph API."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Any, Mapping
+
+import requests
+import structlog
+
+from shared.channels.base import WebhookRequest, load_json, require, same_secret, session_key
+from shared.config import ChannelConfig
+from shared.errors import InvalidSignature, MalformedPayload
+from shared.messages import DM, GROUP, NEW_SESSION, Delivery, InboundMessage
+from shared.outbound import HttpSender, combine, split_text
+
+log = structlog.get_logger(__name__)
+
+TEXT_LIMIT = 4096
+MEDIA_TYPES = ("image", "video", "audio", "document", "sticker")
+# Error codes WhatsApp may return with HTTP 400 that are really "slow down": throughput and pair rate limit.
+RATE_LIMIT_CODES = frozenset({130429, 131056})
+
+
+def _rate_limited(response: requests.Response) -> bool:
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(error, dict) and error.get("code") in RATE_LIMIT_CODES
+
+
+def _message_id(body: Any) -> str | None:
+    try:
+        return str(body["messages"][0]["id"])
+    except (TypeError, KeyError, IndexError):
+        return None
+
+
+def _list(value: dict[str, Any], key: str) -> list[Any]:
+    """An optional list field: absent is empty, any other type is a malformed payload."""
+    items = value.get(key, [])
+    if not isinstance(items, list):
+        raise MalformedPayload(f"value.{key} is not a list")
+    return items
+
+
+def _text_of(msg: dict[str, Any]) -> str:
+    """The user's text, or a placeholder the Agent can read for anything that is not plain text."""
+    kind = str(msg.get("type") or "unknown")
+    part = msg.get(kind) if isinstance(msg.get(kind), dict) else {}
+    if kind == "text":
+        return str(part.get("body", ""))
+    if kind in MEDIA_TYPES:
+        label = part.get("caption") or part.get("filename")
+        return f"[{kind}: {label}]" if label else f"[{kind}]"
+    if kind == "location":
+        return f"[location: {part.get('latitude')}, {part.get('longitude')}]"
+    if kind == "interactive":
+        reply = part.get(str(part.get("type"))) or {}
+        return str(reply.get("title") or "[interactive]") if isinstance(reply, dict) else "[interactive]"
+    if kind == "button":
+        return str(part.get("text") or "[button]")
+    if kind == "reaction":
+        return f"[reaction: {part['emoji']}]" if part.get("emoji") else "[reaction]"
+    if kind == "unsupported":
+        return "[unsupported message]"
+    return f"[{kind}]"
+
+
+class WhatsAppChannel:
+    def __init__(self, config: ChannelConfig):
+        self.config = config
+        self.phone_number_id = str(config.options["phone_number_id"])
+        version = config.options.get("api_version", "v21.0")
+        self.url = f"{config.api_base}/{version}/{self.phone_number_id}/messages"
+        self.sender = HttpSender(
+            {"Authorization": f"Bearer {config.secrets['access_token']}"}, retryable=_rate_limited
+        )
+
+    def handshake(self, query: Mapping[str, str]) -> str:
+        """Meta's GET subscription check: echo the challenge only to someone who knows our verify token."""
+        if query.get("hub.mode") != "subscribe" or not same_secret(
+            query.get("hub.verify_token"), self.config.secrets["verify_token"]
+        ):
+            raise InvalidSignature("webhook verification token does not match")
+        return query.get("hub.challenge", "")
+
+    def verify(self, request: WebhookRequest) -> None:
+        expected = hmac.new(self.config.secrets["app_secret"].encode(), request.body, hashlib.sha256).hexdigest()
+        if not same_secret(request.header("X-Hub-Signature-256"), f"sha256={expected}"):
+            raise InvalidSignature("X-Hub-Signature-256 missing or wrong")
+
+    def parse(self, body: bytes) -> list[InboundMessage]:
+        doc = load_json(body)
+        if not isinstance(doc, dict) or doc.get("object") != "whatsapp_business_account":
+            raise MalformedPayload("body is not a whatsapp_business_account event")
+        messages: list[InboundMessage] = []
+        for entry in require(doc, "entry", list, "body"):
+            for change in require(entry, "changes", list, "entry"):
+                value = require(change, "value", dict, "change")
+                metadata = value.get("metadata") if isinstance(value.get("metadata"), dict) else {}
+                if str(metadata.get("phone_number_id")) != self.phone_number_id:
+                    log.info("channel.ignored", channel=self.config.id, reason="other phone_number_id")
+                    continue
+                names = {
+                    c.get("wa_id"): c["profile"].get("name")
+                    for c in _list(value, "contacts")
+                    if isinstance(c, dict) and isinstance(c.get("profile"), dict)
+                }
+                # statuses[] are receipts for our own replies, not user turns: nothing to do.
+                messages.extend(self._message(msg, names) for msg in _list(value, "messages"))
+        return messages
+
+    def _message(self, msg: Any, names: Mapping[Any, Any]) -> InboundMessage:
+        msg_id = require(msg, "id", str, "message")
+        sender = require(msg, "from", str, "message")
+        try:
+            sent_at = float(msg.get("timestamp"))
+        except (TypeError, ValueError):
+            raise MalformedPayload("message.timestamp missing or not a number") from None
+        group_id = msg.get("group_id")
+        kind, chat_id = (GROUP, str(group_id)) if group_id else (DM, sender)
+        text = _text_of(msg)
+        is_new = msg.get("type") == "text" and text.strip().lower() == "/new"
+        return InboundMessage(
+            channel_id=self.config.id,
+            platform="whatsapp",
+            session_key=session_key(self.config.id, kind, chat_id),
+            chat_id=chat_id,
+            chat_kind=kind,
+            sender_id=sender,
+            sender_name=str(names.get(sender) or sender),
+            text=text,
+            platform_message_id=msg_id,
+            sent_at=sent_at,
+            command=NEW_SESSION if is_new else None,
+        )
+
+    def send(self, message: InboundMessage, text: str) -> Delivery:
+        recipient = "group" if message.chat_kind == GROUP else "individual"
+        deliveries: list[Delivery] = []
+        for chunk in split_text(text, TEXT_LIMIT):
+            payload = {
+                "messaging_product": "whatsapp",
+                "recipient_type": recipient,
+                "to": message.chat_id,
+                "type": "text",
+                "text": {"body": chunk},
+            }
+            deliveries.append(self.sender.post(self.url, payload, _message_id))
+            if not deliveries[-1].ok:
+                break
+        return combine(deliveries)

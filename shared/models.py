@@ -1,0 +1,96 @@
+"""The store: channels, sessions (one row per session key, generations inside), messages, lifecycle events."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+ACTIVE = "active"
+DORMANT = "dormant"
+
+# Lifecycle events
+CREATED = "created"
+WENT_DORMANT = "dormant"
+RESUMED = "resumed"
+NEW_GENERATION = "new_session"
+
+# Delivery states of a reply (the reply row is the outbox entry)
+PENDING = "pending"
+SENT = "sent"
+FAILED = "failed"
+
+Id = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements only INTEGER keys
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Channel(Base):
+    __tablename__ = "channels"
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    platform: Mapped[str] = mapped_column(String(20))
+    agent: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ChatSession(Base):
+    """One conversation context per session key; `/new` bumps `generation`, old generations stay stored."""
+
+    __tablename__ = "sessions"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    channel_id: Mapped[str] = mapped_column(ForeignKey("channels.id"))
+    key: Mapped[str] = mapped_column(String(300), unique=True)
+    chat_kind: Mapped[str] = mapped_column(String(10))
+    chat_id: Mapped[str] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(10), default=ACTIVE)
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    message_count: Mapped[int] = mapped_column(Integer, default=0)  # next message position
+    last_seq: Mapped[int] = mapped_column(BigInteger, default=0)  # highest ingress seq whose turn is done
+    lease_token: Mapped[int] = mapped_column(BigInteger, default=0)  # fencing token, +1 per claim
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_activity_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_sessions_idle", "channel_id", "status", "last_activity_at"),)
+
+
+class Message(Base):
+    __tablename__ = "messages"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    session_id: Mapped[int] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
+    generation: Mapped[int] = mapped_column(Integer)
+    position: Mapped[int] = mapped_column(Integer)  # per-session order of stored messages
+    role: Mapped[str] = mapped_column(String(10))  # "user" or "assistant"
+    sender_id: Mapped[str] = mapped_column(String(100))
+    sender_name: Mapped[str] = mapped_column(String(200))
+    text: Mapped[str] = mapped_column(Text)
+    channel_id: Mapped[str] = mapped_column(String(100))
+    platform_message_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    ingress_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Replies only: the outbox state and the delivery outcome.
+    in_reply_to: Mapped[int | None] = mapped_column(ForeignKey("messages.id"), nullable=True)
+    delivery_status: Mapped[str | None] = mapped_column(String(10), nullable=True)
+    delivery_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    delivery_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    __table_args__ = (
+        UniqueConstraint("channel_id", "platform_message_id", name="uq_messages_platform_id"),
+        UniqueConstraint("session_id", "position", name="uq_messages_session_position"),
+        Index("ix_messages_session_generation", "session_id", "generation", "position"),
+        Index("ix_messages_delivery", "delivery_status", postgresql_where="delivery_status = 'pending'",
+              sqlite_where="delivery_status = 'pending'"),
+    )
+
+
+class SessionEvent(Base):
+    __tablename__ = "session_events"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    session_id: Mapped[int] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"), index=True)
+    generation: Mapped[int] = mapped_column(Integer)
+    event: Mapped[str] = mapped_column(String(20))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -1,0 +1,279 @@
+"""Session storage operations. Each function is one short transaction; the fencing token guards commits.
+
+The turn never holds a transaction while the Agent runs: claim (commit), run, commit the turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Iterable
+
+from sqlalchemy import case, exists, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from shared.config import ChannelConfig
+from shared.db import engine_for, transaction
+from shared.errors import ChatSessionsError
+from shared.messages import Delivery, InboundMessage
+from shared.models import (
+    ACTIVE, CREATED, DORMANT, FAILED, NEW_GENERATION, PENDING, RESUMED, SENT, WENT_DORMANT,
+    Channel, ChatSession, Message, SessionEvent,
+)
+
+
+class LeaseBusy(ChatSessionsError):
+    """Another holder owns the session's lease; wait until it finishes or its lease expires."""
+
+
+class LeaseLost(ChatSessionsError):
+    """The fencing token changed: another holder took the session over; this turn must not commit."""
+
+
+class AlreadyStored(ChatSessionsError):
+    """The platform message is already stored: a redelivery, not a new turn."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    session_id: int
+    token: int
+    generation: int
+    last_seq: int
+    chat_id: str
+    chat_kind: str
+    duplicate: bool  # the platform message is already stored: only unsent replies remain to do
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    role: str
+    sender_id: str
+    sender_name: str
+    text: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class PendingReply:
+    id: int
+    channel_id: str
+    chat_id: str
+    chat_kind: str
+    text: str
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _insert(url: str):
+    if engine_for(url).dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
+
+
+class Store:
+    def __init__(self, database_url: str):
+        self.url = database_url
+        self.insert = _insert(database_url)
+
+    def sync_channels(self, channels: Iterable[ChannelConfig]) -> None:
+        """Make the channels table match the config (rows are kept for channels that left it)."""
+        with transaction(self.url) as s:
+            for c in channels:
+                stmt = self.insert(Channel).values(id=c.id, platform=c.platform, agent=c.agent, created_at=now())
+                s.execute(stmt.on_conflict_do_update(index_elements=["id"], set_={"platform": c.platform, "agent": c.agent}))
+
+    def claim(self, msg: InboundMessage, lease_seconds: float) -> Claim:
+        """Create the session on its first message, resume it if dormant, and take its lease (LeaseBusy if held)."""
+        t = now()
+        with transaction(self.url) as s:
+            s.execute(self.insert(ChatSession).values(
+                channel_id=msg.channel_id, key=msg.session_key, chat_kind=msg.chat_kind, chat_id=msg.chat_id,
+                status=ACTIVE, generation=1, message_count=0, last_seq=0, lease_token=0,
+                created_at=t, last_activity_at=t,
+            ).on_conflict_do_nothing(index_elements=["key"]))
+            row = s.execute(
+                update(ChatSession)
+                .where(ChatSession.key == msg.session_key,
+                       or_(ChatSession.lease_until.is_(None), ChatSession.lease_until < t))
+                .values(lease_token=ChatSession.lease_token + 1, lease_until=t + timedelta(seconds=lease_seconds),
+                        last_activity_at=t)
+                .returning(ChatSession.id, ChatSession.lease_token, ChatSession.generation, ChatSession.last_seq,
+                           ChatSession.status, ChatSession.message_count, ChatSession.chat_id, ChatSession.chat_kind)
+            ).first()
+            if row is None:
+                raise LeaseBusy(msg.session_key)
+            if row.message_count == 0 and row.lease_token == 1:
+                s.add(SessionEvent(session_id=row.id, generation=row.generation, event=CREATED, at=t))
+            if row.status == DORMANT:
+                s.execute(update(ChatSession).where(ChatSession.id == row.id).values(status=ACTIVE))
+                s.add(SessionEvent(session_id=row.id, generation=row.generation, event=RESUMED, at=t))
+            duplicate = s.scalar(select(exists().where(
+                Message.channel_id == msg.channel_id, Message.platform_message_id == msg.platform_message_id)))
+            return Claim(row.id, row.lease_token, row.generation, row.last_seq, row.chat_id, row.chat_kind,
+                         bool(duplicate))
+
+    def release(self, claim: Claim) -> None:
+        with transaction(self.url) as s:
+            s.execute(update(ChatSession).where(ChatSession.id == claim.session_id, ChatSession.lease_token == claim.token)
+                      .values(lease_until=None))
+
+    def last_seq(self, session_key: str) -> int:
+        with transaction(self.url) as s:
+            return s.scalar(select(ChatSession.last_seq).where(ChatSession.key == session_key)) or 0
+
+    def history(self, claim: Claim, limit: int) -> list[StoredMessage]:
+        """The newest `limit` messages of the current generation, oldest first."""
+        with transaction(self.url) as s:
+            rows = s.execute(
+                select(Message.role, Message.sender_id, Message.sender_name, Message.text, Message.created_at)
+                .where(Message.session_id == claim.session_id, Message.generation == claim.generation)
+                .order_by(Message.position.desc()).limit(limit)
+            ).all()
+        return [StoredMessage(r.role, r.sender_id, r.sender_name, r.text, r.created_at) for r in reversed(rows)]
+
+    def commit_turn(self, claim: Claim, msg: InboundMessage, reply: str | None, *, new_generation: bool = False) -> None:
+        """Store the inbound message and its reply (the outbox entry), all or nothing; the lease stays held
+        until the replies are sent (`finish`), so a session's replies leave in order.
+
+        LeaseLost if the fencing token moved, AlreadyStored if the platform message id is already stored.
+        """
+        t = now()
+        generation = claim.generation + 1 if new_generation else claim.generation
+        count = 2 if reply else 1
+        try:
+            with transaction(self.url) as s:
+                row = s.execute(
+                    update(ChatSession)
+                    .where(ChatSession.id == claim.session_id, ChatSession.lease_token == claim.token)
+                    .values(message_count=ChatSession.message_count + count, last_activity_at=t,
+                            generation=generation, status=ACTIVE,
+                            last_seq=_max_seq(msg.seq))
+                    .returning(ChatSession.message_count)
+                ).first()
+                if row is None:
+                    raise LeaseLost(msg.session_key)
+                position = row.message_count - count
+                inbound = Message(
+                    session_id=claim.session_id, generation=claim.generation, position=position, role="user",
+                    sender_id=msg.sender_id, sender_name=msg.sender_name, text=msg.text, channel_id=msg.channel_id,
+                    platform_message_id=msg.platform_message_id, ingress_seq=msg.seq, created_at=t,
+                )
+                s.add(inbound)
+                s.flush()
+                if new_generation:
+                    s.add(SessionEvent(session_id=claim.session_id, generation=generation, event=NEW_GENERATION, at=t))
+                if not reply:
+                    return
+                s.add(Message(
+                    session_id=claim.session_id, generation=claim.generation, position=position + 1, role="assistant",
+                    sender_id="agent", sender_name="Agent", text=reply, channel_id=msg.channel_id,
+                    created_at=t, in_reply_to=inbound.id, delivery_status=PENDING,
+                ))
+        except IntegrityError as exc:
+            if "platform" in str(exc.orig).lower() or "uq_messages_platform_id" in str(exc.orig):
+                raise AlreadyStored(msg.platform_message_id) from None
+            raise
+
+    def pending_replies(self, session_id: int) -> list[PendingReply]:
+        """Unsent replies of a session, in order (the outbox)."""
+        with transaction(self.url) as s:
+            rows = s.execute(
+                select(Message.id, Message.channel_id, ChatSession.chat_id, ChatSession.chat_kind, Message.text)
+                .join(ChatSession, ChatSession.id == Message.session_id)
+                .where(Message.session_id == session_id, Message.delivery_status == PENDING)
+                .order_by(Message.position)
+            ).all()
+        return [PendingReply(*r) for r in rows]
+
+    def mark_delivery(self, reply_id: int, delivery: Delivery, release: Claim | None = None) -> None:
+        """Record a reply's delivery outcome; with `release`, also give up the lease in the same transaction."""
+        with transaction(self.url) as s:
+            s.execute(update(Message).where(Message.id == reply_id).values(
+                delivery_status=SENT if delivery.ok else FAILED, delivery_error=delivery.error,
+                delivery_attempts=Message.delivery_attempts + delivery.attempts,
+                delivered_at=now() if delivery.ok else None,
+            ))
+            if release is not None:
+                s.execute(update(ChatSession)
+                          .where(ChatSession.id == release.session_id, ChatSession.lease_token == release.token)
+                          .values(lease_until=None))
+
+    def mark_dormant(self, channel_id: str, idle_minutes: float, batch: int = 500) -> int:
+        """Active sessions idle for `idle_minutes` become dormant, in batches; returns how many."""
+        total = 0
+        while True:
+            t = now()
+            cutoff = t - timedelta(minutes=idle_minutes)
+            with transaction(self.url) as s:
+                ids = s.scalars(select(ChatSession.id).where(
+                    ChatSession.channel_id == channel_id, ChatSession.status == ACTIVE,
+                    ChatSession.last_activity_at < cutoff,
+                    or_(ChatSession.lease_until.is_(None), ChatSession.lease_until < t),
+                ).limit(batch)).all()
+                if ids:
+                    rows = s.execute(update(ChatSession).where(ChatSession.id.in_(ids), ChatSession.status == ACTIVE)
+                                     .values(status=DORMANT).returning(ChatSession.id, ChatSession.generation)).all()
+                    s.add_all(SessionEvent(session_id=r.id, generation=r.generation, event=WENT_DORMANT, at=t) for r in rows)
+                    total += len(rows)
+            if len(ids) < batch:
+                return total
+
+
+def _max_seq(seq: int):
+    """last_seq moves forward only (a replayed older message must not move it back)."""
+    return case((ChatSession.last_seq < seq, seq), else_=ChatSession.last_seq)
+
+
+@dataclass(frozen=True)
+class SessionSummary:
+    key: str
+    channel_id: str
+    status: str
+    generation: int
+    message_count: int
+    created_at: datetime
+    last_activity_at: datetime
+
+
+@dataclass(frozen=True)
+class TranscriptLine:
+    at: datetime
+    generation: int
+    kind: str  # "user", "assistant" or "event"
+    sender_name: str
+    text: str
+    delivery_status: str | None = None
+
+
+def list_sessions(url: str, channel_id: str | None = None, limit: int = 50) -> list[SessionSummary]:
+    with transaction(url) as s:
+        q = select(ChatSession.key, ChatSession.channel_id, ChatSession.status, ChatSession.generation,
+                   ChatSession.message_count, ChatSession.created_at, ChatSession.last_activity_at)
+        if channel_id:
+            q = q.where(ChatSession.channel_id == channel_id)
+        rows = s.execute(q.order_by(ChatSession.last_activity_at.desc()).limit(limit)).all()
+    return [SessionSummary(*r) for r in rows]
+
+
+def transcript(url: str, session_key: str) -> tuple[SessionSummary, list[TranscriptLine]] | None:
+    """A session's messages of every generation, interleaved with its lifecycle events, in order."""
+    with transaction(url) as s:
+        session = s.scalars(select(ChatSession).where(ChatSession.key == session_key)).first()
+        if session is None:
+            return None
+        summary = SessionSummary(session.key, session.channel_id, session.status, session.generation,
+                                 session.message_count, session.created_at, session.last_activity_at)
+        messages = s.scalars(select(Message).where(Message.session_id == session.id).order_by(Message.position)).all()
+        events = s.scalars(select(SessionEvent).where(SessionEvent.session_id == session.id)
+                           .order_by(SessionEvent.id)).all()
+    lines = [TranscriptLine(m.created_at, m.generation, m.role, m.sender_name, m.text, m.delivery_status)
+             for m in messages]
+    lines += [TranscriptLine(e.at, e.generation, "event", "", e.event) for e in events]
+    # Events sort before messages stored in the same instant (a generation starts before its first message).
+    lines.sort(key=lambda line: (line.at, line.kind != "event" or line.text == NEW_GENERATION))
+    return summary, lines

@@ -1,0 +1,220 @@
+import json
+from datetime import datetime
+
+import pytest
+from channel_helpers import Reply, StandIn, fixture, fixture_bytes, make_config, no_sleep
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from shared.channels import build_channel
+from shared.channels.base import WebhookRequest
+from shared.channels.discord import DiscordChannel
+from shared.errors import ConfigError, InvalidSignature, MalformedPayload
+from shared.messages import DM, GROUP, NEW_SESSION
+
+GUILD_CHANNEL = "1290000000000000001"
+DM_CHANNEL = "1290000000000000099"
+NOW = 1764032000.0
+KEY = Ed25519PrivateKey.generate()
+PUBLIC_HEX = KEY.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+
+
+def channel(now: float = NOW, **kw) -> DiscordChannel:
+    return DiscordChannel(make_config("discord", public_key=PUBLIC_HEX, **kw), now=lambda: now)
+
+
+def event(**fields) -> dict:
+    d = fixture("discord", "gateway_message_create_guild")["d"]
+    d.update(fields)
+    return d
+
+
+def signed(body: bytes, timestamp: str = str(int(NOW)), key: Ed25519PrivateKey = KEY) -> WebhookRequest:
+    headers = {"x-signature-ed25519": key.sign(timestamp.encode() + body).hex(), "x-signature-timestamp": timestamp}
+    return WebhookRequest("POST", headers, body=body)
+
+
+def test_build_channel_picks_discord():
+    assert isinstance(build_channel(make_config("discord", public_key=PUBLIC_HEX)), DiscordChannel)
+
+
+def test_bad_public_key_is_a_config_error():
+    with pytest.raises(ConfigError):
+        DiscordChannel(make_config("discord", public_key="not-hex"))
+
+
+def test_guild_message():
+    [msg] = channel().parse(fixture_bytes("discord", "gateway_message_create_guild"))
+    assert msg.session_key == f"discord-main:{GROUP}:{GUILD_CHANNEL}"
+    assert (msg.chat_id, msg.chat_kind) == (GUILD_CHANNEL, GROUP)
+    assert (msg.sender_id, msg.sender_name) == ("402911111111111111", "Eve")
+    assert msg.text == "my invoice shows the wrong VAT number"
+    assert msg.platform_message_id == "1311000000000000001" and msg.platform == "discord"
+    assert msg.sent_at == datetime.fromisoformat("2026-11-25T01:10:00+00:00").timestamp()
+    assert msg.command is None
+
+
+def test_dm_message():
+    [msg] = channel().parse(fixture_bytes("discord", "gateway_message_create_dm"))
+    assert msg.session_key == f"discord-main:{DM}:{DM_CHANNEL}"
+    assert (msg.chat_id, msg.chat_kind, msg.sender_name) == (DM_CHANNEL, DM, "Farid")
+
+
+def test_session_is_per_channel_not_per_author():
+    ch = channel()
+    eve = ch.parse_event(event())[0]
+    other_author = ch.parse_event(event(author={"id": "9", "username": "zed"}, id="2"))[0]
+    other_channel = ch.parse_event(event(channel_id="777"))[0]
+    elsewhere = channel(channel_id="discord-eu").parse_event(event())[0]
+    assert eve.session_key == other_author.session_key
+    assert len({eve.session_key, other_channel.session_key, elsewhere.session_key}) == 3
+    assert other_author.sender_name == "zed"
+
+
+def test_bot_and_empty_messages_are_ignored():
+    ch = channel()
+    assert ch.parse_event(event(author={"id": "1", "username": "acme-support", "bot": True})) == []
+    assert ch.parse_event(event(content="")) == []
+    assert ch.parse_event(event(content="   ")) == []
+
+
+def test_attachments_are_listed():
+    files = [{"id": "1", "filename": "receipt.png"}, {"id": "2", "filename": "log.txt"}]
+    assert channel().parse_event(event(content="see these", attachments=files))[0].text == (
+        "see these\n[attachment: receipt.png]\n[attachment: log.txt]"
+    )
+    assert channel().parse_event(event(content="", attachments=files[:1]))[0].text == "[attachment: receipt.png]"
+
+
+@pytest.mark.parametrize(
+    "content, command", [("/new", NEW_SESSION), ("!NEW ", NEW_SESSION), ("!new stuff", None), ("new", None)]
+)
+def test_new_commands(content, command):
+    assert channel().parse_event(event(content=content))[0].command == command
+
+
+def test_other_dispatches_give_nothing():
+    for name in ("gateway_hello", "gateway_ready_excerpt"):
+        assert channel().parse(fixture_bytes("discord", name)) == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"x",
+        b"[]",
+        b'{"op": 0, "t": "MESSAGE_CREATE"}',
+        json.dumps({"op": 0, "t": "MESSAGE_CREATE", "d": event(timestamp="yesterday")}).encode(),
+    ],
+)
+def test_malformed_dispatches(body):
+    with pytest.raises(MalformedPayload):
+        channel().parse(body)
+
+
+@pytest.mark.parametrize("drop", ["id", "channel_id", "author"])
+def test_event_missing_fields(drop):
+    d = event()
+    del d[drop]
+    with pytest.raises(MalformedPayload):
+        channel().parse_event(d)
+
+
+def test_signature_accepts_fresh_signed_request():
+    channel().verify(signed(fixture_bytes("discord", "interaction_ping")))
+    channel(now=NOW + 299).verify(signed(b"{}"))
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        signed(b"{}", key=Ed25519PrivateKey.generate()),
+        WebhookRequest("POST", {"x-signature-timestamp": str(int(NOW))}, body=b"{}"),
+        WebhookRequest("POST", {"x-signature-ed25519": "00" * 64}, body=b"{}"),
+        WebhookRequest("POST", {"x-signature-ed25519": "zz", "x-signature-timestamp": str(int(NOW))}, body=b"{}"),
+        WebhookRequest("POST", {"x-signature-ed25519": "abcd", "x-signature-timestamp": str(int(NOW))}, body=b"{}"),
+        WebhookRequest("POST", {**signed(b"{}").headers}, body=b"{ }"),
+        signed(b"{}", timestamp=str(int(NOW) - 301)),
+        signed(b"{}", timestamp=str(int(NOW) + 301)),
+        signed(b"{}", timestamp="soon"),
+    ],
+    ids=[
+        "forged", "no-signature", "no-timestamp", "bad-hex", "short", "body-changed", "stale", "future", "bad-timestamp"
+    ],
+)
+def test_signature_rejects(request_):
+    with pytest.raises(InvalidSignature):
+        channel().verify(request_)
+
+
+def test_interaction_ping():
+    assert channel().interaction(fixture_bytes("discord", "interaction_ping")) == ({"type": 1}, [])
+
+
+def test_interaction_ask_joins_the_channel_session():
+    ch = channel()
+    answer, [msg] = ch.interaction(fixture_bytes("discord", "interaction_slash_command"))
+    assert answer == {"type": 4, "data": {"content": "Got it, answering here shortly."}}
+    gateway = ch.parse(fixture_bytes("discord", "gateway_message_create_guild"))[0]
+    assert msg.session_key == gateway.session_key and msg.chat_id == GUILD_CHANNEL
+    assert (msg.text, msg.command) == ("where is my refund?", None)
+    assert (msg.sender_id, msg.sender_name) == ("402911111111111111", "Eve")
+    assert msg.platform_message_id == "interaction:1311000000000000101"
+    assert msg.sent_at == datetime.fromisoformat("2024-11-26T16:05:57.202+00:00").timestamp()  # from the snowflake
+
+
+def test_interaction_new_in_dm_uses_user():
+    doc = fixture("discord", "interaction_slash_command")
+    doc.pop("guild_id")
+    doc["user"] = doc.pop("member")["user"]
+    doc["channel_id"] = DM_CHANNEL
+    doc["data"] = {"id": "1", "name": "new", "type": 1}
+    answer, [msg] = channel().interaction(json.dumps(doc).encode())
+    assert answer == {"type": 4, "data": {"content": "Starting a new conversation."}}
+    assert msg.command == NEW_SESSION and msg.session_key == f"discord-main:{DM}:{DM_CHANNEL}"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"type": 3},
+        {"data": {"id": "1", "name": "refund", "type": 1}},
+        {"data": {"id": "1", "name": "ask", "type": 1, "options": []}},
+        {"member": None},
+        {"id": "not-a-snowflake"},
+    ],
+    ids=["component", "unknown-command", "ask-without-question", "no-user", "bad-id"],
+)
+def test_interaction_malformed(change):
+    doc = fixture("discord", "interaction_slash_command") | change
+    with pytest.raises(MalformedPayload):
+        channel().interaction(json.dumps(doc).encode())
+
+
+def test_send_splits_at_2000():
+    with StandIn(default=Reply(body={"id": "1311000000000000500"})) as server:
+        ch = channel(api_base=server.base, bot_token="tok")
+        [msg] = ch.parse(fixture_bytes("discord", "gateway_message_create_guild"))
+        delivery = ch.send(msg, "y" * 2500)
+    assert delivery.ok and delivery.platform_message_ids == ("1311000000000000500",) * 2
+    assert [r.path for r in server.requests] == [f"/channels/{GUILD_CHANNEL}/messages"] * 2
+    assert server.requests[0].headers["authorization"] == "Bot tok"
+    assert [len(r.body["content"]) for r in server.requests] == [2000, 500]
+    assert server.requests[0].body["allowed_mentions"] == {"parse": []}
+
+
+def test_send_matches_documented_request_shape():
+    with StandIn(default=Reply(body={"id": "1"})) as server:
+        ch = channel(api_base=server.base)
+        [msg] = ch.parse(fixture_bytes("discord", "gateway_message_create_guild"))
+        ch.send(msg, "Hi Eve, I have flagged the VAT number on your invoice.")
+    assert server.requests[0].body == fixture("discord", "create_message_request")
+
+
+def test_send_retries_on_429_with_retry_after():
+    with StandIn(Reply(429, fixture("discord", "error_429")), default=Reply(body={"id": "5"})) as server:
+        ch = channel(api_base=server.base)
+        waits = no_sleep(ch.sender)
+        [msg] = ch.parse(fixture_bytes("discord", "gateway_message_create_dm"))
+        delivery = ch.send(msg, "done")
+    assert delivery.ok and delivery.attempts == 2 and waits == [0.532]

@@ -1,0 +1,211 @@
+import json
+
+import pytest
+from structlog.testing import capture_logs
+from channel_helpers import Reply, StandIn, fixture, fixture_bytes, make_config, no_sleep
+
+from shared.channels import build_channel
+from shared.channels.base import WebhookRequest
+from shared.channels.telegram import TelegramChannel
+from shared.errors import InvalidSignature, MalformedPayload
+from shared.messages import DM, GROUP, NEW_SESSION
+
+CHEN = "381920001"
+GROUP_CHAT = "-4012345678"
+SUPERGROUP_CHAT = "-1001987654321"
+
+
+def channel(**kw) -> TelegramChannel:
+    return TelegramChannel(make_config("telegram", **kw))
+
+
+def with_message(**fields) -> bytes:
+    doc = fixture("telegram", "private_text")
+    doc["message"].pop("text")
+    doc["message"].update(fields)
+    return json.dumps(doc).encode()
+
+
+def test_build_channel_picks_telegram():
+    assert isinstance(build_channel(make_config("telegram")), TelegramChannel)
+
+
+def test_private_text():
+    [msg] = channel().parse(fixture_bytes("telegram", "private_text"))
+    assert msg.session_key == f"telegram-main:{DM}:{CHEN}"
+    assert (msg.chat_id, msg.chat_kind, msg.sender_id, msg.sender_name) == (CHEN, DM, CHEN, "Chen")
+    assert msg.text == "Hello, I need to change my delivery address"
+    assert msg.platform_message_id == f"{CHEN}:311" and msg.sent_at == 1764032600.0
+    assert msg.command is None and msg.platform == "telegram"
+
+
+def test_private_command_new():
+    [msg] = channel().parse(fixture_bytes("telegram", "private_command_new"))
+    assert msg.command == NEW_SESSION and msg.session_key == f"telegram-main:{DM}:{CHEN}"
+
+
+def test_group_text_keeps_member_as_sender():
+    [msg] = channel().parse(fixture_bytes("telegram", "group_text"))
+    assert msg.session_key == f"telegram-main:{GROUP}:{GROUP_CHAT}"
+    assert (msg.chat_id, msg.chat_kind, msg.sender_id, msg.sender_name) == (GROUP_CHAT, GROUP, "381920002", "Dana")
+    assert msg.text == "@AcmeSupportBot is the new firmware out?" and msg.command is None
+    assert msg.platform_message_id == f"{GROUP_CHAT}:77"
+
+
+def test_group_command_addressed_to_us():
+    [msg] = channel().parse(fixture_bytes("telegram", "group_command_new"))
+    assert msg.command == NEW_SESSION and msg.chat_kind == GROUP
+
+
+def test_bot_username_match_is_case_insensitive():
+    [msg] = channel(bot_username="@acmesupportbot").parse(fixture_bytes("telegram", "group_command_new"))
+    assert msg.command == NEW_SESSION
+
+
+def test_command_for_another_bot_is_plain_text():
+    doc = fixture("telegram", "group_command_new")
+    doc["message"]["text"] = "/new@OtherBot"
+    doc["message"]["entities"][0]["length"] = 13
+    [msg] = channel().parse(json.dumps(doc).encode())
+    assert msg.command is None and msg.text == "/new@OtherBot"
+
+
+@pytest.mark.parametrize(
+    "text, entities, command",
+    [
+        ("/new", [], None),  # no bot_command entity: not a command
+        ("/newer", [{"offset": 0, "length": 6, "type": "bot_command"}], None),
+        ("/new please", [{"offset": 0, "length": 4, "type": "bot_command"}], NEW_SESSION),
+        ("hi /new", [{"offset": 3, "length": 4, "type": "bot_command"}], None),
+    ],
+)
+def test_command_detection(text, entities, command):
+    [msg] = channel().parse(with_message(text=text, entities=entities))
+    assert msg.command == command
+
+
+def test_supergroup_text():
+    [msg] = channel().parse(fixture_bytes("telegram", "supergroup_text"))
+    assert msg.session_key == f"telegram-main:{GROUP}:{SUPERGROUP_CHAT}"
+    assert (msg.sender_id, msg.sender_name) == (CHEN, "Chen")
+
+
+def test_session_keys_per_user_per_group_per_channel():
+    main = channel()
+    dm = main.parse(fixture_bytes("telegram", "private_text"))[0]
+    same_user_in_supergroup = main.parse(fixture_bytes("telegram", "supergroup_text"))[0]
+    group = main.parse(fixture_bytes("telegram", "group_text"))[0]
+    elsewhere = channel(channel_id="telegram-eu").parse(fixture_bytes("telegram", "private_text"))[0]
+    assert len({dm.session_key, same_user_in_supergroup.session_key, group.session_key, elsewhere.session_key}) == 4
+    other_dm = json.loads(fixture_bytes("telegram", "private_text"))
+    other_dm["message"]["chat"]["id"] = other_dm["message"]["from"]["id"] = 55
+    assert main.parse(json.dumps(other_dm).encode())[0].session_key == f"telegram-main:{DM}:55"
+
+
+def test_full_name_and_username_fallback():
+    doc = fixture("telegram", "private_text")
+    doc["message"]["from"]["last_name"] = "Wei"
+    assert channel().parse(json.dumps(doc).encode())[0].sender_name == "Chen Wei"
+    doc["message"]["from"] = {"id": 1, "is_bot": False, "username": "chen_w", "first_name": ""}
+    assert channel().parse(json.dumps(doc).encode())[0].sender_name == "chen_w"
+
+
+@pytest.mark.parametrize(
+    "fields, text",
+    [
+        ({"photo": [{"file_id": "a"}], "caption": "broken box"}, "broken box"),
+        ({"photo": [{"file_id": "a"}]}, "[photo]"),
+        ({"sticker": {"file_id": "s", "emoji": "😀"}}, "[sticker]"),
+        ({"voice": {"file_id": "v"}}, "[voice]"),
+        ({"document": {"file_id": "d", "file_name": "invoice.pdf"}}, "[document: invoice.pdf]"),
+        ({"location": {"latitude": 52.5, "longitude": 13.4}}, "[location: 52.5, 13.4]"),
+    ],
+)
+def test_non_text_messages_become_placeholders(fields, text):
+    [msg] = channel().parse(with_message(**fields))
+    assert msg.text == text
+
+
+@pytest.mark.parametrize("name", ["edited_message"])
+def test_non_message_updates_are_ignored(name):
+    assert channel().parse(fixture_bytes("telegram", name)) == []
+
+
+@pytest.mark.parametrize(
+    "update",
+    [
+        {"update_id": 1, "callback_query": {"id": "1", "data": "x"}},
+        {"update_id": 1, "channel_post": {"message_id": 1, "chat": {"id": -100, "type": "channel"}, "text": "x"}},
+        {"update_id": 1, "message": {"message_id": 1, "chat": {"id": -100, "type": "channel"}, "text": "x"}},
+        {"update_id": 1, "message": {"message_id": 1, "chat": {"id": -5, "type": "group"}, "left_chat_member": {}}},
+    ],
+    ids=["callback_query", "channel_post", "channel-chat", "service-message"],
+)
+def test_other_updates_give_no_turns(update):
+    assert channel().parse(json.dumps(update).encode()) == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"nope",
+        b"[1]",
+        b'{"message": {"message_id": 1, "chat": {"id": 1, "type": "private"}}}',
+        b'{"update_id": 1, "message": {"message_id": 1, "text": "hi"}}',
+        b'{"update_id": 1, "message": {"chat": {"id": 1, "type": "private"}, "text": "hi"}}',
+        b'{"update_id": 1, "message": "hi"}',
+    ],
+)
+def test_malformed_bodies(body):
+    with pytest.raises(MalformedPayload):
+        channel().parse(body)
+
+
+def test_secret_token():
+    ch = channel()
+    ch.verify(WebhookRequest("POST", {"x-telegram-bot-api-secret-token": "secret_token-value"}))
+    for token in (None, "secret_token-valuf", ""):
+        headers = {} if token is None else {"x-telegram-bot-api-secret-token": token}
+        with pytest.raises(InvalidSignature):
+            ch.verify(WebhookRequest("POST", headers))
+
+
+def test_send_chunks_and_ids():
+    with StandIn(default=Reply(body=fixture("telegram", "send_message_response"))) as server:
+        ch = channel(api_base=server.base, bot_token="123:ABC")
+        [msg] = ch.parse(fixture_bytes("telegram", "private_text"))
+        delivery = ch.send(msg, "x" * 5000)
+    assert delivery.ok and delivery.platform_message_ids == (f"{CHEN}:313", f"{CHEN}:313")
+    assert [r.path for r in server.requests] == ["/bot123:ABC/sendMessage"] * 2
+    assert server.requests[0].body == {"chat_id": 381920001, "text": "x" * 4096}
+    assert server.requests[1].body == {"chat_id": 381920001, "text": "x" * 904}
+
+
+def test_send_matches_documented_request_shape():
+    with StandIn(default=Reply(body=fixture("telegram", "send_message_response"))) as server:
+        ch = channel(api_base=server.base)
+        [msg] = ch.parse(fixture_bytes("telegram", "private_text"))
+        assert ch.send(msg, "Sure Chen, what is the new address?").ok
+    assert server.requests[0].body == fixture("telegram", "send_message_request")
+
+
+def test_send_to_group_uses_negative_int_chat_id():
+    with StandIn(default=Reply(body=fixture("telegram", "send_message_response"))) as server:
+        ch = channel(api_base=server.base)
+        [msg] = ch.parse(fixture_bytes("telegram", "supergroup_text"))
+        ch.send(msg, "looking into it")
+    assert server.requests[0].body["chat_id"] == -1001987654321
+
+
+def test_send_honours_retry_after_and_blocked_is_final():
+    script = Reply(429, fixture("telegram", "error_429")), Reply(403, fixture("telegram", "error_403_blocked"))
+    with StandIn(*script) as server:
+        ch = channel(api_base=server.base, bot_token="123:SECRET")
+        waits = no_sleep(ch.sender)
+        [msg] = ch.parse(fixture_bytes("telegram", "private_text"))
+        with capture_logs() as logs:
+            delivery = ch.send(msg, "hi")
+    assert waits == [7.0]
+    assert [e["event"] for e in logs] == ["outbound.retry"] and "SECRET" not in repr(logs)
+    assert not delivery.ok and delivery.attempts == 2 and "blocked" in delivery.error
+    assert "SECRET" not in delivery.error

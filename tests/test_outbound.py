@@ -1,0 +1,133 @@
+import socket
+
+import pytest
+import requests
+from channel_helpers import Reply, StandIn, no_sleep
+
+from shared.messages import Delivery
+from shared.outbound import MAX_ATTEMPTS, MAX_WAIT, HttpSender, combine, retry_after, split_text
+
+
+def id_of(body):
+    return body.get("id") if isinstance(body, dict) else None
+
+
+@pytest.mark.parametrize(
+    "text, limit, chunks",
+    [
+        ("short", 10, ["short"]),
+        ("", 10, [""]),
+        ("a" * 10, 10, ["a" * 10]),
+        ("a" * 25, 10, ["a" * 10, "a" * 10, "a" * 5]),
+        ("hello world again", 11, ["hello world", "again"]),
+        ("line one\nline two", 12, ["line one", "line two"]),
+        ("aaa bbb\nccc ddd eee", 12, ["aaa bbb", "ccc ddd eee"]),
+    ],
+)
+def test_split_text(text, limit, chunks):
+    assert split_text(text, limit) == chunks
+
+
+def test_split_text_respects_limit_and_keeps_words():
+    text = " ".join(f"word{i}" for i in range(2000))
+    chunks = split_text(text, 4096)
+    assert all(len(c) <= 4096 for c in chunks) and len(chunks) > 1
+    assert " ".join(chunks).split() == text.split()
+
+
+def response_from(reply: Reply) -> requests.Response:
+    with StandIn(reply) as server:
+        return requests.post(server.base + "/x", json={}, timeout=5)
+
+
+@pytest.mark.parametrize(
+    "reply, wait",
+    [
+        (Reply(429, {}, {"Retry-After": "3"}), 3.0),
+        (Reply(429, {"message": "slow", "retry_after": 0.532, "global": False}), 0.532),
+        (Reply(429, {"ok": False, "error_code": 429, "parameters": {"retry_after": 7}}), 7.0),
+        (Reply(503, b"busy"), None),
+        (Reply(429, {}, {"Retry-After": "Wed, 21 Oct 2026 07:28:00 GMT"}), None),
+        (Reply(429, [1, 2]), None),
+    ],
+    ids=["header", "discord", "telegram", "not-json", "http-date", "json-list"],
+)
+def test_retry_after(reply, wait):
+    assert retry_after(response_from(reply)) == wait
+
+
+def test_success_returns_id():
+    with StandIn(default=Reply(body={"id": "m1"})) as server:
+        delivery = HttpSender({"X-Test": "1"}).post(server.base + "/send", {"a": 1}, id_of)
+    assert delivery == Delivery(ok=True, platform_message_ids=("m1",), attempts=1)
+    assert server.requests[0].body == {"a": 1} and server.requests[0].headers["x-test"] == "1"
+
+
+def test_success_without_json_body_has_no_id():
+    with StandIn(default=Reply(body=b"ok")) as server:
+        assert HttpSender({}).post(server.base, {}, id_of) == Delivery(ok=True, attempts=1)
+
+
+def test_retries_5xx_then_succeeds():
+    with StandIn(Reply(500, b"oops"), Reply(502, b"bad gateway"), default=Reply(body={"id": "m2"})) as server:
+        sender = HttpSender({})
+        waits = no_sleep(sender)
+        delivery = sender.post(server.base, {}, id_of)
+    assert delivery.ok and delivery.attempts == 3 and delivery.platform_message_ids == ("m2",)
+    assert len(waits) == 2 and 0.5 <= waits[0] <= 1.0 and 1.0 <= waits[1] <= 2.0
+    assert len(server.requests) == 3
+
+
+def test_429_honours_retry_after_capped():
+    script = Reply(429, {}, {"Retry-After": "2.5"}), Reply(429, {}, {"Retry-After": "3600"})
+    with StandIn(*script, default=Reply(body={"id": "m"})) as server:
+        sender = HttpSender({})
+        waits = no_sleep(sender)
+        assert sender.post(server.base, {}, id_of).ok
+    assert waits == [2.5, MAX_WAIT]
+
+
+def test_final_4xx_is_not_retried():
+    with StandIn(Reply(403, {"description": "Forbidden: bot was blocked by the user"})) as server:
+        sender = HttpSender({})
+        waits = no_sleep(sender)
+        delivery = sender.post(server.base, {}, id_of)
+    assert not delivery.ok and delivery.attempts == 1 and waits == []
+    assert delivery.error.startswith("http 403") and "blocked" in delivery.error
+    assert len(server.requests) == 1
+
+
+def test_gives_up_after_max_attempts():
+    with StandIn(default=Reply(503, b"down")) as server:
+        sender = HttpSender({})
+        waits = no_sleep(sender)
+        delivery = sender.post(server.base, {}, id_of)
+    assert not delivery.ok and delivery.attempts == MAX_ATTEMPTS and delivery.error.startswith("http 503")
+    assert len(server.requests) == MAX_ATTEMPTS and len(waits) == MAX_ATTEMPTS - 1
+
+
+def test_network_errors_are_retried():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sender = HttpSender({})
+    waits = no_sleep(sender)
+    delivery = sender.post(f"http://127.0.0.1:{port}/", {}, id_of)
+    assert not delivery.ok and delivery.error == "network: ConnectionError" and len(waits) == MAX_ATTEMPTS - 1
+
+
+def test_retryable_callback_turns_a_4xx_into_a_retry():
+    rate_limited = Reply(400, {"error": {"code": 130429}})
+    with StandIn(rate_limited, Reply(400, {"error": {"code": 131047}})) as server:
+        sender = HttpSender({}, retryable=lambda r: r.json()["error"]["code"] == 130429)
+        waits = no_sleep(sender)
+        delivery = sender.post(server.base, {}, id_of)
+    assert not delivery.ok and delivery.attempts == 2 and len(waits) == 1 and "131047" in delivery.error
+
+
+def test_combine():
+    ok1 = Delivery(ok=True, platform_message_ids=("a",), attempts=1)
+    ok2 = Delivery(ok=True, platform_message_ids=("b",), attempts=2)
+    failed = Delivery(ok=False, error="http 400: no", attempts=1)
+    assert combine([ok1, ok2]) == Delivery(ok=True, platform_message_ids=("a", "b"), attempts=3)
+    assert combine([ok1, failed]) == Delivery(ok=False, platform_message_ids=("a",), error="http 400: no", attempts=2)

@@ -1,0 +1,1 @@
+"""Workers: consume partition queues and run each session's turns in order."""

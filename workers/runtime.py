@@ -1,0 +1,27 @@
+"""The per-process pieces a turn needs, built once from the validated settings."""
+
+from __future__ import annotations
+
+import functools
+
+from shared.agents import load_agent
+from shared.channels import build_channel
+from shared.config import get_settings
+from shared.store import Store
+from workers.turn import TurnRunner
+from workers.turnstile import Turnstile
+
+
+@functools.cache
+def runner() -> TurnRunner:
+    """Loads every channel's Agent now, so a bad Agent name fails at start, not at the first message."""
+    settings = get_settings()
+    store = Store(settings.database_url)
+    store.sync_channels(settings.channels.values())
+    return TurnRunner(
+        settings=settings,
+        store=store,
+        channels={cid: build_channel(c) for cid, c in settings.channels.items()},
+        agents={cid: load_agent(c.agent) for cid, c in settings.channels.items()},
+        turnstile=Turnstile(),
+    )

@@ -1,0 +1,105 @@
+"""One turn, as a recipe: claim the session in order, load its context, run the Agent, store, dispatch.
+
+Plain code, testable without Celery; the Celery task only calls `TurnRunner.handle`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Mapping
+
+import structlog
+
+from shared.agents import Agent, Conversation, Utterance
+from shared.channels import Channel
+from shared.config import Settings
+from shared.messages import NEW_SESSION, InboundMessage
+from shared.store import AlreadyStored, Claim, LeaseBusy, LeaseLost, Store
+from workers.turnstile import Turnstile
+
+log = structlog.get_logger(__name__)
+
+NEW_SESSION_REPLY = "Started a new conversation. Earlier messages won't be used from now on."
+ORDER_WAIT_S = 30.0  # how long a turn waits for its predecessor before recording a gap
+POLL_S = 0.25
+
+
+@dataclass
+class TurnRunner:
+    settings: Settings
+    store: Store
+    channels: Mapping[str, Channel]
+    agents: Mapping[str, Agent]
+    turnstile: Turnstile
+
+    def handle(self, msg: InboundMessage) -> str:
+        """Run the turn for one inbound message; returns what happened ("replied", "duplicate", ...)."""
+        try:
+            claim = self._claim_in_order(msg)
+            try:
+                outcome = "duplicate" if claim.duplicate else self._run(claim, msg)
+            except LeaseLost:
+                log.warning("turn.lease_lost", seq=msg.seq)
+                return "lease_lost"
+            except BaseException:
+                self.store.release(claim)
+                raise
+            self._dispatch(claim)
+            return outcome
+        finally:
+            self.turnstile.done(msg.session_key)
+
+    def _claim_in_order(self, msg: InboundMessage) -> Claim:
+        """Take the session's lease once the previous message of the session is done (bounded wait)."""
+        deadline = time.monotonic() + ORDER_WAIT_S
+        while True:
+            try:
+                claim = self.store.claim(msg, self.settings.lease_seconds)
+            except LeaseBusy:
+                self.turnstile.pause(msg.session_key, POLL_S)
+                continue
+            if claim.duplicate or claim.last_seq >= msg.seq - 1:
+                return claim
+            if time.monotonic() > deadline:
+                log.warning("turn.gap", seq=msg.seq, last_seq=claim.last_seq)
+                return claim
+            self.store.release(claim)
+            self.turnstile.pause(msg.session_key, POLL_S)
+
+    def _run(self, claim: Claim, msg: InboundMessage) -> str:
+        try:
+            if msg.command == NEW_SESSION:
+                self.store.commit_turn(claim, msg, NEW_SESSION_REPLY, new_generation=True)
+                log.info("session.new_generation", generation=claim.generation + 1)
+                return "new_session"
+            channel = self.channels[msg.channel_id]
+            history = self.store.history(claim, channel.config.session.history_limit)
+            conversation = Conversation(
+                channel_id=msg.channel_id,
+                session_key=msg.session_key,
+                chat_kind=msg.chat_kind,
+                history=tuple(Utterance(m.role, m.sender_name, m.text, m.sender_id, m.at) for m in history),
+                message=Utterance("user", msg.sender_name, msg.text, msg.sender_id),
+            )
+            reply = self.agents[msg.channel_id].reply(conversation)
+            self.store.commit_turn(claim, msg, reply)
+            return "replied" if reply else "silent"
+        except AlreadyStored:  # a copy committed meanwhile; its replies may still need sending
+            return "duplicate"
+
+    def _dispatch(self, claim: Claim) -> None:
+        """Send the session's unsent replies in order (the outbox), then give up the lease."""
+        pending = self.store.pending_replies(claim.session_id)
+        if not pending:
+            self.store.release(claim)
+            return
+        for i, reply in enumerate(pending):
+            delivery = self.channels[reply.channel_id].send(reply.chat_id, reply.chat_kind, reply.text)
+            last = i == len(pending) - 1
+            self.store.mark_delivery(reply.id, delivery, release=claim if last else None)
+            if delivery.ok:
+                log.info("turn.reply_sent", reply_id=reply.id, attempts=delivery.attempts)
+            else:
+                log.error("turn.reply_failed", reply_id=reply.id, error=delivery.error)
+
