@@ -40,7 +40,7 @@ def use_embedded_defaults() -> list[str]:
             if not os.environ.get(name):
                 os.environ[name] = value
                 filled.append(name)
-    os.environ.setdefault("BROKER_URL", "memory://")
+    os.environ.setdefault("BROKER_URL", "memory://localhost/")
     return filled
 
 

@@ -147,7 +147,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         channels[channel.id] = channel
     if not channels:
         raise ConfigError(f"{path}: no [[channels]] configured")
-    broker_url = env.get("BROKER_URL") or "memory://"
+    broker_url = env.get("BROKER_URL") or "memory://localhost/"
     redis_url = env.get("REDIS_URL") or (broker_url if broker_url.startswith("redis") else None)
     lease = _number(env, "LEASE_SECONDS", doc.get("lease_seconds", 120))
     visibility = _number(env, "VISIBILITY_TIMEOUT", max(lease * 2, 300))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from sqlalchemy import text as sql
 from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -82,8 +83,8 @@ class Message(Base):
         UniqueConstraint("channel_id", "platform_message_id", name="uq_messages_platform_id"),
         UniqueConstraint("session_id", "position", name="uq_messages_session_position"),
         Index("ix_messages_session_generation", "session_id", "generation", "position"),
-        Index("ix_messages_delivery", "delivery_status", postgresql_where="delivery_status = 'pending'",
-              sqlite_where="delivery_status = 'pending'"),
+        Index("ix_messages_delivery", "delivery_status", postgresql_where=sql("delivery_status = 'pending'"),
+              sqlite_where=sql("delivery_status = 'pending'")),
     )
 
 

@@ -108,6 +108,16 @@ class HttpSender:
         return Delivery(ok=False, error=error, attempts=MAX_ATTEMPTS)
 
 
+def send_chunks(text: str, limit: int, send_one: Callable[[str], Delivery]) -> Delivery:
+    """Send a long reply as chunks of at most `limit` characters, in order, stopping at the first failure."""
+    deliveries: list[Delivery] = []
+    for chunk in split_text(text, limit):
+        deliveries.append(send_one(chunk))
+        if not deliveries[-1].ok:
+            break
+    return combine(deliveries)
+
+
 def combine(deliveries: list[Delivery]) -> Delivery:
     """One Delivery for a reply sent in several chunks: ok only if every chunk was."""
     ids = tuple(i for d in deliveries for i in d.platform_message_ids)

@@ -195,7 +195,7 @@ def test_send_splits_at_2000():
     with StandIn(default=Reply(body={"id": "1311000000000000500"})) as server:
         ch = channel(api_base=server.base, bot_token="tok")
         [msg] = ch.parse(fixture_bytes("discord", "gateway_message_create_guild"))
-        delivery = ch.send(msg, "y" * 2500)
+        delivery = ch.send(msg.chat_id, msg.chat_kind, "y" * 2500)
     assert delivery.ok and delivery.platform_message_ids == ("1311000000000000500",) * 2
     assert [r.path for r in server.requests] == [f"/channels/{GUILD_CHANNEL}/messages"] * 2
     assert server.requests[0].headers["authorization"] == "Bot tok"
@@ -207,7 +207,7 @@ def test_send_matches_documented_request_shape():
     with StandIn(default=Reply(body={"id": "1"})) as server:
         ch = channel(api_base=server.base)
         [msg] = ch.parse(fixture_bytes("discord", "gateway_message_create_guild"))
-        ch.send(msg, "Hi Eve, I have flagged the VAT number on your invoice.")
+        ch.send(msg.chat_id, msg.chat_kind, "Hi Eve, I have flagged the VAT number on your invoice.")
     assert server.requests[0].body == fixture("discord", "create_message_request")
 
 
@@ -216,5 +216,5 @@ def test_send_retries_on_429_with_retry_after():
         ch = channel(api_base=server.base)
         waits = no_sleep(ch.sender)
         [msg] = ch.parse(fixture_bytes("discord", "gateway_message_create_dm"))
-        delivery = ch.send(msg, "done")
+        delivery = ch.send(msg.chat_id, msg.chat_kind, "done")
     assert delivery.ok and delivery.attempts == 2 and waits == [0.532]

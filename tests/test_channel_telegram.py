@@ -174,7 +174,7 @@ def test_send_chunks_and_ids():
     with StandIn(default=Reply(body=fixture("telegram", "send_message_response"))) as server:
         ch = channel(api_base=server.base, bot_token="123:ABC")
         [msg] = ch.parse(fixture_bytes("telegram", "private_text"))
-        delivery = ch.send(msg, "x" * 5000)
+        delivery = ch.send(msg.chat_id, msg.chat_kind, "x" * 5000)
     assert delivery.ok and delivery.platform_message_ids == (f"{CHEN}:313", f"{CHEN}:313")
     assert [r.path for r in server.requests] == ["/bot123:ABC/sendMessage"] * 2
     assert server.requests[0].body == {"chat_id": 381920001, "text": "x" * 4096}
@@ -185,7 +185,7 @@ def test_send_matches_documented_request_shape():
     with StandIn(default=Reply(body=fixture("telegram", "send_message_response"))) as server:
         ch = channel(api_base=server.base)
         [msg] = ch.parse(fixture_bytes("telegram", "private_text"))
-        assert ch.send(msg, "Sure Chen, what is the new address?").ok
+        assert ch.send(msg.chat_id, msg.chat_kind, "Sure Chen, what is the new address?").ok
     assert server.requests[0].body == fixture("telegram", "send_message_request")
 
 
@@ -193,7 +193,7 @@ def test_send_to_group_uses_negative_int_chat_id():
     with StandIn(default=Reply(body=fixture("telegram", "send_message_response"))) as server:
         ch = channel(api_base=server.base)
         [msg] = ch.parse(fixture_bytes("telegram", "supergroup_text"))
-        ch.send(msg, "looking into it")
+        ch.send(msg.chat_id, msg.chat_kind, "looking into it")
     assert server.requests[0].body["chat_id"] == -1001987654321
 
 
@@ -204,7 +204,7 @@ def test_send_honours_retry_after_and_blocked_is_final():
         waits = no_sleep(ch.sender)
         [msg] = ch.parse(fixture_bytes("telegram", "private_text"))
         with capture_logs() as logs:
-            delivery = ch.send(msg, "hi")
+            delivery = ch.send(msg.chat_id, msg.chat_kind, "hi")
     assert waits == [7.0]
     assert [e["event"] for e in logs] == ["outbound.retry"] and "SECRET" not in repr(logs)
     assert not delivery.ok and delivery.attempts == 2 and "blocked" in delivery.error

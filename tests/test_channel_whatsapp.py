@@ -200,7 +200,7 @@ def test_send_splits_and_posts_each_chunk():
     with StandIn(default=Reply(body=response)) as server:
         ch = channel(api_base=server.base)
         [msg] = ch.parse(fixture_bytes("whatsapp", "dm_text"))
-        delivery = ch.send(msg, "a" * 5000)
+        delivery = ch.send(msg.chat_id, msg.chat_kind, "a" * 5000)
     assert delivery.ok and delivery.attempts == 2
     assert delivery.platform_message_ids == (response["messages"][0]["id"],) * 2
     assert [r.path for r in server.requests] == ["/v21.0/106540352242922/messages"] * 2
@@ -220,7 +220,7 @@ def test_send_to_group_uses_group_recipient_and_api_version():
     with StandIn(default=Reply(body=fixture("whatsapp", "send_text_response"))) as server:
         ch = channel(api_base=server.base, api_version="v22.0")
         [msg] = ch.parse(fixture_bytes("whatsapp", "group_text"))
-        assert ch.send(msg, "Yes, 10:00 to 16:00 on Sundays.").ok
+        assert ch.send(msg.chat_id, msg.chat_kind, "Yes, 10:00 to 16:00 on Sundays.").ok
     expected = fixture("whatsapp", "send_group_text_request")
     assert server.requests[0].path == "/v22.0/106540352242922/messages"
     assert server.requests[0].body == expected
@@ -230,7 +230,7 @@ def test_send_stops_at_first_failed_chunk():
     with StandIn(Reply(400, fixture("whatsapp", "error_outside_window"))) as server:
         ch = channel(api_base=server.base)
         [msg] = ch.parse(fixture_bytes("whatsapp", "dm_text"))
-        delivery = ch.send(msg, "b" * 9000)
+        delivery = ch.send(msg.chat_id, msg.chat_kind, "b" * 9000)
     assert not delivery.ok and "131047" in delivery.error
     assert len(server.requests) == 1
 
@@ -243,6 +243,6 @@ def test_rate_limit_codes_are_retried_even_with_http_400(code):
         ch = channel(api_base=server.base)
         waits = no_sleep(ch.sender)
         [msg] = ch.parse(fixture_bytes("whatsapp", "dm_text"))
-        delivery = ch.send(msg, "hello")
+        delivery = ch.send(msg.chat_id, msg.chat_kind, "hello")
     assert delivery.ok and delivery.attempts == 2 and len(waits) == 1
     assert len(server.requests) == 2

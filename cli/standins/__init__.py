@@ -1,1 +1,1 @@
-"""Local stand-ins for the platforms (Discord gateway, ...) used by tests and the demo."""
+"""Local stand-ins for the platforms (send APIs, Discord gateway), for the demo, tests and load runs."""

@@ -34,8 +34,8 @@ class Channel(Protocol):
     def parse(self, body: bytes) -> list[InboundMessage]:
         """The user messages in a verified body (possibly none); MalformedPayload if the shape is wrong."""
 
-    def send(self, message: InboundMessage, text: str) -> Delivery:
-        """Send a reply to the chat the message came from, split to the platform's length limit."""
+    def send(self, chat_id: str, chat_kind: str, text: str) -> Delivery:
+        """Send a reply to a chat (InboundMessage.chat_id/chat_kind), split to the platform's length limit."""
 
 
 def load_json(body: bytes) -> Any:

@@ -14,7 +14,7 @@ from shared.channels.base import WebhookRequest, load_json, require, session_key
 from shared.config import ChannelConfig
 from shared.errors import ConfigError, InvalidSignature, MalformedPayload
 from shared.messages import DM, GROUP, NEW_SESSION, Delivery, InboundMessage
-from shared.outbound import HttpSender, combine, split_text
+from shared.outbound import HttpSender, send_chunks
 
 log = structlog.get_logger(__name__)
 
@@ -131,13 +131,8 @@ class DiscordChannel:
             command=command,
         )
 
-    def send(self, message: InboundMessage, text: str) -> Delivery:
-        url = f"{self.config.api_base}/channels/{message.chat_id}/messages"
-        deliveries: list[Delivery] = []
-        for chunk in split_text(text, TEXT_LIMIT):
-            # The Agent's text must never ping @everyone or roles.
-            payload = {"content": chunk, "allowed_mentions": {"parse": []}}
-            deliveries.append(self.sender.post(url, payload, _message_id))
-            if not deliveries[-1].ok:
-                break
-        return combine(deliveries)
+    def send(self, chat_id: str, chat_kind: str, text: str) -> Delivery:
+        url = f"{self.config.api_base}/channels/{chat_id}/messages"
+        # The Agent's text must never ping @everyone or roles.
+        return send_chunks(text, TEXT_LIMIT, lambda chunk: self.sender.post(
+            url, {"content": chunk, "allowed_mentions": {"parse": []}}, _message_id))

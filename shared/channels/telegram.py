@@ -10,7 +10,7 @@ from shared.channels.base import WebhookRequest, load_json, require, same_secret
 from shared.config import ChannelConfig
 from shared.errors import InvalidSignature
 from shared.messages import DM, GROUP, NEW_SESSION, Delivery, InboundMessage
-from shared.outbound import HttpSender, combine, split_text
+from shared.outbound import HttpSender, send_chunks
 
 log = structlog.get_logger(__name__)
 
@@ -97,19 +97,15 @@ class TelegramChannel:
                 return command in ("/new", f"/new@{self.bot_username}")
         return False
 
-    def send(self, message: InboundMessage, text: str) -> Delivery:
-        chat_id: int | str = int(message.chat_id) if message.chat_id.lstrip("-").isdigit() else message.chat_id
+    def send(self, chat_id: str, chat_kind: str, text: str) -> Delivery:
+        target: int | str = int(chat_id) if chat_id.lstrip("-").isdigit() else chat_id
 
         def message_id(body: Any) -> str | None:
             """Chat-scoped like inbound ids, because Telegram message ids are only unique per chat."""
             try:
-                return f"{message.chat_id}:{body['result']['message_id']}"
+                return f"{chat_id}:{body['result']['message_id']}"
             except (TypeError, KeyError):
                 return None
 
-        deliveries: list[Delivery] = []
-        for chunk in split_text(text, TEXT_LIMIT):
-            deliveries.append(self.sender.post(self.url, {"chat_id": chat_id, "text": chunk}, message_id))
-            if not deliveries[-1].ok:
-                break
-        return combine(deliveries)
+        return send_chunks(text, TEXT_LIMIT, lambda chunk: self.sender.post(
+            self.url, {"chat_id": target, "text": chunk}, message_id))

@@ -13,7 +13,7 @@ from shared.channels.base import WebhookRequest, load_json, require, same_secret
 from shared.config import ChannelConfig
 from shared.errors import InvalidSignature, MalformedPayload
 from shared.messages import DM, GROUP, NEW_SESSION, Delivery, InboundMessage
-from shared.outbound import HttpSender, combine, split_text
+from shared.outbound import HttpSender, send_chunks
 
 log = structlog.get_logger(__name__)
 
@@ -138,18 +138,12 @@ class WhatsAppChannel:
             command=NEW_SESSION if is_new else None,
         )
 
-    def send(self, message: InboundMessage, text: str) -> Delivery:
-        recipient = "group" if message.chat_kind == GROUP else "individual"
-        deliveries: list[Delivery] = []
-        for chunk in split_text(text, TEXT_LIMIT):
-            payload = {
-                "messaging_product": "whatsapp",
-                "recipient_type": recipient,
-                "to": message.chat_id,
-                "type": "text",
-                "text": {"body": chunk},
-            }
-            deliveries.append(self.sender.post(self.url, payload, _message_id))
-            if not deliveries[-1].ok:
-                break
-        return combine(deliveries)
+    def send(self, chat_id: str, chat_kind: str, text: str) -> Delivery:
+        recipient = "group" if chat_kind == GROUP else "individual"
+        return send_chunks(text, TEXT_LIMIT, lambda chunk: self.sender.post(self.url, {
+            "messaging_product": "whatsapp",
+            "recipient_type": recipient,
+            "to": chat_id,
+            "type": "text",
+            "text": {"body": chunk},
+        }, _message_id))

@@ -65,7 +65,7 @@ def upgrade() -> None:
     sa.UniqueConstraint('channel_id', 'platform_message_id', name='uq_messages_platform_id'),
     sa.UniqueConstraint('session_id', 'position', name='uq_messages_session_position')
     )
-    op.create_index('ix_messages_delivery', 'messages', ['delivery_status'], unique=False, postgresql_where="delivery_status = 'pending'", sqlite_where="delivery_status = 'pending'")
+    op.create_index('ix_messages_delivery', 'messages', ['delivery_status'], unique=False, postgresql_where=sa.text("delivery_status = 'pending'"), sqlite_where=sa.text("delivery_status = 'pending'"))
     op.create_index('ix_messages_session_generation', 'messages', ['session_id', 'generation', 'position'], unique=False)
     op.create_table('session_events',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
@@ -83,7 +83,7 @@ def downgrade() -> None:
     op.drop_index(op.f('ix_session_events_session_id'), table_name='session_events')
     op.drop_table('session_events')
     op.drop_index('ix_messages_session_generation', table_name='messages')
-    op.drop_index('ix_messages_delivery', table_name='messages', postgresql_where="delivery_status = 'pending'", sqlite_where="delivery_status = 'pending'")
+    op.drop_index('ix_messages_delivery', table_name='messages', postgresql_where=sa.text("delivery_status = 'pending'"), sqlite_where=sa.text("delivery_status = 'pending'"))
     op.drop_table('messages')
     op.drop_index('ix_sessions_idle', table_name='sessions')
     op.drop_table('sessions')
