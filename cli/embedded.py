@@ -27,9 +27,12 @@ DEMO_SECRETS = {
     "ACME_TG_BOT_TOKEN": "123456:demo-bot-token",
     "ACME_TG_SECRET_TOKEN": "demo-secret-token",
     "ACME_DISCORD_BOT_TOKEN": "demo-discord-token",
-    # Ed25519 public key of the demo's interactions signer (see cli/demo.py); replace for real use.
-    "ACME_DISCORD_PUBLIC_KEY": "1e2b5f6ad1b3f0c4a9a4d1c3c0a1f6a2e6d7c5b4a3f2e1d0c9b8a7f6e5d4c3b2",
+    # Public half of DEMO_DISCORD_SIGNING_SEED's Ed25519 key, so local tools can sign interactions.
+    "ACME_DISCORD_PUBLIC_KEY": "de18658095d004b28d2eb7638b14aac7ce85ed7567e7839fe81df237691194e8",
 }
+
+# sha256(b"chatsessions-demo"): a published, demo-only Ed25519 seed. Never use it for a real application.
+DEMO_DISCORD_SIGNING_SEED = bytes.fromhex("52f908c56e5f2e5b49954c61a1901f3011d27112051eb12d90bcaa1990f3b3db")
 
 
 def use_embedded_defaults() -> list[str]:

@@ -1,4 +1,4 @@
-"""The Discord ingress: one long-running Gateway connection per bot token, feeding the same publish path as the webhooks.
+"""The Discord ingress: one long-running Gateway connection per bot token, feeding the webhooks' publish path.
 
 Start it with `python -m ingress.discord_gateway <channel_id>` (or `run(channel_id)`); SIGTERM/SIGINT stop it
 gracefully. Protocol: docs.discord.com/developers/events/gateway (HELLO -> heartbeat -> IDENTIFY or RESUME).
@@ -19,6 +19,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from shared.config import ChannelConfig, get_settings
+from shared.logs import configure_logging
 from shared.errors import ChatSessionsError, ConfigError, EnqueueFailed
 from shared.messages import InboundMessage
 
@@ -105,11 +106,12 @@ class GatewayClient:
                         self._forget_session()
                     failures = 0 if self._established else failures + 1
                     delay = min(self.backoff_cap, self.backoff_base * 2**failures) * random.uniform(0.5, 1.0)
-                    self.log.warning("gateway.disconnected", code=code, error=exc.__class__.__name__, retry_in=round(delay, 2))
+                    error = exc.__class__.__name__
+                    self.log.warning("gateway.disconnected", code=code, error=error, retry_in=round(delay, 2))
                 if delay and not self._stopping:
                     try:
                         await asyncio.wait_for(self._stopped.wait(), delay)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         pass
         finally:
             await self._drain(publisher)
@@ -128,7 +130,9 @@ class GatewayClient:
 
     async def _connection(self, use_resume_url: bool) -> None:
         resuming = self.session_id is not None and self.seq is not None
-        url = _with_query(self.resume_url, self.gateway_url) if resuming and use_resume_url and self.resume_url else self.gateway_url
+        url = self.gateway_url
+        if resuming and use_resume_url and self.resume_url:  # after repeated failures, fall back to gateway_url
+            url = _with_query(self.resume_url, self.gateway_url)
         self._established = False
         ws = await connect(url, open_timeout=10, close_timeout=2, ping_interval=None, max_size=2**24)
         self._ws, close_code, heartbeat = ws, RESUMABLE_CLOSE, None
@@ -187,15 +191,16 @@ class GatewayClient:
         try:
             messages = self.channel.parse_event(d)
         except Exception as exc:  # one malformed event must not stop the ingress
-            self.log.warning("gateway.malformed", error=str(exc), message_id=(d or {}).get("id"))
+            message_id = d.get("id") if isinstance(d, dict) else None
+            self.log.warning("gateway.malformed", error=str(exc), message_id=message_id)
             return
-        for message in messages:
-            self.log.info("gateway.message", session_key=message.session_key, platform_message_id=message.platform_message_id)
+        for m in messages:
+            self.log.info("gateway.message", session_key=m.session_key, platform_message_id=m.platform_message_id)
         if messages:
             self._outbox.put_nowait(messages)
 
     async def _publish_loop(self) -> None:
-        """Publish in arrival order; the gateway cannot redeliver, so retry (bounded sleeps) until the broker accepts."""
+        """Publish in arrival order; the gateway cannot redeliver, so retry (bounded sleeps) until accepted."""
         while True:
             messages = await self._outbox.get()
             attempt = 0
@@ -207,14 +212,15 @@ class GatewayClient:
                     attempt += 1
                     delay = min(self.publish_retry_cap, self.publish_retry_base * 2 ** (attempt - 1))
                     level = self.log.warning if isinstance(exc, EnqueueFailed) else self.log.error
-                    level("gateway.publish_retry", attempt=attempt, retry_in=delay, error=f"{exc.__class__.__name__}: {exc}")
+                    error, pending = f"{exc.__class__.__name__}: {exc}", self._outbox.qsize() + 1
+                    level("gateway.publish_retry", attempt=attempt, retry_in=delay, pending=pending, error=error)
                     await asyncio.sleep(delay)
             self._outbox.task_done()
 
     async def _drain(self, publisher: asyncio.Task) -> None:
         try:
             await asyncio.wait_for(self._outbox.join(), self.drain_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.log.error("gateway.undelivered", batches=self._outbox.qsize() + 1)
         publisher.cancel()
         await asyncio.gather(publisher, return_exceptions=True)
@@ -256,9 +262,10 @@ def run(channel_id: str) -> None:
     from shared.channels.discord import DiscordChannel
 
     settings = get_settings()
+    configure_logging(settings.log_format, settings.log_level)
     config = settings.channel(channel_id)
     if config.platform != "discord":
-        raise ConfigError(f"channel {channel_id!r} is a {config.platform} channel; the gateway serves discord channels only")
+        raise ConfigError(f"channel {channel_id!r} is {config.platform}; the gateway serves discord channels only")
     client = GatewayClient(config, DiscordChannel(config), Publisher(settings).publish)
 
     async def main() -> None:

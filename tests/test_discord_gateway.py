@@ -1,4 +1,4 @@
-"""The Discord gateway ingress against the stand-in gateway: identify, heartbeat, publish, resume, retry, fatal close."""
+"""The Discord gateway ingress against the stand-in: identify, heartbeat, publish, resume, retry, fatal close."""
 
 from __future__ import annotations
 
@@ -193,6 +193,16 @@ def test_bot_authored_messages_are_not_published(gateway, start_client):
     gateway.dispatch_message(event(2))
     assert wait_until(lambda: recorder.ids() == [mid(2)])
     assert recorder.calls == 1
+
+
+def test_a_malformed_event_is_skipped_without_stopping_the_ingress(gateway, start_client):
+    recorder = Recorder()
+    start_client(recorder)
+    assert gateway.wait_for_client(5)
+    gateway.dispatch_message({"id": "1", "content": "no author"})
+    gateway.dispatch_message(event(2))
+    assert wait_until(lambda: recorder.ids() == [mid(2)])
+    assert gateway.identify_count == 1 and gateway.resume_count == 0
 
 
 def test_dropped_connection_resumes_and_delivers_every_message_once(gateway, start_client):

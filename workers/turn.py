@@ -32,6 +32,7 @@ class TurnRunner:
     channels: Mapping[str, Channel]
     agents: Mapping[str, Agent]
     turnstile: Turnstile
+    order_wait_s: float = ORDER_WAIT_S
 
     def handle(self, msg: InboundMessage) -> str:
         """Run the turn for one inbound message; returns what happened ("replied", "duplicate", ...)."""
@@ -52,7 +53,7 @@ class TurnRunner:
 
     def _claim_in_order(self, msg: InboundMessage) -> Claim:
         """Take the session's lease once the previous message of the session is done (bounded wait)."""
-        deadline = time.monotonic() + ORDER_WAIT_S
+        deadline = time.monotonic() + self.order_wait_s
         while True:
             try:
                 claim = self.store.claim(msg, self.settings.lease_seconds)

@@ -170,8 +170,12 @@ class StandInGateway:
         session = self._sessions[session_id] = _Session()
         async with self._lock:
             self._current = session_id
-            ready = {"v": 10, "session_id": session_id, "resume_gateway_url": self.resume_url,
-                     "user": {"id": "1270000000000000001", "username": "stand-in-bot", "bot": True}}
+            ready = {
+                "v": 10,
+                "session_id": session_id,
+                "resume_gateway_url": self.resume_url,
+                "user": {"id": "1270000000000000001", "username": "stand-in-bot", "bot": True},
+            }
             await ws.send(json.dumps(session.event("READY", ready, keep=False)))
             backlog = [session.event("MESSAGE_CREATE", p) for p in self._pending]
             self._pending.clear()

@@ -1,0 +1,45 @@
+"""Fixtures shared by the unit tests: real SQLite and PostgreSQL databases, migrated with alembic."""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+import pytest
+
+from shared.db import engine_for
+from shared.migrate import upgrade
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A fresh PostgreSQL database for this test run; fails (never skips) when PostgreSQL is down."""
+    name = f"chatsessions_unit_{uuid.uuid4().hex[:8]}"
+    try:
+        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is not reachable (start it, see .ci/run): {exc}")
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    upgrade(url)
+    yield url
+    engine_for(url).dispose()
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """Each store test runs on both backends: the embedded SQLite file and the production PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/store.db"
+        upgrade(url)
+        yield url
+        engine_for(url).dispose()
+    else:
+        url = request.getfixturevalue("postgres_url")
+        yield url
+        with engine_for(url).begin() as conn:
+            conn.exec_driver_sql("TRUNCATE session_events, messages, sessions, channels CASCADE")

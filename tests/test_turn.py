@@ -1,0 +1,206 @@
+"""The turn and the session lifecycle as plain code, on the real SQLite and PostgreSQL stores."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, replace
+
+import pytest
+from sqlalchemy import select, update
+
+from shared.agents import DemoAgent, EchoAgent
+from shared.config import ChannelConfig, SessionOptions, load_settings
+from shared.db import transaction
+from shared.messages import DM, GROUP, NEW_SESSION, Delivery, InboundMessage
+from shared.models import ChatSession, Message, SessionEvent
+from shared.store import LeaseBusy, LeaseLost, Store, now, transcript
+from workers.turn import TurnRunner
+from workers.turnstile import Turnstile
+
+
+@dataclass
+class RecordingChannel:
+    """A platform that accepts every reply and remembers it (the real adapters are tested elsewhere)."""
+
+    config: ChannelConfig
+    sent: list[tuple[str, str]] = field(default_factory=list)
+    ok: bool = True
+
+    def send(self, chat_id: str, chat_kind: str, text: str) -> Delivery:
+        self.sent.append((chat_id, text))
+        return Delivery(ok=self.ok, platform_message_ids=("x",) if self.ok else (), error=None if self.ok else "http 400")
+
+
+def make_runner(url: str, agent=None) -> TurnRunner:
+    config = ChannelConfig(id="wa", platform="whatsapp", agent="demo", api_base="http://unused", secrets={},
+                           options={}, session=SessionOptions(idle_minutes=30, history_limit=50))
+    settings = replace(_settings(), database_url=url)
+    store = Store(url)
+    store.sync_channels([config])
+    return TurnRunner(settings, store, {"wa": RecordingChannel(config)}, {"wa": agent or DemoAgent()}, Turnstile())
+
+
+def _settings():
+    from cli.embedded import DEMO_SECRETS
+
+    return load_settings({**DEMO_SECRETS, "LEASE_SECONDS": "5"})
+
+
+_ids = iter(range(10**6))
+
+
+def msg(text: str, user: str = "5511", seq: int = 1, kind: str = DM, chat: str | None = None, name: str = "Ana",
+        command: str | None = None, pid: str | None = None) -> InboundMessage:
+    chat = chat or user
+    return InboundMessage(
+        channel_id="wa", platform="whatsapp", session_key=f"wa:{kind}:{chat}", chat_id=chat, chat_kind=kind,
+        sender_id=user, sender_name=name, text=text, platform_message_id=pid or f"wamid.{next(_ids)}",
+        sent_at=time.time(), command=command, seq=seq,
+    )
+
+
+def sent(runner: TurnRunner) -> list[tuple[str, str]]:
+    return runner.channels["wa"].sent
+
+
+def test_first_message_creates_an_active_session_and_replies(database_url):
+    r = make_runner(database_url)
+    assert r.handle(msg("hi, my name is Ana")) == "replied"
+    assert sent(r) == [("5511", "Nice to meet you, Ana! How can I help?")]
+    summary, lines = transcript(database_url, "wa:dm:5511")
+    assert summary.status == "active" and summary.generation == 1
+    assert [line.kind for line in lines] == ["event", "user", "assistant"]
+    assert lines[0].text == "created" and lines[2].delivery_status == "sent"
+
+
+def test_context_is_per_session(database_url):
+    r = make_runner(database_url)
+    r.handle(msg("my order 48213 has not arrived", user="ana", seq=1))
+    r.handle(msg("my order 77120 is late", user="bruno", seq=1))
+    r.handle(msg("where is my order?", user="bruno", seq=2))
+    r.handle(msg("where is my order?", user="ana", seq=2))
+    replies = dict()
+    for chat, text in sent(r):
+        replies.setdefault(chat, []).append(text)
+    assert "77120" in replies["bruno"][-1] and "48213" not in " ".join(replies["bruno"])
+    assert "48213" in replies["ana"][-1] and "77120" not in " ".join(replies["ana"])
+
+
+def test_group_members_share_context_and_senders_are_kept(database_url):
+    r = make_runner(database_url)
+    r.handle(msg("our order 55501 is missing", user="bruno", name="Bruno", kind=GROUP, chat="grp1", seq=1))
+    r.handle(msg("where is the order?", user="carla", name="Carla", kind=GROUP, chat="grp1", seq=2))
+    assert sent(r)[-1] == ("grp1", "Carla, your order 55501 is on its way and should arrive within 2 days.")
+    _, lines = transcript(database_url, "wa:group:grp1")
+    assert [(line.kind, line.sender_name) for line in lines if line.kind == "user"] == [("user", "Bruno"), ("user", "Carla")]
+
+
+def test_new_session_drops_context_but_keeps_history(database_url):
+    r = make_runner(database_url)
+    r.handle(msg("my name is Chen", seq=1))
+    assert r.handle(msg("/new", seq=2, command=NEW_SESSION)) == "new_session"
+    r.handle(msg("what is my name?", seq=3))
+    assert sent(r)[-1][1] == "You haven't told me your name yet."
+    summary, lines = transcript(database_url, "wa:dm:5511")
+    assert summary.generation == 2
+    assert [line.text for line in lines if line.generation == 1 and line.kind == "user"] == ["my name is Chen", "/new"]
+    assert any(line.kind == "event" and line.text == "new_session" for line in lines)
+
+
+def test_dormant_session_resumes_with_context(database_url):
+    r = make_runner(database_url)
+    r.handle(msg("my order 48213", seq=1))
+    with transaction(database_url) as s:  # an hour passes
+        s.execute(update(ChatSession).values(last_activity_at=now() - _hours(1)))
+    assert r.store.mark_dormant("wa", idle_minutes=30, batch=1) == 1
+    assert transcript(database_url, "wa:dm:5511")[0].status == "dormant"
+    r.handle(msg("where is my order?", seq=2))
+    assert "48213" in sent(r)[-1][1]
+    summary, lines = transcript(database_url, "wa:dm:5511")
+    assert summary.status == "active" and summary.generation == 1
+    assert [line.text for line in lines if line.kind == "event"] == ["created", "dormant", "resumed"]
+
+
+def test_dormancy_sweeps_in_batches_and_skips_recent(database_url):
+    r = make_runner(database_url)
+    for i in range(5):
+        r.handle(msg("hello", user=f"u{i}"))
+    with transaction(database_url) as s:
+        s.execute(update(ChatSession).where(ChatSession.key != "wa:dm:u4")
+                  .values(last_activity_at=now() - _hours(1)))
+    assert r.store.mark_dormant("wa", idle_minutes=30, batch=2) == 4
+    assert transcript(database_url, "wa:dm:u4")[0].status == "active"
+
+
+def test_redelivered_message_is_not_a_second_turn(database_url):
+    r = make_runner(database_url, EchoAgent())
+    m = msg("hello", seq=1)
+    assert r.handle(m) == "replied"
+    assert r.handle(m) == "duplicate"
+    assert len(sent(r)) == 1
+    with transaction(database_url) as s:
+        assert s.scalar(select(Message.id).where(Message.role == "user").limit(2)) is not None
+        assert len(s.scalars(select(Message.id)).all()) == 2
+
+
+def test_unsent_reply_is_sent_when_the_message_is_redelivered(database_url):
+    r = make_runner(database_url, EchoAgent())
+    r.channels["wa"].ok = False
+    m = msg("hello", seq=1)
+    r.handle(m)
+    with transaction(database_url) as s:  # as if the worker died between commit and send
+        s.execute(update(Message).where(Message.role == "assistant").values(delivery_status="pending"))
+    r.channels["wa"].ok = True
+    assert r.handle(m) == "duplicate"
+    assert sent(r)[-1] == ("5511", "echo: hello")
+    assert transcript(database_url, "wa:dm:5511")[1][-1].delivery_status == "sent"
+
+
+def test_stale_holder_cannot_commit(database_url):
+    store = make_runner(database_url).store
+    m = msg("hello", seq=1)
+    first = store.claim(m, lease_seconds=0.01)
+    time.sleep(0.05)
+    second = store.claim(m, lease_seconds=30)  # the lease expired: a new holder takes over
+    assert second.token == first.token + 1
+    with pytest.raises(LeaseLost):
+        store.commit_turn(first, m, "late reply")
+    with pytest.raises(LeaseBusy):
+        store.claim(m, lease_seconds=30)
+    store.commit_turn(second, m, "reply")
+    with transaction(database_url) as s:
+        assert s.scalars(select(Message.text).where(Message.role == "assistant")).all() == ["reply"]
+
+
+def test_turns_of_one_session_run_in_seq_order_even_if_started_out_of_order(database_url):
+    r = make_runner(database_url, EchoAgent())
+    messages = [msg(f"m{i}", seq=i) for i in range(1, 6)]
+    threads = [threading.Thread(target=r.handle, args=(m,)) for m in reversed(messages)]
+    for t in threads:
+        t.start()
+        time.sleep(0.02)
+    for t in threads:
+        t.join(timeout=30)
+    assert [text for _, text in sent(r)] == [f"echo: m{i}" for i in range(1, 6)]
+
+
+def test_agent_failure_releases_the_lease(database_url):
+    class Broken:
+        def reply(self, conversation):
+            raise RuntimeError("model down")
+
+    r = make_runner(database_url, Broken())
+    r.order_wait_s = 0.5  # seq 1 never completes: seq 2 waits this long, then goes on (a logged gap)
+    with pytest.raises(RuntimeError):
+        r.handle(msg("hello", seq=1))
+    r.agents["wa"] = EchoAgent()
+    assert r.handle(msg("hello again", seq=2)) == "replied"  # not blocked behind a held lease
+    with transaction(database_url) as s:
+        assert s.scalar(select(SessionEvent.event)) == "created"
+
+
+def _hours(n: float):
+    from datetime import timedelta
+
+    return timedelta(hours=n)
