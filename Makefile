@@ -1,0 +1,32 @@
+# One command to run, one to test. Everything installs into .venv on first use.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+.PHONY: install run demo test unit integration lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+run: install  ## the whole system in one process: SQLite file + in-process broker, http://127.0.0.1:8000
+	$(BIN)/chatsessions run
+
+demo: install  ## a scripted conversation across the three platforms, transcripts printed
+	$(BIN)/chatsessions demo
+
+test: install  ## unit and integration tests (needs PostgreSQL and Redis on 127.0.0.1; .ci/run starts them)
+	$(BIN)/pytest -q
+
+unit: install
+	$(BIN)/pytest -q --ignore=tests/integration
+
+integration: install
+	$(BIN)/pytest -q tests/integration
+
+clean:
+	rm -rf $(VENV) *.egg-info chatsessions.db chatsessions.db-*
