@@ -7,6 +7,7 @@ separate processes from the Procfile.
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 from dataclasses import dataclass
 
@@ -54,6 +55,7 @@ class Embedded:
     settings: Settings
     server: BaseWSGIServer
     worker: object
+    publisher: object  # the one ledger (sequence numbers, dedupe) every in-process feed must share
     threads: list[threading.Thread]
 
     @property
@@ -77,14 +79,17 @@ def start(host: str = "127.0.0.1", port: int = 8000, concurrency: int = 8, beat:
 
     runner()
     queues = ",".join([queue_name(p) for p in range(settings.partitions)] + [MAINTENANCE_QUEUE])
+    schedule = os.path.join(tempfile.gettempdir(), f"chatsessions-beat-{os.getpid()}")
     worker = celery_app.WorkController(pool_cls="threads", concurrency=concurrency, queues=queues,
-                                       beat=beat, without_mingle=True, without_gossip=True, loglevel="WARNING")
+                                       beat=beat, schedule_filename=schedule,
+                                       without_mingle=True, without_gossip=True, loglevel="WARNING")
     worker_thread = threading.Thread(target=worker.start, name="worker", daemon=True)
     worker_thread.start()
-    wsgi = create_app(settings, Publisher(settings, app=celery_app))
+    publisher = Publisher(settings, app=celery_app)
+    wsgi = create_app(settings, publisher)
     server = make_server(host, port, wsgi, threaded=True)
     server_thread = threading.Thread(target=server.serve_forever, name="ingress", daemon=True)
     server_thread.start()
     log.info("embedded.started", url=f"http://{server.host}:{server.port}", database=settings.database_url,
              broker=settings.broker_url, partitions=settings.partitions)
-    return Embedded(settings, server, worker, [server_thread, worker_thread])
+    return Embedded(settings, server, worker, publisher, [server_thread, worker_thread])

@@ -9,6 +9,8 @@ import signal
 import sys
 import threading
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from shared.errors import ConfigError
 
 
@@ -19,12 +21,11 @@ def _exec(argv: list[str]) -> int:
     return 1  # not reached
 
 
+LOCAL_COMMANDS = {"run", "db", "sessions", "deadletters"}  # usable on a laptop with the shipped config
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from cli import embedded
-
-    filled = embedded.use_embedded_defaults()
-    if filled:
-        print(f"Using demo secrets for {len(filled)} unset variables (embedded default config).", file=sys.stderr)
     from shared.config import get_settings
     from shared.logs import configure_logging
 
@@ -106,6 +107,12 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     return sessions.main(args)
 
 
+def cmd_deadletters(args: argparse.Namespace) -> int:
+    from cli import deadletters
+
+    return deadletters.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="chatsessions", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -157,16 +164,39 @@ def build_parser() -> argparse.ArgumentParser:
     s_show = s_sub.add_parser("show", help="a session's transcript with generations and lifecycle events")
     s_show.add_argument("key")
     s_show.set_defaults(fn=cmd_sessions)
+    dl = sub.add_parser("deadletters", help="messages whose turn failed for good: list, show, replay, drop")
+    dl_sub = dl.add_subparsers(dest="dl_command", required=True)
+    dl_list = dl_sub.add_parser("list", help="list dead letters")
+    dl_list.add_argument("--limit", type=int, default=100)
+    dl_list.add_argument("--json", action="store_true")
+    for name, text in (("show", "one dead letter with its message and error"),
+                       ("replay", "enqueue the message again (as a new turn) and remove the dead letter"),
+                       ("drop", "delete the dead letter")):
+        one = dl_sub.add_parser(name, help=text)
+        one.add_argument("id", type=int)
+    dl.set_defaults(fn=cmd_deadletters)
+    for action in dl_sub.choices.values():
+        action.set_defaults(fn=cmd_deadletters)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in LOCAL_COMMANDS:
+        from cli.embedded import use_embedded_defaults
+
+        if use_embedded_defaults():
+            print("chatsessions: shipped config with demo secrets for the unset variables", file=sys.stderr)
     try:
         return args.fn(args)
     except ConfigError as exc:
         print(f"chatsessions: configuration error: {exc}", file=sys.stderr)
         return 2
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        print(f"chatsessions: database error: {reason} (is the schema current? `chatsessions db upgrade`)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -264,6 +264,8 @@ def run(channel_id: str) -> None:
     settings = get_settings()
     configure_logging(settings.log_format, settings.log_level)
     config = settings.channel(channel_id)
+    if settings.embedded:
+        raise ConfigError("BROKER_URL=memory:// works only inside `chatsessions run`; set BROKER_URL=redis://...")
     if config.platform != "discord":
         raise ConfigError(f"channel {channel_id!r} is {config.platform}; the gateway serves discord channels only")
     client = GatewayClient(config, DiscordChannel(config), Publisher(settings).publish)

@@ -25,16 +25,17 @@ class Publisher:
             ledger = RedisLedger(settings.redis_url) if settings.redis_url else MemoryLedger()
         self.ledger = ledger
 
-    def publish(self, messages: list[InboundMessage]) -> int:
+    def publish(self, messages: list[InboundMessage], dedupe: bool = True) -> int:
         """Enqueue each new message on its session's partition; returns how many were new.
 
         Raises EnqueueFailed if the ledger or broker is unreachable; claims made for the failed
         message are released so the platform's retry is not mistaken for a duplicate.
+        `dedupe=False` is for operators replaying a dead letter (its id was seen before).
         """
         enqueued = 0
         for message in messages:
             try:
-                if not self.ledger.claim(message.channel_id, message.platform_message_id):
+                if dedupe and not self.ledger.claim(message.channel_id, message.platform_message_id):
                     log.info("ingress.duplicate", channel=message.channel_id, platform_message_id=message.platform_message_id)
                     continue
             except Exception as exc:

@@ -95,3 +95,19 @@ class SessionEvent(Base):
     generation: Mapped[int] = mapped_column(Integer)
     event: Mapped[str] = mapped_column(String(20))
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class DeadLetter(Base):
+    """A message whose turn failed for good; kept with the error until an operator replays or drops it."""
+
+    __tablename__ = "dead_letters"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    channel_id: Mapped[str] = mapped_column(String(100))
+    session_key: Mapped[str] = mapped_column(String(300), index=True)
+    platform_message_id: Mapped[str] = mapped_column(String(200))
+    payload: Mapped[str] = mapped_column(Text)  # the InboundMessage as JSON, ready to replay
+    error: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (UniqueConstraint("channel_id", "platform_message_id", name="uq_dead_letters_platform_id"),)

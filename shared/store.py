@@ -5,11 +5,12 @@ The turn never holds a transaction while the Agent runs: claim (commit), run, co
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Iterable
 
-from sqlalchemy import case, exists, or_, select, update
+from sqlalchemy import case, delete, exists, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from shared.config import ChannelConfig
@@ -18,7 +19,7 @@ from shared.errors import ChatSessionsError
 from shared.messages import Delivery, InboundMessage
 from shared.models import (
     ACTIVE, CREATED, DORMANT, FAILED, NEW_GENERATION, PENDING, RESUMED, SENT, WENT_DORMANT,
-    Channel, ChatSession, Message, SessionEvent,
+    Channel, ChatSession, DeadLetter, Message, SessionEvent,
 )
 
 
@@ -179,6 +180,20 @@ class Store:
                 raise AlreadyStored(msg.platform_message_id) from None
             raise
 
+    def dead_letter(self, claim: Claim, msg: InboundMessage, error: str, attempts: int) -> None:
+        """Set a failed message aside (fenced, like a commit) so the session goes on with its next message."""
+        with transaction(self.url) as s:
+            moved = s.execute(update(ChatSession)
+                              .where(ChatSession.id == claim.session_id, ChatSession.lease_token == claim.token)
+                              .values(last_seq=_max_seq(msg.seq))).rowcount
+            if not moved:
+                raise LeaseLost(msg.session_key)
+            s.execute(self.insert(DeadLetter).values(
+                channel_id=msg.channel_id, session_key=msg.session_key, platform_message_id=msg.platform_message_id,
+                payload=json.dumps(msg.to_dict()), error=error[:4000], attempts=attempts, created_at=now(),
+            ).on_conflict_do_update(index_elements=["channel_id", "platform_message_id"],
+                                    set_={"error": error[:4000], "attempts": attempts, "created_at": now()}))
+
     def pending_replies(self, session_id: int) -> list[PendingReply]:
         """Unsent replies of a session, in order (the outbox)."""
         with transaction(self.url) as s:
@@ -277,3 +292,30 @@ def transcript(url: str, session_key: str) -> tuple[SessionSummary, list[Transcr
     # Events sort before messages stored in the same instant (a generation starts before its first message).
     lines.sort(key=lambda line: (line.at, line.kind != "event" or line.text == NEW_GENERATION))
     return summary, lines
+
+
+@dataclass(frozen=True)
+class DeadLetterRow:
+    id: int
+    channel_id: str
+    session_key: str
+    platform_message_id: str
+    error: str
+    attempts: int
+    created_at: datetime
+    message: InboundMessage
+
+
+def dead_letters(url: str, limit: int = 100, letter_id: int | None = None) -> list[DeadLetterRow]:
+    with transaction(url) as s:
+        q = select(DeadLetter).order_by(DeadLetter.id)
+        if letter_id is not None:
+            q = q.where(DeadLetter.id == letter_id)
+        rows = s.scalars(q.limit(limit)).all()
+        return [DeadLetterRow(r.id, r.channel_id, r.session_key, r.platform_message_id, r.error, r.attempts,
+                              r.created_at, InboundMessage.from_dict(json.loads(r.payload))) for r in rows]
+
+
+def drop_dead_letter(url: str, letter_id: int) -> bool:
+    with transaction(url) as s:
+        return bool(s.execute(delete(DeadLetter).where(DeadLetter.id == letter_id)).rowcount)

@@ -42,4 +42,4 @@ def database_url(request, tmp_path):
         url = request.getfixturevalue("postgres_url")
         yield url
         with engine_for(url).begin() as conn:
-            conn.exec_driver_sql("TRUNCATE session_events, messages, sessions, channels CASCADE")
+            conn.exec_driver_sql("TRUNCATE dead_letters, session_events, messages, sessions, channels CASCADE")

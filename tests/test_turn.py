@@ -14,7 +14,7 @@ from shared.config import ChannelConfig, SessionOptions, load_settings
 from shared.db import transaction
 from shared.messages import DM, GROUP, NEW_SESSION, Delivery, InboundMessage
 from shared.models import ChatSession, Message, SessionEvent
-from shared.store import LeaseBusy, LeaseLost, Store, now, transcript
+from shared.store import LeaseBusy, LeaseLost, Store, dead_letters, drop_dead_letter, now, transcript
 from workers.turn import TurnRunner
 from workers.turnstile import Turnstile
 
@@ -185,16 +185,55 @@ def test_turns_of_one_session_run_in_seq_order_even_if_started_out_of_order(data
     assert [text for _, text in sent(r)] == [f"echo: m{i}" for i in range(1, 6)]
 
 
-def test_agent_failure_releases_the_lease(database_url):
-    class Broken:
-        def reply(self, conversation):
-            raise RuntimeError("model down")
+class Flaky:
+    """Raises for messages containing "poison"; fails `transient` times before answering the others."""
 
-    r = make_runner(database_url, Broken())
+    def __init__(self, transient: int = 0):
+        self.transient = transient
+        self.calls = 0
+
+    def reply(self, conversation):
+        self.calls += 1
+        if "poison" in conversation.message.text:
+            raise RuntimeError("model cannot handle this")
+        if self.transient:
+            self.transient -= 1
+            raise TimeoutError("model timed out")
+        return f"ok: {conversation.message.text}"
+
+
+def test_transient_agent_failure_is_retried_in_place(database_url):
+    r = make_runner(database_url, Flaky(transient=2))
+    r.agent_backoff_s = 0.01
+    assert r.handle(msg("hello", seq=1)) == "replied"
+    assert sent(r) == [("5511", "ok: hello")]
+
+
+def test_poison_message_is_dead_lettered_and_the_session_goes_on(database_url):
+    agent = Flaky()
+    r = make_runner(database_url, agent)
+    r.agent_backoff_s = 0.01
+    r.order_wait_s = 60  # the next message must not need the gap timeout: it follows right away
+    poison = msg("poison pill", seq=1)
+    assert r.handle(poison) == "dead_lettered"
+    assert agent.calls == r.agent_attempts
+    started = time.monotonic()
+    assert r.handle(msg("hello again", seq=2)) == "replied"
+    assert time.monotonic() - started < 5
+    assert sent(r) == [("5511", "ok: hello again")]
+    [letter] = dead_letters(database_url)
+    assert letter.message == poison and "model cannot handle this" in letter.error
+    assert letter.attempts == r.agent_attempts
+    assert drop_dead_letter(database_url, letter.id) and not dead_letters(database_url)
+
+
+def test_unexpected_failure_releases_the_lease(database_url):
+    r = make_runner(database_url, EchoAgent())
     r.order_wait_s = 0.5  # seq 1 never completes: seq 2 waits this long, then goes on (a logged gap)
-    with pytest.raises(RuntimeError):
+    r.channels = {}  # a bug outside the Agent: KeyError while sending
+    with pytest.raises(KeyError):
         r.handle(msg("hello", seq=1))
-    r.agents["wa"] = EchoAgent()
+    r.channels = make_runner(database_url).channels
     assert r.handle(msg("hello again", seq=2)) == "replied"  # not blocked behind a held lease
     with transaction(database_url) as s:
         assert s.scalar(select(SessionEvent.event)) == "created"

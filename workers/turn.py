@@ -20,9 +20,15 @@ from workers.turnstile import Turnstile
 
 log = structlog.get_logger(__name__)
 
+
+class AgentFailed(Exception):
+    """The Agent raised on every attempt for one message."""
+
 NEW_SESSION_REPLY = "Started a new conversation. Earlier messages won't be used from now on."
 ORDER_WAIT_S = 30.0  # how long a turn waits for its predecessor before recording a gap
 POLL_S = 0.25
+AGENT_ATTEMPTS = 3  # an Agent that raises this many times for one message: dead-letter it, go on
+AGENT_BACKOFF_S = 0.5  # doubled after each failed attempt
 
 
 @dataclass
@@ -33,6 +39,8 @@ class TurnRunner:
     agents: Mapping[str, Agent]
     turnstile: Turnstile
     order_wait_s: float = ORDER_WAIT_S
+    agent_attempts: int = AGENT_ATTEMPTS
+    agent_backoff_s: float = AGENT_BACKOFF_S
 
     def handle(self, msg: InboundMessage) -> str:
         """Run the turn for one inbound message; returns what happened ("replied", "duplicate", ...)."""
@@ -83,11 +91,29 @@ class TurnRunner:
                 history=tuple(Utterance(m.role, m.sender_name, m.text, m.sender_id, m.at) for m in history),
                 message=Utterance("user", msg.sender_name, msg.text, msg.sender_id),
             )
-            reply = self.agents[msg.channel_id].reply(conversation)
+            try:
+                reply = self._ask(self.agents[msg.channel_id], conversation)
+            except AgentFailed as exc:
+                self.store.dead_letter(claim, msg, str(exc), self.agent_attempts)
+                log.error("turn.dead_lettered", error=str(exc), attempts=self.agent_attempts)
+                return "dead_lettered"
             self.store.commit_turn(claim, msg, reply)
             return "replied" if reply else "silent"
         except AlreadyStored:  # a copy committed meanwhile; its replies may still need sending
             return "duplicate"
+
+    def _ask(self, agent: Agent, conversation: Conversation) -> str | None:
+        """The Agent's reply, retried in place (the session keeps its lease, so order holds)."""
+        for attempt in range(1, self.agent_attempts + 1):
+            try:
+                return agent.reply(conversation)
+            except Exception as exc:
+                error = f"{exc.__class__.__name__}: {exc}"
+                log.warning("turn.agent_failed", attempt=attempt, error=error)
+                if attempt == self.agent_attempts:
+                    raise AgentFailed(error) from exc
+                time.sleep(self.agent_backoff_s * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")
 
     def _dispatch(self, claim: Claim) -> None:
         """Send the session's unsent replies in order (the outbox), then give up the lease."""
