@@ -298,7 +298,9 @@ options = {{ bot_username = "TestBot" }}
 """
     )
     env = {k: v for k, v in os.environ.items() if k not in ("BROKER_URL", "REDIS_URL")}
-    env.update(CHATSESSIONS_CONFIG=str(config), TEST_GW_BOT_TOKEN=TOKEN, TEST_GW_PUBLIC_KEY=PUBLIC_KEY)
+    # A real broker: the gateway process refuses the in-process one (nothing would consume it).
+    env.update(CHATSESSIONS_CONFIG=str(config), TEST_GW_BOT_TOKEN=TOKEN, TEST_GW_PUBLIC_KEY=PUBLIC_KEY,
+               BROKER_URL="redis://127.0.0.1:6379/14")
     return env
 
 
@@ -320,7 +322,9 @@ def test_process_stops_gracefully_on_sigterm(gateway, process_env):
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=20)
     finally:
-        proc.kill() if proc.poll() is None else None
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 0, err
     assert wait_until(lambda: 1000 in gateway.close_codes)
     assert "gateway.connected" in out + err
@@ -333,6 +337,12 @@ def test_process_exits_non_zero_on_wrong_token(gateway, process_env):
     assert proc.returncode != 0
     assert "4004" in err and "authentication failed" in err
     assert "wrong-token-secret" not in out + err
+
+
+def test_process_refuses_the_in_process_broker(gateway, process_env):
+    proc = spawn({**process_env, "BROKER_URL": "memory://localhost/"})
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0 and "memory://" in err
 
 
 def test_run_refuses_a_non_discord_channel(process_env, monkeypatch):
