@@ -13,6 +13,7 @@ from shared.partitioning import queue_name
 
 HANDLE_INBOUND = "chat.handle_inbound"
 MARK_DORMANT = "chat.mark_dormant"
+SWEEP_OUTBOX = "chat.sweep_outbox"
 MAINTENANCE_QUEUE = "maintenance"
 
 

@@ -123,6 +123,42 @@ class Store:
             s.execute(update(ChatSession).where(ChatSession.id == claim.session_id, ChatSession.lease_token == claim.token)
                       .values(lease_until=None))
 
+    def renew(self, claim: Claim, lease_seconds: float) -> None:
+        """Extend the lease if this holder still has it (the fencing check before a send); LeaseLost if not."""
+        with transaction(self.url) as s:
+            renewed = s.execute(update(ChatSession)
+                                .where(ChatSession.id == claim.session_id, ChatSession.lease_token == claim.token)
+                                .values(lease_until=now() + timedelta(seconds=lease_seconds))).rowcount
+        if not renewed:
+            raise LeaseLost(str(claim.session_id))
+
+    def claim_session(self, session_id: int, lease_seconds: float) -> Claim:
+        """Take a session's lease by id (for the outbox sweeper); LeaseBusy if it is held."""
+        t = now()
+        with transaction(self.url) as s:
+            row = s.execute(
+                update(ChatSession)
+                .where(ChatSession.id == session_id,
+                       or_(ChatSession.lease_until.is_(None), ChatSession.lease_until < t))
+                .values(lease_token=ChatSession.lease_token + 1, lease_until=t + timedelta(seconds=lease_seconds))
+                .returning(ChatSession.id, ChatSession.lease_token, ChatSession.generation, ChatSession.last_seq,
+                           ChatSession.chat_id, ChatSession.chat_kind)
+            ).first()
+        if row is None:
+            raise LeaseBusy(str(session_id))
+        return Claim(row.id, row.lease_token, row.generation, row.last_seq, row.chat_id, row.chat_kind, False)
+
+    def stale_outbox(self, older_than_s: float, limit: int = 500) -> list[int]:
+        """Sessions with a reply committed over `older_than_s` ago but never sent (its sender died)."""
+        t = now()
+        with transaction(self.url) as s:
+            return list(s.scalars(
+                select(Message.session_id).join(ChatSession, ChatSession.id == Message.session_id)
+                .where(Message.delivery_status == PENDING, Message.created_at < t - timedelta(seconds=older_than_s),
+                       or_(ChatSession.lease_until.is_(None), ChatSession.lease_until < t))
+                .distinct().limit(limit)
+            ).all())
+
     def last_seq(self, session_key: str) -> int:
         with transaction(self.url) as s:
             return s.scalar(select(ChatSession.last_seq).where(ChatSession.key == session_key)) or 0

@@ -243,3 +243,27 @@ def _hours(n: float):
     from datetime import timedelta
 
     return timedelta(hours=n)
+
+
+def test_stale_holder_does_not_send(database_url):
+    r = make_runner(database_url, EchoAgent())
+    m = msg("hello", seq=1)
+    claim = r.store.claim(m, lease_seconds=30)
+    r.store.commit_turn(claim, m, "echo: hello")
+    with transaction(database_url) as s:  # another holder took the session over meanwhile
+        s.execute(update(ChatSession).values(lease_token=ChatSession.lease_token + 1))
+    r._dispatch(claim)
+    assert sent(r) == []
+
+
+def test_sweeper_sends_orphaned_replies_once(database_url):
+    r = make_runner(database_url, EchoAgent())
+    m = msg("hello", seq=1)
+    claim = r.store.claim(m, lease_seconds=0.01)
+    r.store.commit_turn(claim, m, "echo: hello")  # ... and the worker died before sending
+    time.sleep(0.05)
+    [session_id] = r.store.stale_outbox(older_than_s=0)
+    assert r.resend(session_id) == 1
+    assert sent(r) == [("5511", "echo: hello")]
+    assert r.store.stale_outbox(older_than_s=0) == []
+    assert r.resend(session_id) == 0 and len(sent(r)) == 1

@@ -9,12 +9,13 @@ import os
 
 import structlog
 from celery import signals
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from shared.config import get_settings
 from shared.logs import configure_logging
 from shared.messages import InboundMessage
 from shared.partitioning import partition_of
-from shared.queueing import HANDLE_INBOUND, MAINTENANCE_QUEUE, MARK_DORMANT, make_celery
+from shared.queueing import HANDLE_INBOUND, MAINTENANCE_QUEUE, MARK_DORMANT, SWEEP_OUTBOX, make_celery
 from workers.runtime import runner
 
 settings = get_settings()
@@ -23,11 +24,28 @@ app = make_celery(settings)
 log = structlog.get_logger(__name__)
 
 SWEEP_SECONDS = float(os.environ.get("SWEEP_SECONDS", "60"))
+OUTBOX_GRACE_S = 10.0  # a reply unsent this long after commit, with its session's lease free, was orphaned
 
 
-@app.task(name=HANDLE_INBOUND, acks_late=True)
+# The database restarting or failing over is transient: retry the whole turn with backoff. Nothing of a
+# failed attempt is visible (its transactions rolled back) and the store dedupes a turn that did commit.
+DB_TRANSIENT = (OperationalError, InterfaceError)
+
+
+@app.task(name=HANDLE_INBOUND, acks_late=True, autoretry_for=DB_TRANSIENT, retry_backoff=1, retry_backoff_max=30,
+          max_retries=60)
 def handle_inbound(message: dict) -> str:
     return runner().handle(InboundMessage.from_dict(message))
+
+
+@app.task(name=SWEEP_OUTBOX, acks_late=True)
+def sweep_outbox() -> int:
+    """Periodic: send replies whose turn committed but whose worker died before sending them."""
+    r = runner()
+    sent = sum(r.resend(session_id) for session_id in r.store.stale_outbox(OUTBOX_GRACE_S))
+    if sent:
+        log.warning("outbox.resent", count=sent)
+    return sent
 
 
 @app.task(name=MARK_DORMANT, acks_late=True)
@@ -44,6 +62,7 @@ def mark_dormant() -> int:
 
 app.conf.beat_schedule = {
     "mark-dormant": {"task": MARK_DORMANT, "schedule": SWEEP_SECONDS, "options": {"queue": MAINTENANCE_QUEUE}},
+    "sweep-outbox": {"task": SWEEP_OUTBOX, "schedule": SWEEP_SECONDS, "options": {"queue": MAINTENANCE_QUEUE}},
 }
 
 

@@ -102,6 +102,16 @@ class TurnRunner:
         except AlreadyStored:  # a copy committed meanwhile; its replies may still need sending
             return "duplicate"
 
+    def resend(self, session_id: int) -> int:
+        """Send a session's replies that were committed but never sent (the outbox sweeper); returns how many."""
+        try:
+            claim = self.store.claim_session(session_id, self.settings.lease_seconds)
+        except LeaseBusy:
+            return 0  # a live turn holds the session; it sends the outbox itself
+        pending = len(self.store.pending_replies(session_id))
+        self._dispatch(claim)
+        return pending
+
     def _ask(self, agent: Agent, conversation: Conversation) -> str | None:
         """The Agent's reply, retried in place (the session keeps its lease, so order holds)."""
         for attempt in range(1, self.agent_attempts + 1):
@@ -122,6 +132,11 @@ class TurnRunner:
             self.store.release(claim)
             return
         for i, reply in enumerate(pending):
+            try:
+                self.store.renew(claim, self.settings.lease_seconds)  # fencing: a stale holder must not send
+            except LeaseLost:
+                log.warning("turn.lease_lost_before_send", reply_id=reply.id)
+                return
             delivery = self.channels[reply.channel_id].send(reply.chat_id, reply.chat_kind, reply.text)
             last = i == len(pending) - 1
             self.store.mark_delivery(reply.id, delivery, release=claim if last else None)
