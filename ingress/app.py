@@ -12,7 +12,12 @@ from flask import Flask, Response, jsonify, request
 from ingress.publisher import Publisher
 from shared.channels import Channel, WebhookRequest, build_channel
 from shared.config import Settings
-from shared.errors import EnqueueFailed, InvalidSignature, MalformedPayload, UnknownChannel
+from shared.errors import (
+    EnqueueFailed,
+    InvalidSignature,
+    MalformedPayload,
+    UnknownChannel,
+)
 
 log = structlog.get_logger(__name__)
 

@@ -19,8 +19,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from shared.config import ChannelConfig, get_settings
-from shared.logs import configure_logging
 from shared.errors import ChatSessionsError, ConfigError, EnqueueFailed
+from shared.logs import configure_logging
 from shared.messages import InboundMessage
 
 log = structlog.get_logger(__name__)

@@ -108,10 +108,15 @@ class HttpSender:
         return Delivery(ok=False, error=error, attempts=MAX_ATTEMPTS)
 
 
-def send_chunks(text: str, limit: int, send_one: Callable[[str], Delivery]) -> Delivery:
-    """Send a long reply as chunks of at most `limit` characters, in order, stopping at the first failure."""
+def send_chunks(text: str, limit: int, before_each: Callable[[], object] | None,
+                send_one: Callable[[str], Delivery]) -> Delivery:
+    """Send a long reply as chunks of at most `limit` characters, in order, stopping at the first failure.
+
+    `before_each` runs before every request (the rate-limit pacing)."""
     deliveries: list[Delivery] = []
     for chunk in split_text(text, limit):
+        if before_each is not None:
+            before_each()
         deliveries.append(send_one(chunk))
         if not deliveries[-1].ok:
             break

@@ -18,8 +18,20 @@ from shared.db import engine_for, transaction
 from shared.errors import ChatSessionsError
 from shared.messages import Delivery, InboundMessage
 from shared.models import (
-    ACTIVE, CREATED, DORMANT, FAILED, NEW_GENERATION, PENDING, RESUMED, SENT, WENT_DORMANT,
-    Channel, ChatSession, DeadLetter, Message, SessionEvent,
+    ACTIVE,
+    CREATED,
+    DORMANT,
+    FAILED,
+    NEW_GENERATION,
+    PENDING,
+    RESUMED,
+    SENT,
+    WENT_DORMANT,
+    Channel,
+    ChatSession,
+    DeadLetter,
+    Message,
+    SessionEvent,
 )
 
 

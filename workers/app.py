@@ -15,7 +15,13 @@ from shared.config import get_settings
 from shared.logs import configure_logging
 from shared.messages import InboundMessage
 from shared.partitioning import partition_of
-from shared.queueing import HANDLE_INBOUND, MAINTENANCE_QUEUE, MARK_DORMANT, SWEEP_OUTBOX, make_celery
+from shared.queueing import (
+    HANDLE_INBOUND,
+    MAINTENANCE_QUEUE,
+    MARK_DORMANT,
+    SWEEP_OUTBOX,
+    make_celery,
+)
 from workers.runtime import runner
 
 settings = get_settings()

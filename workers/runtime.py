@@ -7,6 +7,7 @@ import functools
 from shared.agents import load_agent
 from shared.channels import build_channel
 from shared.config import get_settings
+from shared.ratelimit import LocalLimiter, RedisLimiter
 from shared.store import Store
 from workers.turn import TurnRunner
 from workers.turnstile import Turnstile
@@ -18,10 +19,11 @@ def runner() -> TurnRunner:
     settings = get_settings()
     store = Store(settings.database_url)
     store.sync_channels(settings.channels.values())
+    limiter = RedisLimiter(settings.redis_url) if settings.redis_url else LocalLimiter()
     return TurnRunner(
         settings=settings,
         store=store,
-        channels={cid: build_channel(c) for cid, c in settings.channels.items()},
+        channels={cid: build_channel(c, limiter) for cid, c in settings.channels.items()},
         agents={cid: load_agent(c.agent) for cid, c in settings.channels.items()},
         turnstile=Turnstile(),
     )

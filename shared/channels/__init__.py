@@ -4,22 +4,23 @@ from __future__ import annotations
 
 from shared.channels.base import Channel, WebhookRequest
 from shared.config import ChannelConfig
+from shared.ratelimit import Limiter
 
 
-def build_channel(config: ChannelConfig) -> Channel:
-    """The adapter for a configured channel."""
+def build_channel(config: ChannelConfig, limiter: Limiter | None = None) -> Channel:
+    """The adapter for a configured channel; workers pass the shared outbound limiter."""
     if config.platform == "whatsapp":
         from shared.channels.whatsapp import WhatsAppChannel
 
-        return WhatsAppChannel(config)
+        return WhatsAppChannel(config, limiter)
     if config.platform == "telegram":
         from shared.channels.telegram import TelegramChannel
 
-        return TelegramChannel(config)
+        return TelegramChannel(config, limiter)
     if config.platform == "discord":
         from shared.channels.discord import DiscordChannel
 
-        return DiscordChannel(config)
+        return DiscordChannel(config, limiter)
     raise ValueError(f"unknown platform {config.platform!r}")
 
 

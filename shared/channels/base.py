@@ -5,11 +5,12 @@ from __future__ import annotations
 import hmac
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from shared.config import ChannelConfig
 from shared.errors import MalformedPayload
 from shared.messages import Delivery, InboundMessage
+from shared.ratelimit import buckets_for, pace
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,14 @@ class Channel(Protocol):
 
     def send(self, chat_id: str, chat_kind: str, text: str) -> Delivery:
         """Send a reply to a chat (InboundMessage.chat_id/chat_kind), split to the platform's length limit."""
+
+
+def paced(channel: Any, chat_id: str, chat_kind: str) -> Callable[[], float] | None:
+    """The pacing step for a channel's sends to one chat, or None when the channel has no limiter."""
+    if channel.limiter is None:
+        return None
+    buckets = buckets_for(channel.config, chat_id, chat_kind)
+    return lambda: pace(channel.limiter, buckets)
 
 
 def load_json(body: bytes) -> Any:

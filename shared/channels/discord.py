@@ -10,11 +10,12 @@ import structlog
 from cryptography.exceptions import InvalidSignature as BadEd25519
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from shared.channels.base import WebhookRequest, load_json, require, session_key
+from shared.channels.base import WebhookRequest, load_json, paced, require, session_key
 from shared.config import ChannelConfig
 from shared.errors import ConfigError, InvalidSignature, MalformedPayload
 from shared.messages import DM, GROUP, NEW_SESSION, Delivery, InboundMessage
 from shared.outbound import HttpSender, send_chunks
+from shared.ratelimit import Limiter
 
 log = structlog.get_logger(__name__)
 
@@ -34,8 +35,9 @@ def _message_id(body: Any) -> str | None:
 
 
 class DiscordChannel:
-    def __init__(self, config: ChannelConfig, now: Callable[[], float] = time.time):
+    def __init__(self, config: ChannelConfig, limiter: Limiter | None = None, now: Callable[[], float] = time.time):
         self.config = config
+        self.limiter = limiter  # shared outbound pacing; None sends unpaced (tests)
         self.now = now
         try:
             self.public_key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(config.secrets["public_key"]))
@@ -134,5 +136,5 @@ class DiscordChannel:
     def send(self, chat_id: str, chat_kind: str, text: str) -> Delivery:
         url = f"{self.config.api_base}/channels/{chat_id}/messages"
         # The Agent's text must never ping @everyone or roles.
-        return send_chunks(text, TEXT_LIMIT, lambda chunk: self.sender.post(
+        return send_chunks(text, TEXT_LIMIT, paced(self, chat_id, chat_kind), lambda chunk: self.sender.post(
             url, {"content": chunk, "allowed_mentions": {"parse": []}}, _message_id))

@@ -6,11 +6,19 @@ from typing import Any
 
 import structlog
 
-from shared.channels.base import WebhookRequest, load_json, require, same_secret, session_key
+from shared.channels.base import (
+    WebhookRequest,
+    load_json,
+    paced,
+    require,
+    same_secret,
+    session_key,
+)
 from shared.config import ChannelConfig
 from shared.errors import InvalidSignature
 from shared.messages import DM, GROUP, NEW_SESSION, Delivery, InboundMessage
 from shared.outbound import HttpSender, send_chunks
+from shared.ratelimit import Limiter
 
 log = structlog.get_logger(__name__)
 
@@ -40,8 +48,9 @@ def _sender_name(user: dict[str, Any], fallback: str) -> str:
 
 
 class TelegramChannel:
-    def __init__(self, config: ChannelConfig):
+    def __init__(self, config: ChannelConfig, limiter: Limiter | None = None):
         self.config = config
+        self.limiter = limiter  # shared outbound pacing; None sends unpaced (tests)
         self.bot_username = str(config.options["bot_username"]).lstrip("@").lower()
         # The token is part of the path; HttpSender logs only what precedes "/bot".
         self.url = f"{config.api_base}/bot{config.secrets['bot_token']}/sendMessage"
@@ -107,5 +116,5 @@ class TelegramChannel:
             except (TypeError, KeyError):
                 return None
 
-        return send_chunks(text, TEXT_LIMIT, lambda chunk: self.sender.post(
+        return send_chunks(text, TEXT_LIMIT, paced(self, chat_id, chat_kind), lambda chunk: self.sender.post(
             self.url, {"chat_id": target, "text": chunk}, message_id))

@@ -9,11 +9,19 @@ from typing import Any, Mapping
 import requests
 import structlog
 
-from shared.channels.base import WebhookRequest, load_json, require, same_secret, session_key
+from shared.channels.base import (
+    WebhookRequest,
+    load_json,
+    paced,
+    require,
+    same_secret,
+    session_key,
+)
 from shared.config import ChannelConfig
 from shared.errors import InvalidSignature, MalformedPayload
 from shared.messages import DM, GROUP, NEW_SESSION, Delivery, InboundMessage
 from shared.outbound import HttpSender, send_chunks
+from shared.ratelimit import Limiter
 
 log = structlog.get_logger(__name__)
 
@@ -70,8 +78,9 @@ def _text_of(msg: dict[str, Any]) -> str:
 
 
 class WhatsAppChannel:
-    def __init__(self, config: ChannelConfig):
+    def __init__(self, config: ChannelConfig, limiter: Limiter | None = None):
         self.config = config
+        self.limiter = limiter  # shared outbound pacing; None sends unpaced (tests)
         self.phone_number_id = str(config.options["phone_number_id"])
         version = config.options.get("api_version", "v21.0")
         self.url = f"{config.api_base}/{version}/{self.phone_number_id}/messages"
@@ -140,7 +149,7 @@ class WhatsAppChannel:
 
     def send(self, chat_id: str, chat_kind: str, text: str) -> Delivery:
         recipient = "group" if chat_kind == GROUP else "individual"
-        return send_chunks(text, TEXT_LIMIT, lambda chunk: self.sender.post(self.url, {
+        return send_chunks(text, TEXT_LIMIT, paced(self, chat_id, chat_kind), lambda chunk: self.sender.post(self.url, {
             "messaging_product": "whatsapp",
             "recipient_type": recipient,
             "to": chat_id,
