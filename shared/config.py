@@ -149,6 +149,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError(f"{path}: no [[channels]] configured")
     broker_url = env.get("BROKER_URL") or "memory://localhost/"
     redis_url = env.get("REDIS_URL") or (broker_url if broker_url.startswith("redis") else None)
+    if redis_url is None and not broker_url.startswith("memory://"):
+        raise ConfigError(f"REDIS_URL is required with the broker {broker_url.split('://')[0]}:// "
+                          "(sequence numbers, dedupe and rate limits are shared through Redis)")
     lease = _number(env, "LEASE_SECONDS", doc.get("lease_seconds", 120))
     visibility = _number(env, "VISIBILITY_TIMEOUT", max(lease * 2, 300))
     if visibility <= lease:

@@ -66,6 +66,13 @@ def test_bad_numbers_in_environment(tmp_path):
         load_settings({**env, "LEASE_SECONDS": "100", "VISIBILITY_TIMEOUT": "50"})
 
 
+def test_non_redis_broker_needs_redis_for_the_ledger(tmp_path):
+    env = {**write(tmp_path, WA), "BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//"}
+    with pytest.raises(ConfigError, match="REDIS_URL is required"):
+        load_settings(env)
+    assert load_settings({**env, "REDIS_URL": "redis://127.0.0.1:6379/0"}).redis_url == "redis://127.0.0.1:6379/0"
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_settings({"CHATSESSIONS_CONFIG": str(tmp_path / "none.toml")})
