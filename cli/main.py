@@ -58,6 +58,8 @@ def cmd_ingress(args: argparse.Namespace) -> int:
     get_settings()  # fail here, with a clear message, before gunicorn forks
     return _exec(["gunicorn", "ingress.wsgi:app", "--bind", args.bind, "--workers", str(args.workers),
                   "--worker-class", "gthread", "--threads", str(args.threads), "--graceful-timeout", "20",
+                  # gunicorn's admin socket is one path per user: a second ingress on the host would take it.
+                  "--no-control-socket",
                   "--access-logfile", "-" if args.access_log else "/dev/null"])
 
 

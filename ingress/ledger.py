@@ -24,6 +24,10 @@ class Ledger(Protocol):
     def next_seq(self, session_key: str) -> int:
         """The next per-session sequence number (1, 2, ...)."""
 
+    def return_seq(self, session_key: str, seq: int) -> None:
+        """Give back a number whose message was never published, if no later one was handed out
+        (otherwise the worker sees a gap and waits for it, bounded)."""
+
     def ping(self) -> None:
         """Raise if the ledger cannot be reached."""
 
@@ -31,6 +35,8 @@ class Ledger(Protocol):
 class RedisLedger:
     def __init__(self, url: str):
         self.redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=30)
+        self._return_seq = self.redis.register_script(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DECR', KEYS[1]) end return -1")
 
     def claim(self, channel_id: str, platform_message_id: str) -> bool:
         return bool(self.redis.set(f"seen:{channel_id}:{platform_message_id}", 1, nx=True, ex=DEDUPE_TTL_S))
@@ -40,6 +46,9 @@ class RedisLedger:
 
     def next_seq(self, session_key: str) -> int:
         return int(self.redis.incr(f"seq:{session_key}"))
+
+    def return_seq(self, session_key: str, seq: int) -> None:
+        self._return_seq(keys=[f"seq:{session_key}"], args=[seq])
 
     def ping(self) -> None:
         self.redis.ping()
@@ -68,6 +77,11 @@ class MemoryLedger:
         with self._lock:
             self._seq[session_key] = self._seq.get(session_key, 0) + 1
             return self._seq[session_key]
+
+    def return_seq(self, session_key: str, seq: int) -> None:
+        with self._lock:
+            if self._seq.get(session_key) == seq:
+                self._seq[session_key] = seq - 1
 
     def ping(self) -> None:
         return None

@@ -40,35 +40,42 @@ class Publisher:
                     continue
             except Exception as exc:
                 raise EnqueueFailed(f"ledger unreachable: {exc.__class__.__name__}") from exc
+            seq = None
             try:
-                self._send(message)
+                seq = self.ledger.next_seq(message.session_key)
+                self._send(message.with_ingress(seq, time.time()))
             except Exception as exc:
-                try:
-                    self.ledger.release(message.channel_id, message.platform_message_id)
-                except Exception:
-                    log.warning("ingress.release_failed", platform_message_id=message.platform_message_id)
+                self._undo(message, seq)
                 raise EnqueueFailed(f"broker unreachable: {exc.__class__.__name__}") from exc
             enqueued += 1
         return enqueued
 
-    def _send(self, message: InboundMessage) -> None:
-        partition = partition_of(message.session_key, self.settings.partitions)
-        stamped = message.with_ingress(self.ledger.next_seq(message.session_key), time.time())
+    def _undo(self, message: InboundMessage, seq: int | None) -> None:
+        """After a failed publish: forget the message (the platform retries it) and its number."""
+        try:
+            self.ledger.release(message.channel_id, message.platform_message_id)
+            if seq is not None:
+                self.ledger.return_seq(message.session_key, seq)
+        except Exception:
+            log.warning("ingress.undo_failed", platform_message_id=message.platform_message_id)
+
+    def _send(self, stamped: InboundMessage) -> None:
+        partition = partition_of(stamped.session_key, self.settings.partitions)
         self.app.send_task(
             HANDLE_INBOUND,
             args=[stamped.to_dict()],
             queue=queue_name(partition),
             retry=True,
             # Flower shows which session and partition a task belongs to.
-            shadow=f"{HANDLE_INBOUND}[p{partition} {message.session_key} #{stamped.seq}]",
+            shadow=f"{HANDLE_INBOUND}[p{partition} {stamped.session_key} #{stamped.seq}]",
         )
         log.info(
             "ingress.enqueued",
-            channel=message.channel_id,
-            session_key=message.session_key,
+            channel=stamped.channel_id,
+            session_key=stamped.session_key,
             partition=partition,
             seq=stamped.seq,
-            platform_message_id=message.platform_message_id,
+            platform_message_id=stamped.platform_message_id,
         )
 
     def ready(self) -> None:

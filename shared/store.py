@@ -135,6 +135,13 @@ class Store:
             s.execute(update(ChatSession).where(ChatSession.id == claim.session_id, ChatSession.lease_token == claim.token)
                       .values(lease_until=None))
 
+    def advance(self, claim: Claim, seq: int) -> None:
+        """Mark `seq` done without a turn (a redelivered message): the session's next message may go."""
+        with transaction(self.url) as s:
+            s.execute(update(ChatSession)
+                      .where(ChatSession.id == claim.session_id, ChatSession.lease_token == claim.token)
+                      .values(last_seq=_max_seq(seq)))
+
     def renew(self, claim: Claim, lease_seconds: float) -> None:
         """Extend the lease if this holder still has it (the fencing check before a send); LeaseLost if not."""
         with transaction(self.url) as s:

@@ -44,10 +44,13 @@ class TurnRunner:
 
     def handle(self, msg: InboundMessage) -> str:
         """Run the turn for one inbound message; returns what happened ("replied", "duplicate", ...)."""
+        self.turnstile.enter(msg.session_key, msg.seq)
         try:
             claim = self._claim_in_order(msg)
             try:
                 outcome = "duplicate" if claim.duplicate else self._run(claim, msg)
+                if outcome == "duplicate":
+                    self.store.advance(claim, msg.seq)  # done before: let the next message go
             except LeaseLost:
                 log.warning("turn.lease_lost", seq=msg.seq)
                 return "lease_lost"
@@ -57,11 +60,12 @@ class TurnRunner:
             self._dispatch(claim)
             return outcome
         finally:
-            self.turnstile.done(msg.session_key)
+            self.turnstile.leave(msg.session_key, msg.seq)
 
     def _claim_in_order(self, msg: InboundMessage) -> Claim:
         """Take the session's lease once the previous message of the session is done (bounded wait)."""
         deadline = time.monotonic() + self.order_wait_s
+        self.turnstile.wait_earlier(msg.session_key, msg.seq, self.order_wait_s)
         while True:
             try:
                 claim = self.store.claim(msg, self.settings.lease_seconds)
@@ -74,6 +78,7 @@ class TurnRunner:
                 log.warning("turn.gap", seq=msg.seq, last_seq=claim.last_seq)
                 return claim
             self.store.release(claim)
+            self.turnstile.nudge(msg.session_key)
             self.turnstile.pause(msg.session_key, POLL_S)
 
     def _run(self, claim: Claim, msg: InboundMessage) -> str:

@@ -1,0 +1,1 @@
+"""End-to-end tests against real PostgreSQL, Redis, gunicorn and celery worker processes."""
