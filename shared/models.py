@@ -120,3 +120,23 @@ class DeadLetter(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (UniqueConstraint("channel_id", "platform_message_id", name="uq_dead_letters_platform_id"),)
+
+
+class InboxItem(Base):
+    """An accepted message waiting for its session's turn. The session's lease holder drains these in
+    `seq` order, so a worker thread never waits for another message of the same session."""
+
+    __tablename__ = "inbox"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    session_id: Mapped[int] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
+    channel_id: Mapped[str] = mapped_column(String(100))
+    platform_message_id: Mapped[str] = mapped_column(String(200))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    payload: Mapped[str] = mapped_column(Text)  # the InboundMessage as JSON
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        UniqueConstraint("channel_id", "platform_message_id", name="uq_inbox_platform_id"),
+        Index("ix_inbox_session_seq", "session_id", "seq"),
+        Index("ix_inbox_created", "created_at"),
+    )

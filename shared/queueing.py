@@ -13,7 +13,8 @@ from shared.partitioning import queue_name
 
 HANDLE_INBOUND = "chat.handle_inbound"
 MARK_DORMANT = "chat.mark_dormant"
-SWEEP_OUTBOX = "chat.sweep_outbox"
+DRAIN_SESSION = "chat.drain_session"
+SWEEP = "chat.sweep"
 MAINTENANCE_QUEUE = "maintenance"
 
 

@@ -1,16 +1,17 @@
-"""Session storage operations. Each function is one short transaction; the fencing token guards commits.
+"""Session storage operations. Each function is one short transaction; the fencing token guards every write.
 
-The turn never holds a transaction while the Agent runs: claim (commit), run, commit the turn.
+A message is accepted into its session's inbox; the session's lease holder takes the inbox in `seq` order,
+one turn at a time, and never holds a transaction while the Agent runs.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Iterable
 
-from sqlalchemy import case, delete, exists, or_, select, update
+from sqlalchemy import and_, case, delete, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from shared.config import ChannelConfig
@@ -30,17 +31,18 @@ from shared.models import (
     Channel,
     ChatSession,
     DeadLetter,
+    InboxItem,
     Message,
     SessionEvent,
 )
 
 
 class LeaseBusy(ChatSessionsError):
-    """Another holder owns the session's lease; wait until it finishes or its lease expires."""
+    """Another holder owns the session's lease; it drains the session's inbox, this caller need not."""
 
 
 class LeaseLost(ChatSessionsError):
-    """The fencing token changed: another holder took the session over; this turn must not commit."""
+    """The fencing token changed: another holder took the session over; this holder must stop."""
 
 
 class AlreadyStored(ChatSessionsError):
@@ -48,14 +50,20 @@ class AlreadyStored(ChatSessionsError):
 
 
 @dataclass(frozen=True)
+class Accepted:
+    session_id: int
+    new: bool  # False: the message is already in the inbox (a redelivery)
+
+
+@dataclass(frozen=True)
 class Claim:
     session_id: int
-    token: int
+    channel_id: str
+    token: int  # the fencing token: every write of this holder checks it
     generation: int
     last_seq: int
     chat_id: str
     chat_kind: str
-    duplicate: bool  # the platform message is already stored: only unsent replies remain to do
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,17 @@ class StoredMessage:
     sender_name: str
     text: str
     at: datetime
+
+
+@dataclass(frozen=True)
+class Turn:
+    """The next inbox message of a claimed session, with the context the Agent may see."""
+
+    claim: Claim  # refreshed: generation and last_seq as of this turn
+    item_id: int
+    message: InboundMessage
+    history: list[StoredMessage]
+    stored: bool  # the message is already in the conversation (a redelivery): nothing to run
 
 
 @dataclass(frozen=True)
@@ -88,6 +107,19 @@ def _insert(url: str):
     return insert
 
 
+def _as_utc(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes (stored as UTC); PostgreSQL aware ones in the session's zone."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def _held_by(claim: Claim):
+    return and_(ChatSession.id == claim.session_id, ChatSession.lease_token == claim.token)
+
+
+def _lease_free(t: datetime):
+    return or_(ChatSession.lease_until.is_(None), ChatSession.lease_until < t)
+
+
 class Store:
     def __init__(self, database_url: str):
         self.url = database_url
@@ -100,119 +132,113 @@ class Store:
                 stmt = self.insert(Channel).values(id=c.id, platform=c.platform, agent=c.agent, created_at=now())
                 s.execute(stmt.on_conflict_do_update(index_elements=["id"], set_={"platform": c.platform, "agent": c.agent}))
 
-    def claim(self, msg: InboundMessage, lease_seconds: float) -> Claim:
-        """Create the session on its first message, resume it if dormant, and take its lease (LeaseBusy if held)."""
+    # -- accepting ----------------------------------------------------------------------------------------------
+
+    def accept(self, msg: InboundMessage) -> Accepted:
+        """Record a message in its session's inbox (creating the session, or waking a dormant one).
+
+        After this commits the message is durable: the broker's copy may be acknowledged.
+        """
         t = now()
         with transaction(self.url) as s:
-            s.execute(self.insert(ChatSession).values(
+            upsert = self.insert(ChatSession).values(
                 channel_id=msg.channel_id, key=msg.session_key, chat_kind=msg.chat_kind, chat_id=msg.chat_id,
                 status=ACTIVE, generation=1, message_count=0, last_seq=0, lease_token=0,
                 created_at=t, last_activity_at=t,
-            ).on_conflict_do_nothing(index_elements=["key"]))
-            row = s.execute(
-                update(ChatSession)
-                .where(ChatSession.key == msg.session_key,
-                       or_(ChatSession.lease_until.is_(None), ChatSession.lease_until < t))
-                .values(lease_token=ChatSession.lease_token + 1, lease_until=t + timedelta(seconds=lease_seconds),
-                        last_activity_at=t)
-                .returning(ChatSession.id, ChatSession.lease_token, ChatSession.generation, ChatSession.last_seq,
-                           ChatSession.status, ChatSession.message_count, ChatSession.chat_id, ChatSession.chat_kind)
-            ).first()
-            if row is None:
-                raise LeaseBusy(msg.session_key)
-            if row.message_count == 0 and row.lease_token == 1:
+            )
+            row = s.execute(upsert.on_conflict_do_update(index_elements=["key"], set_={"last_activity_at": t})
+                            .returning(ChatSession.id, ChatSession.status, ChatSession.generation,
+                                       ChatSession.created_at)).one()
+            if _as_utc(row.created_at) == t:  # inserted just now, not updated
                 s.add(SessionEvent(session_id=row.id, generation=row.generation, event=CREATED, at=t))
-            if row.status == DORMANT:
+            elif row.status == DORMANT:
                 s.execute(update(ChatSession).where(ChatSession.id == row.id).values(status=ACTIVE))
                 s.add(SessionEvent(session_id=row.id, generation=row.generation, event=RESUMED, at=t))
-            duplicate = s.scalar(select(exists().where(
-                Message.channel_id == msg.channel_id, Message.platform_message_id == msg.platform_message_id)))
-            return Claim(row.id, row.lease_token, row.generation, row.last_seq, row.chat_id, row.chat_kind,
-                         bool(duplicate))
+            # A redelivery of an answered message goes through the inbox too: its turn, in seq order,
+            # only records that this seq is settled, so later messages don't wait for it.
+            inserted = s.execute(self.insert(InboxItem).values(
+                session_id=row.id, channel_id=msg.channel_id, platform_message_id=msg.platform_message_id,
+                seq=msg.seq, payload=json.dumps(msg.to_dict()), created_at=t,
+            ).on_conflict_do_nothing(index_elements=["channel_id", "platform_message_id"])).rowcount
+            return Accepted(row.id, new=bool(inserted))
+
+    # -- the lease ----------------------------------------------------------------------------------------------
+
+    def claim(self, session_id: int, lease_seconds: float) -> Claim:
+        """Take the session's lease with a new fencing token; LeaseBusy if another holder has it."""
+        t = now()
+        with transaction(self.url) as s:
+            row = s.execute(
+                update(ChatSession)
+                .where(ChatSession.id == session_id, _lease_free(t))
+                .values(lease_token=ChatSession.lease_token + 1, lease_until=t + timedelta(seconds=lease_seconds))
+                .returning(ChatSession.id, ChatSession.channel_id, ChatSession.lease_token, ChatSession.generation,
+                           ChatSession.last_seq, ChatSession.chat_id, ChatSession.chat_kind)
+            ).first()
+        if row is None:
+            raise LeaseBusy(str(session_id))
+        return Claim(*row)
 
     def release(self, claim: Claim) -> None:
         with transaction(self.url) as s:
-            s.execute(update(ChatSession).where(ChatSession.id == claim.session_id, ChatSession.lease_token == claim.token)
-                      .values(lease_until=None))
-
-    def advance(self, claim: Claim, seq: int) -> None:
-        """Mark `seq` done without a turn (a redelivered message): the session's next message may go."""
-        with transaction(self.url) as s:
-            s.execute(update(ChatSession)
-                      .where(ChatSession.id == claim.session_id, ChatSession.lease_token == claim.token)
-                      .values(last_seq=_max_seq(seq)))
+            s.execute(update(ChatSession).where(_held_by(claim)).values(lease_until=None))
 
     def renew(self, claim: Claim, lease_seconds: float) -> None:
         """Extend the lease if this holder still has it (the fencing check before a send); LeaseLost if not."""
         with transaction(self.url) as s:
-            renewed = s.execute(update(ChatSession)
-                                .where(ChatSession.id == claim.session_id, ChatSession.lease_token == claim.token)
+            renewed = s.execute(update(ChatSession).where(_held_by(claim))
                                 .values(lease_until=now() + timedelta(seconds=lease_seconds))).rowcount
         if not renewed:
             raise LeaseLost(str(claim.session_id))
 
-    def claim_session(self, session_id: int, lease_seconds: float) -> Claim:
-        """Take a session's lease by id (for the outbox sweeper); LeaseBusy if it is held."""
+    # -- turns --------------------------------------------------------------------------------------------------
+
+    def next_turn(self, claim: Claim, lease_seconds: float, history_limit: int, force: bool = False) -> Turn | None:
+        """The inbox message whose turn it is (lowest seq, right after last_seq), with its context; renews the
+        lease. None if the inbox is empty or its head waits for an earlier message (unless `force`)."""
         t = now()
         with transaction(self.url) as s:
             row = s.execute(
-                update(ChatSession)
-                .where(ChatSession.id == session_id,
-                       or_(ChatSession.lease_until.is_(None), ChatSession.lease_until < t))
-                .values(lease_token=ChatSession.lease_token + 1, lease_until=t + timedelta(seconds=lease_seconds))
-                .returning(ChatSession.id, ChatSession.lease_token, ChatSession.generation, ChatSession.last_seq,
-                           ChatSession.chat_id, ChatSession.chat_kind)
+                update(ChatSession).where(_held_by(claim))
+                .values(lease_until=t + timedelta(seconds=lease_seconds))
+                .returning(ChatSession.generation, ChatSession.last_seq)
             ).first()
-        if row is None:
-            raise LeaseBusy(str(session_id))
-        return Claim(row.id, row.lease_token, row.generation, row.last_seq, row.chat_id, row.chat_kind, False)
-
-    def stale_outbox(self, older_than_s: float, limit: int = 500) -> list[int]:
-        """Sessions with a reply committed over `older_than_s` ago but never sent (its sender died)."""
-        t = now()
-        with transaction(self.url) as s:
-            return list(s.scalars(
-                select(Message.session_id).join(ChatSession, ChatSession.id == Message.session_id)
-                .where(Message.delivery_status == PENDING, Message.created_at < t - timedelta(seconds=older_than_s),
-                       or_(ChatSession.lease_until.is_(None), ChatSession.lease_until < t))
-                .distinct().limit(limit)
-            ).all())
-
-    def last_seq(self, session_key: str) -> int:
-        with transaction(self.url) as s:
-            return s.scalar(select(ChatSession.last_seq).where(ChatSession.key == session_key)) or 0
-
-    def history(self, claim: Claim, limit: int) -> list[StoredMessage]:
-        """The newest `limit` messages of the current generation, oldest first."""
-        with transaction(self.url) as s:
-            rows = s.execute(
+            if row is None:
+                raise LeaseLost(str(claim.session_id))
+            claim = replace(claim, generation=row.generation, last_seq=row.last_seq)
+            head = s.execute(select(InboxItem.id, InboxItem.seq, InboxItem.payload)
+                             .where(InboxItem.session_id == claim.session_id)
+                             .order_by(InboxItem.seq, InboxItem.id).limit(1)).first()
+            if head is None or (head.seq > claim.last_seq + 1 and not force):
+                return None
+            message = InboundMessage.from_dict(json.loads(head.payload))
+            if s.scalar(select(exists().where(Message.channel_id == message.channel_id,
+                                              Message.platform_message_id == message.platform_message_id))):
+                return Turn(claim, head.id, message, [], stored=True)
+            history = s.execute(
                 select(Message.role, Message.sender_id, Message.sender_name, Message.text, Message.created_at)
                 .where(Message.session_id == claim.session_id, Message.generation == claim.generation)
-                .order_by(Message.position.desc()).limit(limit)
+                .order_by(Message.position.desc()).limit(history_limit)
             ).all()
-        return [StoredMessage(r.role, r.sender_id, r.sender_name, r.text, r.created_at) for r in reversed(rows)]
+        return Turn(claim, head.id, message, [StoredMessage(*r) for r in reversed(history)], stored=False)
 
-    def commit_turn(self, claim: Claim, msg: InboundMessage, reply: str | None, *, new_generation: bool = False) -> None:
-        """Store the inbound message and its reply (the outbox entry), all or nothing; the lease stays held
-        until the replies are sent (`finish`), so a session's replies leave in order.
-
-        LeaseLost if the fencing token moved, AlreadyStored if the platform message id is already stored.
-        """
-        t = now()
+    def commit_turn(self, turn: Turn, reply: str | None, *, new_generation: bool = False) -> None:
+        """Move the message from the inbox into the conversation with its reply (the outbox entry), all or
+        nothing. LeaseLost if the fencing token moved, AlreadyStored if the platform id is already stored."""
+        claim, msg, t = turn.claim, turn.message, now()
         generation = claim.generation + 1 if new_generation else claim.generation
         count = 2 if reply else 1
         try:
             with transaction(self.url) as s:
                 row = s.execute(
-                    update(ChatSession)
-                    .where(ChatSession.id == claim.session_id, ChatSession.lease_token == claim.token)
+                    update(ChatSession).where(_held_by(claim))
                     .values(message_count=ChatSession.message_count + count, last_activity_at=t,
-                            generation=generation, status=ACTIVE,
-                            last_seq=_max_seq(msg.seq))
+                            generation=generation, status=ACTIVE, last_seq=_max_seq(msg.seq))
                     .returning(ChatSession.message_count)
                 ).first()
                 if row is None:
                     raise LeaseLost(msg.session_key)
+                s.execute(delete(InboxItem).where(InboxItem.id == turn.item_id))
                 position = row.message_count - count
                 inbound = Message(
                     session_id=claim.session_id, generation=claim.generation, position=position, role="user",
@@ -223,31 +249,63 @@ class Store:
                 s.flush()
                 if new_generation:
                     s.add(SessionEvent(session_id=claim.session_id, generation=generation, event=NEW_GENERATION, at=t))
-                if not reply:
-                    return
-                s.add(Message(
-                    session_id=claim.session_id, generation=claim.generation, position=position + 1, role="assistant",
-                    sender_id="agent", sender_name="Agent", text=reply, channel_id=msg.channel_id,
-                    created_at=t, in_reply_to=inbound.id, delivery_status=PENDING,
-                ))
+                if reply:
+                    s.add(Message(
+                        session_id=claim.session_id, generation=claim.generation, position=position + 1,
+                        role="assistant", sender_id="agent", sender_name="Agent", text=reply,
+                        channel_id=msg.channel_id, created_at=t, in_reply_to=inbound.id, delivery_status=PENDING,
+                    ))
         except IntegrityError as exc:
-            if "platform" in str(exc.orig).lower() or "uq_messages_platform_id" in str(exc.orig):
+            if "platform" in str(exc.orig).lower():
                 raise AlreadyStored(msg.platform_message_id) from None
             raise
 
-    def dead_letter(self, claim: Claim, msg: InboundMessage, error: str, attempts: int) -> None:
-        """Set a failed message aside (fenced, like a commit) so the session goes on with its next message."""
+    def discard(self, turn: Turn) -> None:
+        """Drop an inbox message that turned out to be stored already (a redelivery)."""
         with transaction(self.url) as s:
-            moved = s.execute(update(ChatSession)
-                              .where(ChatSession.id == claim.session_id, ChatSession.lease_token == claim.token)
-                              .values(last_seq=_max_seq(msg.seq))).rowcount
-            if not moved:
+            if s.execute(update(ChatSession).where(_held_by(turn.claim))
+                         .values(last_seq=_max_seq(turn.message.seq))).rowcount:
+                s.execute(delete(InboxItem).where(InboxItem.id == turn.item_id))
+
+    def dead_letter(self, turn: Turn, error: str, attempts: int) -> None:
+        """Set a failed message aside (fenced, like a commit) so the session goes on with its next message."""
+        msg = turn.message
+        with transaction(self.url) as s:
+            if not s.execute(update(ChatSession).where(_held_by(turn.claim))
+                             .values(last_seq=_max_seq(msg.seq))).rowcount:
                 raise LeaseLost(msg.session_key)
+            s.execute(delete(InboxItem).where(InboxItem.id == turn.item_id))
             s.execute(self.insert(DeadLetter).values(
                 channel_id=msg.channel_id, session_key=msg.session_key, platform_message_id=msg.platform_message_id,
                 payload=json.dumps(msg.to_dict()), error=error[:4000], attempts=attempts, created_at=now(),
             ).on_conflict_do_update(index_elements=["channel_id", "platform_message_id"],
                                     set_={"error": error[:4000], "attempts": attempts, "created_at": now()}))
+
+    def has_ready(self, session_id: int) -> bool:
+        """Whether the session's inbox head may run now (checked after a release, so nothing is stranded)."""
+        with transaction(self.url) as s:
+            return bool(s.scalar(select(exists().where(
+                InboxItem.session_id == session_id, ChatSession.id == session_id,
+                InboxItem.seq <= ChatSession.last_seq + 1))))
+
+    def stalled(self, grace_s: float, order_wait_s: float, limit: int = 500) -> list[tuple[int, str, bool]]:
+        """Sessions whose inbox waits with nobody holding the lease: (session id, key, force past a gap).
+
+        A holder that died leaves its inbox here once its lease expires; a head waiting more than
+        `order_wait_s` for an earlier message that never came is forced through (a logged gap).
+        """
+        t = now()
+        with transaction(self.url) as s:
+            rows = s.execute(
+                select(ChatSession.id, ChatSession.key, func.min(InboxItem.created_at))
+                .join(InboxItem, InboxItem.session_id == ChatSession.id)
+                .where(_lease_free(t), InboxItem.created_at < t - timedelta(seconds=grace_s))
+                .group_by(ChatSession.id, ChatSession.key).limit(limit)
+            ).all()
+        cutoff = t - timedelta(seconds=order_wait_s)
+        return [(r[0], r[1], _as_utc(r[2]) < cutoff) for r in rows]
+
+    # -- the outbox ---------------------------------------------------------------------------------------------
 
     def pending_replies(self, session_id: int) -> list[PendingReply]:
         """Unsent replies of a session, in order (the outbox)."""
@@ -260,18 +318,26 @@ class Store:
             ).all()
         return [PendingReply(*r) for r in rows]
 
-    def mark_delivery(self, reply_id: int, delivery: Delivery, release: Claim | None = None) -> None:
-        """Record a reply's delivery outcome; with `release`, also give up the lease in the same transaction."""
+    def mark_delivery(self, reply_id: int, delivery: Delivery) -> None:
         with transaction(self.url) as s:
             s.execute(update(Message).where(Message.id == reply_id).values(
                 delivery_status=SENT if delivery.ok else FAILED, delivery_error=delivery.error,
                 delivery_attempts=Message.delivery_attempts + delivery.attempts,
                 delivered_at=now() if delivery.ok else None,
             ))
-            if release is not None:
-                s.execute(update(ChatSession)
-                          .where(ChatSession.id == release.session_id, ChatSession.lease_token == release.token)
-                          .values(lease_until=None))
+
+    def stale_outbox(self, older_than_s: float, limit: int = 500) -> list[tuple[int, str]]:
+        """Sessions (id, key) with a reply committed over `older_than_s` ago but never sent (its sender died)."""
+        t = now()
+        with transaction(self.url) as s:
+            return [tuple(r) for r in s.execute(
+                select(Message.session_id, ChatSession.key).join(ChatSession, ChatSession.id == Message.session_id)
+                .where(Message.delivery_status == PENDING, Message.created_at < t - timedelta(seconds=older_than_s),
+                       _lease_free(t))
+                .distinct().limit(limit)
+            ).all()]
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
 
     def mark_dormant(self, channel_id: str, idle_minutes: float, batch: int = 500) -> int:
         """Active sessions idle for `idle_minutes` become dormant, in batches; returns how many."""
@@ -282,8 +348,7 @@ class Store:
             with transaction(self.url) as s:
                 ids = s.scalars(select(ChatSession.id).where(
                     ChatSession.channel_id == channel_id, ChatSession.status == ACTIVE,
-                    ChatSession.last_activity_at < cutoff,
-                    or_(ChatSession.lease_until.is_(None), ChatSession.lease_until < t),
+                    ChatSession.last_activity_at < cutoff, _lease_free(t),
                 ).limit(batch)).all()
                 if ids:
                     rows = s.execute(update(ChatSession).where(ChatSession.id.in_(ids), ChatSession.status == ACTIVE)

@@ -14,12 +14,13 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from shared.config import get_settings
 from shared.logs import configure_logging
 from shared.messages import InboundMessage
-from shared.partitioning import partition_of
+from shared.partitioning import partition_of, queue_name
 from shared.queueing import (
+    DRAIN_SESSION,
     HANDLE_INBOUND,
     MAINTENANCE_QUEUE,
     MARK_DORMANT,
-    SWEEP_OUTBOX,
+    SWEEP,
     make_celery,
 )
 from workers.runtime import runner
@@ -29,8 +30,9 @@ configure_logging(settings.log_format, settings.log_level)
 app = make_celery(settings)
 log = structlog.get_logger(__name__)
 
-SWEEP_SECONDS = float(os.environ.get("SWEEP_SECONDS", "60"))
-OUTBOX_GRACE_S = 10.0  # a reply unsent this long after commit, with its session's lease free, was orphaned
+SWEEP_SECONDS = float(os.environ.get("SWEEP_SECONDS", "10"))
+STALL_GRACE_S = 5.0  # inbox messages or unsent replies this old, with the session's lease free, were stranded
+ORDER_WAIT_S = 30.0  # how long an inbox head waits for an earlier message before it goes on (a logged gap)
 
 
 # The database restarting or failing over is transient: retry the whole turn with backoff. Nothing of a
@@ -44,14 +46,27 @@ def handle_inbound(message: dict) -> str:
     return runner().handle(InboundMessage.from_dict(message))
 
 
-@app.task(name=SWEEP_OUTBOX, acks_late=True)
-def sweep_outbox() -> int:
-    """Periodic: send replies whose turn committed but whose worker died before sending them."""
-    r = runner()
-    sent = sum(r.resend(session_id) for session_id in r.store.stale_outbox(OUTBOX_GRACE_S))
-    if sent:
-        log.warning("outbox.resent", count=sent)
-    return sent
+@app.task(name=DRAIN_SESSION, acks_late=True, autoretry_for=DB_TRANSIENT, retry_backoff=1, retry_backoff_max=30,
+          max_retries=60)
+def drain_session(session_id: int, session_key: str, force: bool = False) -> int:
+    return len(runner().drain(session_id, force))
+
+
+@app.task(name=SWEEP, acks_late=True)
+def sweep() -> int:
+    """Periodic: hand back to their partition the sessions nobody serves — a holder died with messages in
+    the inbox or replies unsent, or the inbox head waited ORDER_WAIT_S for an earlier message that never came."""
+    store = runner().store
+    found = {sid: (key, force) for sid, key, force in store.stalled(STALL_GRACE_S, ORDER_WAIT_S)}
+    for sid, key in store.stale_outbox(STALL_GRACE_S):
+        found.setdefault(sid, (key, False))
+    for sid, (key, force) in found.items():
+        partition = partition_of(key, settings.partitions)
+        app.send_task(DRAIN_SESSION, args=[sid, key, force], queue=queue_name(partition),
+                      shadow=f"{DRAIN_SESSION}[p{partition} {key}]")
+    if found:
+        log.warning("sweep.stalled_sessions", count=len(found), forced=sum(f for _, f in found.values()))
+    return len(found)
 
 
 @app.task(name=MARK_DORMANT, acks_late=True)
@@ -68,7 +83,7 @@ def mark_dormant() -> int:
 
 app.conf.beat_schedule = {
     "mark-dormant": {"task": MARK_DORMANT, "schedule": SWEEP_SECONDS, "options": {"queue": MAINTENANCE_QUEUE}},
-    "sweep-outbox": {"task": SWEEP_OUTBOX, "schedule": SWEEP_SECONDS, "options": {"queue": MAINTENANCE_QUEUE}},
+    "sweep": {"task": SWEEP, "schedule": SWEEP_SECONDS, "options": {"queue": MAINTENANCE_QUEUE}},
 }
 
 
@@ -94,3 +109,6 @@ def _bind_log_context(task=None, args=None, **_kwargs) -> None:
 @signals.task_postrun.connect
 def _clear_log_context(**_kwargs) -> None:
     structlog.contextvars.clear_contextvars()
+
+
+import workers.liveness  # noqa: E402,F401  (registers the worker heartbeat for liveness probes)

@@ -10,7 +10,6 @@ from shared.config import get_settings
 from shared.ratelimit import LocalLimiter, RedisLimiter
 from shared.store import Store
 from workers.turn import TurnRunner
-from workers.turnstile import Turnstile
 
 
 @functools.cache
@@ -25,5 +24,4 @@ def runner() -> TurnRunner:
         store=store,
         channels={cid: build_channel(c, limiter) for cid, c in settings.channels.items()},
         agents={cid: load_agent(c.agent) for cid, c in settings.channels.items()},
-        turnstile=Turnstile(),
     )
