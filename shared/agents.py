@@ -6,7 +6,7 @@ import importlib
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Mapping, Protocol, runtime_checkable
 
 from shared.errors import ConfigError
 
@@ -79,13 +79,32 @@ class DemoAgent:
         return f"{greeting}thanks for your message. I'm here to help with orders and deliveries."
 
 
-BUILTIN = {"echo": EchoAgent, "demo": DemoAgent}
+BUILTIN: dict[str, Any] = {"echo": EchoAgent, "demo": DemoAgent, "openai": "shared.llm:OpenAIChatAgent"}
 
 
-def load_agent(spec: str) -> Agent:
-    """An Agent from "echo", "demo" or "package.module:Attribute" (a class, an instance, or a function)."""
-    if spec in BUILTIN:
-        return BUILTIN[spec]()
+def load_agent(spec: str, options: Mapping[str, Any] | None = None) -> Agent:
+    """An Agent from "echo", "demo", "openai" or "package.module:Attribute" (a class, an instance, or a function).
+
+    `options` (the channel's agent_options) are passed to the class as keyword arguments."""
+    options = dict(options or {})
+    target: Any = BUILTIN.get(spec, spec)
+    if isinstance(target, str):
+        target = _import(target)
+    if options and not isinstance(target, type):
+        raise ConfigError(f"agent {spec!r}: agent_options need a class, not {type(target).__name__}")
+    if isinstance(target, type):
+        try:
+            target = target(**options)
+        except TypeError as exc:
+            raise ConfigError(f"agent {spec!r}: bad agent_options {sorted(options)}: {exc}") from None
+    if isinstance(target, Agent):
+        return target
+    if callable(target):
+        return _FunctionAgent(target)
+    raise ConfigError(f"agent {spec!r}: not an Agent (needs reply(conversation) or to be callable)")
+
+
+def _import(spec: str) -> Any:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ConfigError(f"agent {spec!r}: use a built-in ({', '.join(BUILTIN)}) or 'package.module:Attribute'")
@@ -97,13 +116,7 @@ def load_agent(spec: str) -> Agent:
         target: Any = getattr(module, attr)
     except AttributeError:
         raise ConfigError(f"agent {spec!r}: {module_name} has no attribute {attr!r}") from None
-    if isinstance(target, type):
-        target = target()
-    if isinstance(target, Agent):
-        return target
-    if callable(target):
-        return _FunctionAgent(target)
-    raise ConfigError(f"agent {spec!r}: not an Agent (needs reply(conversation) or to be callable)")
+    return target
 
 
 @dataclass(frozen=True)

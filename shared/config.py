@@ -42,11 +42,12 @@ class SessionOptions:
 class ChannelConfig:
     id: str
     platform: str
-    agent: str  # "echo", "demo" or "package.module:Attribute"
+    agent: str  # "echo", "demo", "openai" or "package.module:Attribute"
     api_base: str
     secrets: Mapping[str, str] = field(repr=False)  # resolved values; never logged
     options: Mapping[str, Any]
     session: SessionOptions
+    agent_options: Mapping[str, Any] = field(default_factory=dict)  # keyword arguments for the Agent's class
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,9 @@ def _channel(raw: dict[str, Any], env: Mapping[str, str], path: Path) -> Channel
     session = SessionOptions(**session_raw)
     if session.idle_minutes <= 0 or session.history_limit <= 0:
         raise ConfigError(f"{where}: session.idle_minutes and session.history_limit must be positive")
+    agent_options = raw.get("agent_options", {})
+    if not isinstance(agent_options, dict):
+        raise ConfigError(f"{where}: agent_options must be a table")
     api_base = raw.get("api_base") or spec["api_base"]
     return ChannelConfig(
         id=raw["id"],
@@ -126,6 +130,7 @@ def _channel(raw: dict[str, Any], env: Mapping[str, str], path: Path) -> Channel
         secrets=secrets,
         options=options,
         session=session,
+        agent_options=dict(agent_options),
     )
 
 

@@ -83,3 +83,18 @@ def test_shipped_default_config_is_valid():
 
     settings = load_settings(dict(DEMO_SECRETS))
     assert {c.platform for c in settings.channels.values()} == {"whatsapp", "telegram", "discord"}
+
+
+def test_agent_options_reach_the_agent_class(tmp_path, monkeypatch):
+    from shared.agents import load_agent
+
+    env = write(tmp_path, WA.replace('agent = "echo"', 'agent = "openai"') +
+                '[channels.agent_options]\nmodel = "local-model"\nbase_url = "http://127.0.0.1:9/v1"\n')
+    wa = load_settings(env).channel("wa")
+    assert wa.agent_options == {"model": "local-model", "base_url": "http://127.0.0.1:9/v1"}
+    agent = load_agent(wa.agent, wa.agent_options)
+    assert agent.model == "local-model"
+    with pytest.raises(ConfigError, match="bad agent_options"):
+        load_agent("openai", {"modle": "typo"})
+    with pytest.raises(ConfigError, match="need a class"):
+        load_agent("shared.agents:BUILTIN", {"x": 1})

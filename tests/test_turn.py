@@ -4,46 +4,34 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field, replace
 
 import pytest
 from sqlalchemy import select, update
 
 from shared.agents import DemoAgent, EchoAgent
-from shared.config import ChannelConfig, SessionOptions, load_settings
+from shared.config import ChannelConfig, SessionOptions
 from shared.db import transaction
-from shared.messages import DM, GROUP, NEW_SESSION, Delivery, InboundMessage
+from shared.messages import DM, GROUP, NEW_SESSION, InboundMessage
 from shared.models import ChatSession, Message, SessionEvent
-from shared.store import LeaseBusy, LeaseLost, Store, dead_letters, drop_dead_letter, now, transcript
+from shared.store import (
+    LeaseBusy,
+    LeaseLost,
+    Store,
+    dead_letters,
+    drop_dead_letter,
+    now,
+    transcript,
+)
+from workers.testing import RecordingChannel, settings_for
 from workers.turn import TurnRunner
-
-
-@dataclass
-class RecordingChannel:
-    """A platform that accepts every reply and remembers it (the real adapters are tested elsewhere)."""
-
-    config: ChannelConfig
-    sent: list[tuple[str, str]] = field(default_factory=list)
-    ok: bool = True
-
-    def send(self, chat_id: str, chat_kind: str, text: str) -> Delivery:
-        self.sent.append((chat_id, text))
-        return Delivery(ok=self.ok, platform_message_ids=("x",) if self.ok else (), error=None if self.ok else "http 400")
 
 
 def make_runner(url: str, agent=None) -> TurnRunner:
     config = ChannelConfig(id="wa", platform="whatsapp", agent="demo", api_base="http://unused", secrets={},
                            options={}, session=SessionOptions(idle_minutes=30, history_limit=50))
-    settings = replace(_settings(), database_url=url)
     store = Store(url)
     store.sync_channels([config])
-    return TurnRunner(settings, store, {"wa": RecordingChannel(config)}, {"wa": agent or DemoAgent()})
-
-
-def _settings():
-    from cli.embedded import DEMO_SECRETS
-
-    return load_settings({**DEMO_SECRETS, "LEASE_SECONDS": "5"})
+    return TurnRunner(settings_for(url, [config]), store, {"wa": RecordingChannel(config)}, {"wa": agent or DemoAgent()})
 
 
 _ids = iter(range(10**6))

@@ -23,5 +23,5 @@ def runner() -> TurnRunner:
         settings=settings,
         store=store,
         channels={cid: build_channel(c, limiter) for cid, c in settings.channels.items()},
-        agents={cid: load_agent(c.agent) for cid, c in settings.channels.items()},
+        agents={cid: load_agent(c.agent, c.agent_options) for cid, c in settings.channels.items()},
     )
