@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from shared.errors import MalformedPayload
+
 DM = "dm"
 GROUP = "group"
 NEW_SESSION = "new"
@@ -28,6 +30,14 @@ class InboundMessage:
     command: str | None = None  # NEW_SESSION for /new and its platform equivalents
     seq: int = 0  # per-session ingress order, assigned by the ingress
     received_at: float = 0.0  # when the ingress accepted it (epoch seconds)
+
+    def __post_init__(self) -> None:
+        # JSON can carry an unpaired UTF-16 surrogate ("\ud800"); it could never be stored or sent on.
+        for name in ("session_key", "chat_id", "sender_id", "sender_name", "text", "platform_message_id"):
+            try:
+                getattr(self, name).encode("utf-8")
+            except UnicodeEncodeError:
+                raise MalformedPayload(f"{name} is not valid Unicode (an unpaired surrogate)") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol, TypeVar
 
 from shared.config import ChannelConfig
 from shared.errors import MalformedPayload
 from shared.messages import Delivery, InboundMessage
 from shared.ratelimit import buckets_for, pace
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,22 @@ def paced(channel: Any, chat_id: str, chat_kind: str) -> Callable[[], float] | N
         return None
     buckets = buckets_for(channel.config, chat_id, chat_kind)
     return lambda: pace(channel.limiter, buckets)
+
+
+def parser(fn: F) -> F:
+    """Mark a method that reads platform input: any shape it did not expect is MalformedPayload (a 4xx and a
+    logged reason at the ingress), never an unexpected exception (a 5xx the platform would retry forever)."""
+
+    @functools.wraps(fn)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MalformedPayload:
+            raise
+        except (TypeError, AttributeError, KeyError, IndexError, ValueError, ArithmeticError) as exc:
+            raise MalformedPayload(f"unexpected shape ({exc.__class__.__name__}: {exc})") from None
+
+    return guarded  # type: ignore[return-value]
 
 
 def load_json(body: bytes) -> Any:

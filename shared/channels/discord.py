@@ -10,7 +10,14 @@ import structlog
 from cryptography.exceptions import InvalidSignature as BadEd25519
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from shared.channels.base import WebhookRequest, load_json, paced, require, session_key
+from shared.channels.base import (
+    WebhookRequest,
+    load_json,
+    paced,
+    parser,
+    require,
+    session_key,
+)
 from shared.config import ChannelConfig
 from shared.errors import ConfigError, InvalidSignature, MalformedPayload
 from shared.messages import DM, GROUP, NEW_SESSION, Delivery, InboundMessage
@@ -52,11 +59,12 @@ class DiscordChannel:
         try:
             stale = abs(self.now() - int(timestamp)) > MAX_SKEW
             self.public_key.verify(bytes.fromhex(signature), timestamp.encode() + request.body)
-        except (ValueError, BadEd25519):
+        except (ValueError, OverflowError, BadEd25519):
             raise InvalidSignature("interaction signature invalid") from None
         if stale:
             raise InvalidSignature("interaction timestamp outside the allowed window")
 
+    @parser
     def parse(self, body: bytes) -> list[InboundMessage]:
         """A gateway dispatch as JSON; only MESSAGE_CREATE carries user turns."""
         doc = load_json(body)
@@ -66,6 +74,7 @@ class DiscordChannel:
             return []
         return self.parse_event(require(doc, "d", dict, "dispatch"))
 
+    @parser
     def parse_event(self, d: dict[str, Any]) -> list[InboundMessage]:
         author = require(d, "author", dict, "d")
         content = d.get("content") if isinstance(d.get("content"), str) else ""
@@ -81,6 +90,7 @@ class DiscordChannel:
         is_new = content.strip().lower() in NEW_COMMANDS
         return [self._message(d, author, text, require(d, "id", str, "d"), sent_at, NEW_SESSION if is_new else None)]
 
+    @parser
     def interaction(self, body: bytes) -> tuple[dict[str, Any], list[InboundMessage]]:
         """The immediate HTTP answer to an interaction and the turns it starts."""
         doc = load_json(body)

@@ -10,6 +10,7 @@ from shared.channels.base import (
     WebhookRequest,
     load_json,
     paced,
+    parser,
     require,
     same_secret,
     session_key,
@@ -60,6 +61,7 @@ class TelegramChannel:
         if not same_secret(request.header("X-Telegram-Bot-Api-Secret-Token"), self.config.secrets["secret_token"]):
             raise InvalidSignature("X-Telegram-Bot-Api-Secret-Token missing or wrong")
 
+    @parser
     def parse(self, body: bytes) -> list[InboundMessage]:
         update = load_json(body)
         require(update, "update_id", int, "update")

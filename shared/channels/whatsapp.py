@@ -13,6 +13,7 @@ from shared.channels.base import (
     WebhookRequest,
     load_json,
     paced,
+    parser,
     require,
     same_secret,
     session_key,
@@ -101,6 +102,7 @@ class WhatsAppChannel:
         if not same_secret(request.header("X-Hub-Signature-256"), f"sha256={expected}"):
             raise InvalidSignature("X-Hub-Signature-256 missing or wrong")
 
+    @parser
     def parse(self, body: bytes) -> list[InboundMessage]:
         doc = load_json(body)
         if not isinstance(doc, dict) or doc.get("object") != "whatsapp_business_account":
