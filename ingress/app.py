@@ -73,6 +73,11 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> Flask:
         log.error("ingress.enqueue_failed", reason=str(exc), path=request.path)
         return Response("temporarily unavailable\n", status=503, headers={"Retry-After": "5"}, mimetype="text/plain")
 
+    @app.errorhandler(405)
+    def _wrong_method(exc):
+        log.warning("ingress.rejected", status=405, reason=f"method {request.method} not allowed", path=request.path)
+        return exc.get_response()
+
     @app.errorhandler(413)
     def _too_large(_exc):
         return reject(413, f"body larger than {MAX_BODY_BYTES} bytes", "?")
