@@ -104,15 +104,106 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 
 def cmd_sessions(args: argparse.Namespace) -> int:
-    from cli import sessions
+    from cli import ops
 
-    return sessions.main(args)
+    return ops.sessions_main(args)
+
+
+def cmd_partitions(args: argparse.Namespace) -> int:
+    from cli import ops
+
+    return ops.partitions_main(args)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from cli import ops
+
+    return ops.check_main(args)
+
+
+def cmd_worker_alive(args: argparse.Namespace) -> int:
+    from workers.liveness import (
+        probe,  # light: the probe runs every few seconds in each worker container
+    )
+
+    alive, line = probe(args.max_age, args.file)
+    print(line)
+    return 0 if alive else 1
 
 
 def cmd_deadletters(args: argparse.Namespace) -> int:
     from cli import deadletters
 
     return deadletters.main(args)
+
+
+def add_ops_commands(sub) -> None:
+    """`sessions list|show|new|erase|export|stuck`, `partitions`, `check`, `worker-alive` (cli/ops.py)."""
+
+    def duration(text: str) -> float:  # "90", "90s", "5m", "2h"; cli.ops is imported only when a command runs
+        from cli.ops import duration as parse
+
+        return parse(text)
+
+    sessions = sub.add_parser("sessions", help="inspect and manage sessions")
+    s_sub = sessions.add_subparsers(dest="sessions_command", required=True)
+    s_list = s_sub.add_parser("list", help="list sessions, most recently active first (paged)")
+    s_list.add_argument("--channel", help="only this channel id")
+    s_list.add_argument("--status", choices=["active", "dormant"])
+    s_list.add_argument("--idle-minutes", type=float, metavar="N", help="only sessions idle for at least N minutes")
+    s_list.add_argument("--page", type=int, default=1)
+    s_list.add_argument("--limit", type=int, default=50, help="sessions per page (default 50)")
+    s_list.add_argument("--json", action="store_true")
+    s_show = s_sub.add_parser("show", help="a session's transcript with generations and lifecycle events")
+    s_show.add_argument("key")
+    s_show.add_argument("--json", action="store_true", help="everything stored about the session, as JSON")
+    s_new = s_sub.add_parser("new", help="force a fresh session for KEY (as if the user sent /new)")
+    s_new.add_argument("key")
+    s_new.add_argument("--wait", type=duration, default=10.0, help="how long to wait for a running turn (10s)")
+    s_new.add_argument("--json", action="store_true")
+    s_erase = s_sub.add_parser("erase", help="delete every message and session of one platform user (privacy)")
+    s_erase.add_argument("--user", required=True, help="the platform user id (phone, Telegram or Discord user id)")
+    s_erase.add_argument("--channel", help="only on this channel (default: every channel)")
+    s_erase.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    s_erase.add_argument("--dry-run", action="store_true", help="only report what would be deleted")
+    s_erase.add_argument("--json", action="store_true")
+    s_export = s_sub.add_parser("export", help="everything stored about one platform user, as JSON (access)")
+    s_export.add_argument("--user", required=True, help="the platform user id")
+    s_export.add_argument("--channel", help="only on this channel (default: every channel)")
+    s_export.add_argument("--output", "-o", help="write to this file instead of stdout")
+    s_stuck = s_sub.add_parser(
+        "stuck", help="sessions whose oldest waiting message is older than a threshold, and why",
+        description="Exit 0 if none is stuck; 1 if some are (with --recover: 1 only if some still need an "
+                    "operator).")
+    s_stuck.add_argument("--older-than", type=duration, default=60.0, metavar="S",
+                         help="threshold: seconds, or 90s, 5m, 2h (default 60)")
+    s_stuck.add_argument("--recover", action="store_true",
+                         help="release expired leases and ask the sweeper to resend; advise on the rest")
+    s_stuck.add_argument("--json", action="store_true")
+    for action in s_sub.choices.values():
+        action.set_defaults(fn=cmd_sessions)
+
+    parts = sub.add_parser(
+        "partitions", help="per partition queue: depth, oldest waiting message, consuming worker",
+        description="Exit 0 if every partition has exactly one consumer, 1 if not (or the workers did not "
+                    "answer), 2 if the broker is not Redis.")
+    parts.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for the workers to answer")
+    parts.add_argument("--json", action="store_true")
+    parts.set_defaults(fn=cmd_partitions)
+
+    check = sub.add_parser(
+        "check", help="validate the config and reach the database, broker and Redis (one line per check)",
+        description="Exit 0 if every check passes, 1 if one fails, 2 if the configuration is invalid.")
+    check.add_argument("--platforms", action="store_true",
+                       help="also call each channel's platform API with its configured credentials")
+    check.add_argument("--timeout", type=float, default=5.0, help="seconds per check")
+    check.add_argument("--json", action="store_true")
+    check.set_defaults(fn=cmd_check)
+
+    alive = sub.add_parser("worker-alive", help="liveness probe: exit 0 if this host's worker beat recently")
+    alive.add_argument("--max-age", type=float, default=60.0, help="seconds (default 60)")
+    alive.add_argument("--file", help="the heartbeat file (default WORKER_HEARTBEAT_FILE or the newest one)")
+    alive.set_defaults(fn=cmd_worker_alive)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,15 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     db_sub = db.add_subparsers(dest="db_command", required=True)
     db_sub.add_parser("upgrade", help="apply migrations").set_defaults(fn=cmd_db)
 
-    sessions = sub.add_parser("sessions", help="inspect sessions")
-    s_sub = sessions.add_subparsers(dest="sessions_command", required=True)
-    s_list = s_sub.add_parser("list", help="list sessions")
-    s_list.add_argument("--channel")
-    s_list.add_argument("--limit", type=int, default=50)
-    s_list.set_defaults(fn=cmd_sessions)
-    s_show = s_sub.add_parser("show", help="a session's transcript with generations and lifecycle events")
-    s_show.add_argument("key")
-    s_show.set_defaults(fn=cmd_sessions)
+    add_ops_commands(sub)
     dl = sub.add_parser("deadletters", help="messages whose turn failed for good: list, show, replay, drop")
     dl_sub = dl.add_subparsers(dest="dl_command", required=True)
     dl_list = dl_sub.add_parser("list", help="list dead letters")

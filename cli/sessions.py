@@ -1,12 +1,8 @@
-"""`chatsessions sessions ...`: read-only views of sessions for operators."""
+"""A session's transcript as text (used by `sessions show` and the demo)."""
 
 from __future__ import annotations
 
-import argparse
-import sys
-
-from shared.config import get_settings
-from shared.store import list_sessions, transcript
+from shared.store import transcript
 
 
 def format_transcript(key: str, url: str) -> str:
@@ -25,19 +21,3 @@ def format_transcript(key: str, url: str) -> str:
             status = f"  [{line.delivery_status}]" if line.delivery_status != "sent" else ""
             out.append(f"  {at}  g{line.generation}   Agent: {line.text}{status}")
     return "\n".join(out)
-
-
-def main(args: argparse.Namespace) -> int:
-    url = get_settings().database_url
-    if args.sessions_command == "show":
-        try:
-            print(format_transcript(args.key, url))
-        except LookupError as exc:
-            print(f"chatsessions: {exc}", file=sys.stderr)
-            return 1
-        return 0
-    rows = list_sessions(url, args.channel, args.limit)
-    print(f"{'KEY':60} {'STATUS':8} {'GEN':>3} {'MSGS':>5}  LAST ACTIVITY")
-    for r in rows:
-        print(f"{r.key:60} {r.status:8} {r.generation:>3} {r.message_count:>5}  {r.last_activity_at:%Y-%m-%d %H:%M:%S}")
-    return 0

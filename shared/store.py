@@ -385,16 +385,6 @@ class TranscriptLine:
     delivery_status: str | None = None
 
 
-def list_sessions(url: str, channel_id: str | None = None, limit: int = 50) -> list[SessionSummary]:
-    with transaction(url) as s:
-        q = select(ChatSession.key, ChatSession.channel_id, ChatSession.status, ChatSession.generation,
-                   ChatSession.message_count, ChatSession.created_at, ChatSession.last_activity_at)
-        if channel_id:
-            q = q.where(ChatSession.channel_id == channel_id)
-        rows = s.execute(q.order_by(ChatSession.last_activity_at.desc()).limit(limit)).all()
-    return [SessionSummary(*r) for r in rows]
-
-
 def transcript(url: str, session_key: str) -> tuple[SessionSummary, list[TranscriptLine]] | None:
     """A session's messages of every generation, interleaved with its lifecycle events, in order."""
     with transaction(url) as s:
