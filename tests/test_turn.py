@@ -296,3 +296,16 @@ def test_messages_stranded_by_a_dead_holder_are_found(database_url):
     r.drain(session_id)
     assert [text for _, text in sent(r)] == ["echo: one", "echo: two"]
     assert r.store.stalled(grace_s=0, order_wait_s=0) == []
+
+
+def test_a_stopping_worker_starts_no_new_turn_and_leaves_the_inbox_to_the_next_owner(database_url):
+    r = make_runner(database_url, EchoAgent())
+    held = r.store.claim(r.store.accept(msg("one", seq=1)).session_id, lease_seconds=30)
+    r.store.accept(msg("two", seq=2))
+    r.store.release(held)
+    r.stopping.set()  # warm shutdown began
+    assert r.drain(held.session_id) == {}
+    assert sent(r) == []
+    r.stopping.clear()  # the next owner of the partition
+    assert list(r.drain(held.session_id).values()) == ["replied", "replied"]
+    assert [text for _, text in sent(r)] == ["echo: one", "echo: two"]

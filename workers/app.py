@@ -92,6 +92,12 @@ def _build_runtime(**_kwargs) -> None:
     runner()  # fail at start on a bad Agent or database, not at the first message
 
 
+@signals.worker_shutting_down.connect
+def _finish_current_turns(**_kwargs) -> None:
+    """Warm shutdown stays bounded: a session's holder stops after its current turn, not its whole inbox."""
+    runner().stopping.set()
+
+
 @signals.task_prerun.connect
 def _bind_log_context(task=None, args=None, **_kwargs) -> None:
     structlog.contextvars.clear_contextvars()

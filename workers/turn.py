@@ -8,8 +8,9 @@ takes every message that is ready, and a message arriving meanwhile just joins t
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import structlog
@@ -39,6 +40,7 @@ class TurnRunner:
     agents: Mapping[str, Agent]
     agent_attempts: int = AGENT_ATTEMPTS
     agent_backoff_s: float = AGENT_BACKOFF_S
+    stopping: threading.Event = field(default_factory=threading.Event)  # set on warm shutdown
 
     def handle(self, msg: InboundMessage) -> str:
         """Accept one inbound message and drain its session; returns what became of this message
@@ -59,7 +61,8 @@ class TurnRunner:
             try:
                 self._dispatch(claim)  # replies a holder that died committed but never sent
                 limit = self.channels[claim.channel_id].config.session.history_limit
-                while turn := self.store.next_turn(claim, self.settings.lease_seconds, limit, force):
+                while not self.stopping.is_set() and (
+                        turn := self.store.next_turn(claim, self.settings.lease_seconds, limit, force)):
                     if force and turn.message.seq > turn.claim.last_seq + 1:
                         log.warning("turn.gap", session_key=turn.message.session_key, seq=turn.message.seq,
                                     last_seq=turn.claim.last_seq)
@@ -76,8 +79,8 @@ class TurnRunner:
                 self.store.release(claim)
                 raise
             self.store.release(claim)
-            if not self.store.has_ready(session_id):  # a message that came in while we released
-                return outcomes
+            if self.stopping.is_set() or not self.store.has_ready(session_id):  # came in while we released?
+                return outcomes  # (when stopping, the sweeper hands what is left to the next owner)
 
     def _run(self, turn: Turn) -> str:
         msg = turn.message
