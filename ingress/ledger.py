@@ -11,12 +11,24 @@ from typing import Protocol
 
 import redis
 
+from shared.errors import ChatSessionsError
+
 DEDUPE_TTL_S = 7 * 24 * 3600  # Meta retries for up to 7 days
+PENDING_TTL_S = 30  # a claim whose publish never confirmed (the ingress died, Redis went away) lapses
+
+
+class InFlight(ChatSessionsError):
+    """Another copy of this message is being published right now; the platform should retry later."""
 
 
 class Ledger(Protocol):
     def claim(self, channel_id: str, platform_message_id: str) -> bool:
-        """True the first time a platform message is seen; False for a redelivery."""
+        """True the first time a platform message is seen, False once a copy was published;
+        InFlight while a copy's publish is not yet confirmed (two-phase, so a lost confirmation
+        can never turn a message that was not enqueued into a 200 "duplicate")."""
+
+    def confirm(self, channel_id: str, platform_message_id: str) -> None:
+        """The claimed message is in the broker: later copies are duplicates."""
 
     def release(self, channel_id: str, platform_message_id: str) -> None:
         """Forget a claim whose publish failed, so the platform's retry is accepted."""
@@ -32,14 +44,29 @@ class Ledger(Protocol):
         """Raise if the ledger cannot be reached."""
 
 
+_CLAIM = """
+local v = redis.call('GET', KEYS[1])
+if not v then redis.call('SET', KEYS[1], 'pending', 'EX', ARGV[1]) return 1 end
+if v == 'pending' then return 2 end
+return 0
+"""
+
+
 class RedisLedger:
     def __init__(self, url: str):
         self.redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=30)
+        self._claim = self.redis.register_script(_CLAIM)
         self._return_seq = self.redis.register_script(
             "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DECR', KEYS[1]) end return -1")
 
     def claim(self, channel_id: str, platform_message_id: str) -> bool:
-        return bool(self.redis.set(f"seen:{channel_id}:{platform_message_id}", 1, nx=True, ex=DEDUPE_TTL_S))
+        state = self._claim(keys=[f"seen:{channel_id}:{platform_message_id}"], args=[PENDING_TTL_S])
+        if state == 2:
+            raise InFlight(platform_message_id)
+        return state == 1
+
+    def confirm(self, channel_id: str, platform_message_id: str) -> None:
+        self.redis.set(f"seen:{channel_id}:{platform_message_id}", "done", ex=DEDUPE_TTL_S)
 
     def release(self, channel_id: str, platform_message_id: str) -> None:
         self.redis.delete(f"seen:{channel_id}:{platform_message_id}")
@@ -59,19 +86,26 @@ class MemoryLedger:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._seen: set[tuple[str, str]] = set()
+        self._seen: dict[tuple[str, str], bool] = {}  # -> confirmed
         self._seq: dict[str, int] = {}
 
     def claim(self, channel_id: str, platform_message_id: str) -> bool:
         with self._lock:
-            if (channel_id, platform_message_id) in self._seen:
-                return False
-            self._seen.add((channel_id, platform_message_id))
-            return True
+            confirmed = self._seen.get((channel_id, platform_message_id))
+            if confirmed is None:
+                self._seen[(channel_id, platform_message_id)] = False
+                return True
+            if not confirmed:
+                raise InFlight(platform_message_id)
+            return False
+
+    def confirm(self, channel_id: str, platform_message_id: str) -> None:
+        with self._lock:
+            self._seen[(channel_id, platform_message_id)] = True
 
     def release(self, channel_id: str, platform_message_id: str) -> None:
         with self._lock:
-            self._seen.discard((channel_id, platform_message_id))
+            self._seen.pop((channel_id, platform_message_id), None)
 
     def next_seq(self, session_key: str) -> int:
         with self._lock:

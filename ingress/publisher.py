@@ -7,7 +7,7 @@ import time
 import structlog
 from celery import Celery
 
-from ingress.ledger import Ledger, MemoryLedger, RedisLedger
+from ingress.ledger import InFlight, Ledger, MemoryLedger, RedisLedger
 from shared.config import Settings
 from shared.errors import EnqueueFailed
 from shared.messages import InboundMessage
@@ -38,6 +38,8 @@ class Publisher:
                 if dedupe and not self.ledger.claim(message.channel_id, message.platform_message_id):
                     log.info("ingress.duplicate", channel=message.channel_id, platform_message_id=message.platform_message_id)
                     continue
+            except InFlight:
+                raise EnqueueFailed("another copy of this message is being enqueued") from None
             except Exception as exc:
                 raise EnqueueFailed(f"ledger unreachable: {exc.__class__.__name__}") from exc
             seq = None
@@ -47,6 +49,10 @@ class Publisher:
             except Exception as exc:
                 self._undo(message, seq)
                 raise EnqueueFailed(f"broker unreachable: {exc.__class__.__name__}") from exc
+            try:
+                self.ledger.confirm(message.channel_id, message.platform_message_id)
+            except Exception:  # enqueued all the same; the pending claim lapses, the store dedupes a copy
+                log.warning("ingress.confirm_failed", platform_message_id=message.platform_message_id)
             enqueued += 1
         return enqueued
 

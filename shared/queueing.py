@@ -37,7 +37,13 @@ def make_celery(settings: Settings) -> Celery:
         task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
         # A redelivery must mean a dead worker, not a slow one: longer than the lease.
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            # kombu scans for expired unacked messages only every `interval * throttle` seconds (10 x 10 by
+            # default): scan every 2 s so a dead worker's messages return VISIBILITY_TIMEOUT + 2 s later.
+            "unacked_restore_interval": 2,
+            "unacked_restore_throttle": 1,
+        },
         # The ingress must answer fast: fail the publish (-> 503) rather than wait for a dead broker.
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5},
         broker_connection_timeout=2,

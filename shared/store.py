@@ -7,12 +7,13 @@ one turn at a time, and never holds a transaction while the Agent runs.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Iterable
 
 from sqlalchemy import and_, case, delete, exists, func, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from shared.config import ChannelConfig
 from shared.db import engine_for, transaction
@@ -318,13 +319,24 @@ class Store:
             ).all()
         return [PendingReply(*r) for r in rows]
 
-    def mark_delivery(self, reply_id: int, delivery: Delivery) -> None:
-        with transaction(self.url) as s:
-            s.execute(update(Message).where(Message.id == reply_id).values(
-                delivery_status=SENT if delivery.ok else FAILED, delivery_error=delivery.error,
-                delivery_attempts=Message.delivery_attempts + delivery.attempts,
-                delivered_at=now() if delivery.ok else None,
-            ))
+    def mark_delivery(self, reply_id: int, delivery: Delivery, retry_for_s: float = 60.0) -> None:
+        """Record a send's outcome. Retried in place on a database outage: the reply already left, and a
+        retried turn would find it still pending and send it again."""
+        deadline, wait = time.monotonic() + retry_for_s, 0.2
+        while True:
+            try:
+                with transaction(self.url) as s:
+                    s.execute(update(Message).where(Message.id == reply_id).values(
+                        delivery_status=SENT if delivery.ok else FAILED, delivery_error=delivery.error,
+                        delivery_attempts=Message.delivery_attempts + delivery.attempts,
+                        delivered_at=now() if delivery.ok else None,
+                    ))
+                return
+            except (OperationalError, InterfaceError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(wait)
+                wait = min(wait * 2, 5.0)
 
     def stale_outbox(self, older_than_s: float, limit: int = 500) -> list[tuple[int, str]]:
         """Sessions (id, key) with a reply committed over `older_than_s` ago but never sent (its sender died)."""

@@ -5,7 +5,7 @@ import uuid
 import pytest
 import redis
 
-from ingress.ledger import MemoryLedger, RedisLedger
+from ingress.ledger import InFlight, MemoryLedger, RedisLedger
 
 
 @pytest.fixture(params=["redis", "memory"])
@@ -20,13 +20,29 @@ def ledger(request):
     return RedisLedger(url)
 
 
-def test_claim_once_and_release(ledger):
+def test_claim_is_two_phase(ledger):
     mid = uuid.uuid4().hex
     assert ledger.claim("wa", mid) is True
-    assert ledger.claim("wa", mid) is False
+    with pytest.raises(InFlight):  # a copy arriving while the first is being published: retry later
+        ledger.claim("wa", mid)
+    ledger.confirm("wa", mid)
+    assert ledger.claim("wa", mid) is False  # published: a duplicate
     assert ledger.claim("wa2", mid) is True  # ids are per channel
-    ledger.release("wa", mid)
+
+
+def test_a_released_claim_accepts_the_retry(ledger):
+    mid = uuid.uuid4().hex
     assert ledger.claim("wa", mid) is True
+    ledger.release("wa", mid)  # the publish failed
+    assert ledger.claim("wa", mid) is True
+
+
+def test_an_unconfirmed_claim_lapses():
+    url = "redis://127.0.0.1:6379/13"
+    ledger, mid = RedisLedger(url), uuid.uuid4().hex
+    assert ledger.claim("wa", mid) is True  # ... and the release never happened (Redis was down)
+    ttl = ledger.redis.ttl(f"seen:wa:{mid}")
+    assert 0 < ttl <= 30  # so the platform's retry is accepted within half a minute, never answered 200 unsent
 
 
 def test_numbers_are_per_session_and_returned_only_if_last(ledger):

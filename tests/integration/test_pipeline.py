@@ -346,7 +346,11 @@ def test_duplicate_webhook_gets_one_reply_and_one_stored_message(stack):
         return stack.post(f"/webhooks/{WA_ECHO}", body, headers).status_code
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        assert [f.result() for f in [pool.submit(post) for _ in range(4)]] == [200] * 4
+        statuses = [f.result() for f in [pool.submit(post) for _ in range(4)]]
+    # A copy that arrives while another is being enqueued gets 503 (the platform retries), never a 200 for
+    # a message that might not be enqueued; once the first copy is in the broker, copies get 200.
+    assert set(statuses) <= {200, 503} and 200 in statuses, statuses
+    assert stack.post(f"/webhooks/{WA_ECHO}", body, headers).status_code == 200  # the platform's retry
 
     # A later message of the same session is the barrier: turns run in order, so once its reply is out,
     # any duplicate turn would already have replied.
