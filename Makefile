@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install run demo test unit integration lint clean
+.PHONY: install run demo test unit integration faults lint clean
 
 install: $(VENV)/.installed
 
@@ -28,5 +28,12 @@ unit: install
 integration: install
 	$(BIN)/pytest -q tests/integration
 
+faults: install  ## the fault suite: kills, pauses, restarts real processes under traffic (~8 min)
+	$(BIN)/pytest -q -s -m faults tests/faults
+
 clean:
 	rm -rf $(VENV) *.egg-info chatsessions.db chatsessions.db-*
+
+.PHONY: bench
+bench: install  ## the benchmark: real processes + PostgreSQL/Redis on 127.0.0.1; SCENARIOS=e2e,ingress picks some, BENCH_OUT=path
+	$(BIN)/chatsessions bench --scenarios "$(or $(SCENARIOS),all)" --out "$(or $(BENCH_OUT),bench-results.json)"

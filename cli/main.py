@@ -262,6 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
     dl.set_defaults(fn=cmd_deadletters)
     for action in dl_sub.choices.values():
         action.set_defaults(fn=cmd_deadletters)
+
+    from cli import bench as bench_cmd  # light at import: heavy imports wait for a run
+    from cli import loadgen as loadgen_cmd
+
+    lg = sub.add_parser("loadgen", help="play the platforms against an ingress: throughput, latency, correctness")
+    loadgen_cmd.add_arguments(lg)
+    lg.set_defaults(fn=loadgen_cmd.main)
+    bench = sub.add_parser("bench", help="start the real processes and run the benchmark scenarios (make bench)")
+    bench_cmd.add_arguments(bench)
+    bench.set_defaults(fn=bench_cmd.main)
     return p
 
 

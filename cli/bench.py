@@ -1,0 +1,1157 @@
+"""`chatsessions bench` (`make bench`): the real processes on this machine, the scenarios of issue 4, a table and JSON.
+
+Starts a private stack (cli/stack.py): a fresh PostgreSQL database, a private redis-server, `chatsessions ingress`
+(gunicorn), BENCH_POOLS worker pools (the command `chatsessions worker` execs) and beat; a StandInPlatforms receives
+the replies; `chatsessions loadgen`'s engine (cli/loadgen.py) plays WhatsApp, Telegram and Discord at it. Scenarios,
+in run order (pick with SCENARIOS=e2e,ingress or --scenarios):
+
+  ceiling      bare Celery no-op tasks (cli/bench_ceiling.py) through the same broker, queues and worker flags
+  ingress      webhooks accepted and enqueued, workers stopped: max req/s (closed loop), p99 at BENCH_INGRESS_RATE
+  e2e          webhook -> queue -> turn (PostgreSQL, demo Agent + echo) -> reply at the stand-in; ratio to ceiling
+  hot_session  1,000 sessions at a steady rate, alone and while one session is flooded: the others' p99
+  slow_agent   a 200 ms Agent (cli/bench_agents.py:SlowEcho), 1,000 sessions, worker concurrency 1/8/32/64
+  memory       worker RSS after warm-up and after BENCH_MEMORY_MESSAGES messages over BENCH_MEMORY_SESSIONS sessions
+  scale        e2e with 10k and 1M sessions stored (seeded with COPY, 10 messages each) + EXPLAIN of a turn's SQL
+
+Sizes and knobs are environment variables (BENCH_*; `chatsessions bench --help` lists them with defaults);
+--quick shrinks every size for a run of a few minutes. Results: a table on stdout, JSON at BENCH_OUT.
+Each scenario also records where the machine's CPU went (stack, PostgreSQL, load generator, other processes),
+because figures taken while something else loads the machine are not comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+SCENARIOS = ("ceiling", "ingress", "e2e", "hot_session", "slow_agent", "memory", "scale")
+
+# name: (default, --quick default, meaning)
+KNOBS: dict[str, tuple[str, str, str]] = {
+    "BENCH_PARTITIONS": ("16", "16", "partition queues"),
+    "BENCH_POOLS": ("2", "2", "worker pools; the partitions are split evenly between them"),
+    "BENCH_CONCURRENCY": ("16", "16", "threads per worker pool (WORKER_CONCURRENCY)"),
+    "BENCH_PREFETCH": ("", "", "worker --prefetch-multiplier (empty: the app's setting, 1)"),
+    "BENCH_INGRESS_WORKERS": ("2", "2", "gunicorn worker processes"),
+    "BENCH_INGRESS_THREADS": ("8", "8", "gunicorn threads per worker"),
+    "BENCH_SWEEP_SECONDS": ("60", "60", "beat's dormant sweep / outbox sweep period"),
+    "BENCH_CEILING_TASKS": ("20000", "5000", "no-op tasks drained for the ceiling"),
+    "BENCH_CEILING_REPEAT": ("2", "1", "ceiling drains (the best is kept: noise only slows a drain)"),
+    "BENCH_INGRESS_CONCURRENCY": ("16", "16", "closed-loop HTTP clients for the ingress max req/s"),
+    "BENCH_INGRESS_MAX_REQUESTS": ("10000", "3000", "requests for the ingress max req/s"),
+    "BENCH_INGRESS_RATE": ("1000", "1000", "open-loop req/s for the ingress p99"),
+    "BENCH_INGRESS_SECONDS": ("10", "5", "duration of each open-loop ingress run (at BENCH_INGRESS_RATE and at half the max)"),
+    "BENCH_E2E_SESSIONS": ("1000", "300", "sessions of the e2e run"),
+    "BENCH_E2E_MESSAGES": ("10", "5", "messages per session of the e2e run (at most)"),
+    "BENCH_E2E_SECONDS": ("45", "20", "stop sending after this long (the e2e, memory-warm-up and scale loads)"),
+    "BENCH_E2E_CONCURRENCY": ("64", "64", "closed loop: messages awaiting their reply"),
+    "BENCH_PROFILE": ("0", "0", "1: py-spy record the pools and one ingress worker during e2e"),
+    "BENCH_PROFILE_SECONDS": ("20", "10", "py-spy duration"),
+    "BENCH_PROFILE_DIR": ("bench-profile", "bench-profile", "where py-spy's raw stacks go"),
+    "BENCH_PROFILE_MODE": ("gil", "gil", "gil: samples of the thread holding the GIL (CPU); wall: every thread"),
+    "BENCH_HOT_SESSIONS": ("1000", "300", "sessions chatting normally"),
+    "BENCH_HOT_RATE": ("auto", "auto", "their open-loop messages/s in all; auto: half the e2e msgs/s of this run, else 50"),
+    "BENCH_HOT_SECONDS": ("20", "10", "duration of each hot-session run"),
+    "BENCH_HOT_FLOOD_RATE": ("50", "50", "messages/s into the one flooded session"),
+    "BENCH_SLOW_CONCURRENCIES": ("1,8,32,64", "1,8,64", "worker concurrencies of the slow-Agent runs"),
+    "BENCH_SLOW_POOLS": ("1", "1", "pools during the slow-Agent runs (ideal = pools x concurrency / delay)"),
+    "BENCH_SLOW_SESSIONS": ("1000", "1000", "sessions of the slow-Agent runs"),
+    "BENCH_SLOW_SECONDS": ("12", "6", "sending time of each slow-Agent run"),
+    "BENCH_AGENT_DELAY_S": ("0.2", "0.2", "the slow Agent's time per turn"),
+    "BENCH_MEMORY_SESSIONS": ("10000", "2000", "sessions of the memory run"),
+    "BENCH_MEMORY_MESSAGES": ("9000", "3000", "messages of the memory run, in all (issue 4's figure: 100000)"),
+    "BENCH_MEMORY_WARMUP": ("1500", "500", "messages before the start RSS is taken"),
+    "BENCH_SCALE_LEVELS": ("10000,1000000", "10000,100000", "sessions stored before each scale run"),
+    "BENCH_SCALE_SESSIONS": ("500", "200", "new sessions of each scale run"),
+    "BENCH_SCALE_MESSAGES": ("10", "5", "messages per session of each scale run (at most)"),
+    "BENCH_SCALE_SECONDS": ("25", "15", "sending time of each scale run"),
+    "BENCH_SCALE_REPEAT": ("2", "1", "scale runs per level (the best is kept: noise only slows a run)"),
+    "BENCH_PG_ADMIN": ("postgresql://postgres@127.0.0.1:5432/postgres", "postgresql://postgres@127.0.0.1:5432/postgres",
+                       "PostgreSQL admin URL; the bench creates and drops its own database"),
+    "BENCH_REDIS_URL": ("", "", "a Redis database to use (FLUSHed); empty: start a private redis-server"),
+    "BENCH_KEEP": ("0", "0", "1: keep the database and the process logs"),
+    "BENCH_QUIET_WAIT": ("0", "0", "before each scenario wait up to this many seconds for the machine to be idle"),
+    "BENCH_QUIET_CORES": ("0.3", "0.3", "idle = at most this many cores busy (the idle stack included)"),
+}
+
+RATE_LIMITS = "rate_limits = { account_per_s = 1000000, account_burst = 1000000, chat_per_s = 100000, chat_burst = 100000 }"
+TARGETS = {
+    "e2e_ratio": 0.5, "slow_efficiency": 0.8, "hot_ratio": 2.0, "scale_ratio": 1.1, "ingress_p99_ms": 10.0,
+    "ingress_rate": 1000.0, "memory_growth": 0.1,
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.split("\n\n")[0]
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "environment knobs (default / --quick default):\n" + "\n".join(
+        f"  {name:27} {d or '-':>10} / {q or '-':<10} {meaning}" for name, (d, q, meaning) in KNOBS.items())
+    parser.add_argument("--scenarios", default=os.environ.get("SCENARIOS") or "all",
+                        help=f"comma-separated, from {','.join(SCENARIOS)} (default all; env SCENARIOS)")
+    parser.add_argument("--out", default=os.environ.get("BENCH_OUT") or "bench-results.json",
+                        help="the JSON results (env BENCH_OUT; default bench-results.json)")
+    parser.add_argument("--quick", action="store_true", default=os.environ.get("BENCH_QUICK") == "1",
+                        help="small sizes: a few minutes (env BENCH_QUICK=1)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from shared.errors import ConfigError
+
+    names = SCENARIOS if args.scenarios in ("all", "") else tuple(s.strip() for s in args.scenarios.split(",") if s.strip())
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        raise ConfigError(f"unknown scenarios {unknown}; choose from {', '.join(SCENARIOS)}")
+    ordered = [n for n in SCENARIOS if n in names]
+    bench = Bench(Knobs(args.quick), Path(args.out))
+    return bench.run(ordered)
+
+
+class Knobs:
+    def __init__(self, quick: bool):
+        self.quick = quick
+
+    def str(self, name: str) -> str:
+        default, quick, _ = KNOBS[name]
+        value = os.environ.get(name)
+        return value if value not in (None, "") else (quick if self.quick else default)
+
+    def int(self, name: str) -> int:
+        return int(float(self.str(name)))
+
+    def float(self, name: str) -> float:
+        return float(self.str(name))
+
+    def ints(self, name: str) -> list[int]:
+        return [int(float(x)) for x in self.str(name).split(",") if x.strip()]
+
+    def flag(self, name: str) -> bool:
+        return self.str(name) in ("1", "true", "yes")
+
+    def as_dict(self) -> dict[str, str]:
+        return {name: self.str(name) for name in KNOBS}
+
+
+def log(text: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CPU accounting: where the machine's cores went during a scenario
+
+
+class CpuMeter:
+    def __init__(self, bench: Bench):
+        self.bench = bench
+
+    def _pg_pids(self) -> list[int]:
+        import psycopg
+
+        try:
+            with psycopg.connect(self.bench.stack.pg_admin, autocommit=True, connect_timeout=3) as conn:
+                return [r[0] for r in conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s",
+                                                   (self.bench.stack.db_name,)).fetchall()]
+        except psycopg.Error:
+            return []
+
+    def snapshot(self) -> dict[str, Any]:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        values = [int(x) for x in fields]
+        idle = values[3] + values[4]
+        tick = os.sysconf("SC_CLK_TCK")
+        stack = self.bench.stack
+        procs = {p.name: p.cpu_seconds() for p in stack.procs}
+        if stack._redis_proc is not None:
+            procs["redis"] = stack._redis_proc.cpu_seconds()
+        pg = 0.0
+        for pid in self._pg_pids():
+            try:
+                f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                pg += (int(f[11]) + int(f[12])) / tick
+            except (OSError, IndexError, ValueError):
+                pass
+        t = os.times()
+        return {"at": time.monotonic(), "total": sum(values) / tick, "idle": idle / tick, "procs": procs,
+                "pg": pg, "self": t.user + t.system}
+
+    def delta(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        wall = max(1e-6, b["at"] - a["at"])
+        busy = ((b["total"] - a["total"]) - (b["idle"] - a["idle"])) / wall
+        procs = {k: max(0.0, (b["procs"][k] - a["procs"].get(k, 0.0))) / wall for k in b["procs"]}
+        pg = max(0.0, b["pg"] - a["pg"]) / wall  # backends that lived through the scenario
+        loadgen = (b["self"] - a["self"]) / wall
+        ours = sum(procs.values()) + pg + loadgen
+        return {"wall_s": round(wall, 1), "machine_busy_cores": round(busy, 2),
+                "cores": {k: round(v, 2) for k, v in sorted(procs.items())} | {
+                    "postgres": round(pg, 2), "loadgen+standin (bench process)": round(loadgen, 2)},
+                "other_processes_cores": round(max(0.0, busy - ours), 2)}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The bench
+
+
+class Bench:
+    def __init__(self, knobs: Knobs, out: Path):
+        self.k = knobs
+        self.out = out
+        self.stack: Any = None
+        self.gen: Any = None
+        self.standin: Any = None
+        self.results: dict[str, Any] = {"machine": machine_info(), "config": knobs.as_dict() | {"quick": knobs.quick}}
+        for name in ("ceiling", "e2e", "slow_agent", "hot_session", "scale", "ingress", "memory"):
+            self.results[name] = None
+        self.cpu = CpuMeter(self)
+        self.workdir = Path(tempfile.mkdtemp(prefix="chatsessions-bench-"))
+
+    # -- the stack ------------------------------------------------------------------------------------------------
+
+    def config_text(self) -> str:
+        out = [f"partitions = {self.k.int('BENCH_PARTITIONS')}", "lease_seconds = 120", ""]
+        phone_ids = {"bwa": "100000000000101", "swa": "100000000000102"}
+        for cid, platform_, agent in (("bwa", "whatsapp", "cli.bench_agents:DemoEcho"),
+                                      ("btg", "telegram", "cli.bench_agents:DemoEcho"),
+                                      ("bdc", "discord", "cli.bench_agents:DemoEcho"),
+                                      ("swa", "whatsapp", "cli.bench_agents:SlowEcho"),
+                                      ("stg", "telegram", "cli.bench_agents:SlowEcho"),
+                                      ("sdc", "discord", "cli.bench_agents:SlowEcho")):
+            p = cid.upper()
+            out += ["[[channels]]", f'id = "{cid}"', f'platform = "{platform_}"', f'agent = "{agent}"',
+                    f'api_base = "{self.standin.base(cid)}"']
+            if platform_ == "whatsapp":
+                out += [f'secrets = {{ app_secret = "BENCH_{p}_APP", verify_token = "BENCH_{p}_VERIFY", '
+                        f'access_token = "BENCH_{p}_ACCESS" }}',
+                        f'options = {{ phone_number_id = "{phone_ids[cid]}", api_version = "v21.0", '
+                        f'{RATE_LIMITS} }}']
+            elif platform_ == "telegram":
+                out += [f'secrets = {{ bot_token = "BENCH_{p}_BOT", secret_token = "BENCH_{p}_SECRET" }}',
+                        f'options = {{ bot_username = "Bench{p}Bot", {RATE_LIMITS} }}']
+            else:
+                out += [f'secrets = {{ bot_token = "BENCH_{p}_BOT", public_key = "BENCH_DC_PUBLIC_KEY" }}',
+                        f'options = {{ application_id = "1270000000000000001", {RATE_LIMITS} }}']
+            out += ["session = { idle_minutes = 30, history_limit = 50 }", ""]
+        return "\n".join(out)
+
+    def secrets(self) -> dict[str, str]:
+        env = {}
+        for p in ("BWA", "SWA"):
+            env.update({f"BENCH_{p}_APP": f"{p}-app-secret", f"BENCH_{p}_VERIFY": "verify", f"BENCH_{p}_ACCESS": "token"})
+        for p in ("BTG", "STG"):
+            env.update({f"BENCH_{p}_BOT": f"{random.randrange(10**8, 10**9)}:{p}-bot", f"BENCH_{p}_SECRET": f"{p}-secret"})
+        for p in ("BDC", "SDC"):
+            env[f"BENCH_{p}_BOT"] = f"{p}-bot-token"
+        env["BENCH_DC_PUBLIC_KEY"] = self.discord_key.public_key().public_bytes_raw().hex()
+        env["BENCH_AGENT_DELAY_S"] = self.k.str("BENCH_AGENT_DELAY_S")
+        env["SWEEP_SECONDS"] = self.k.str("BENCH_SWEEP_SECONDS")
+        env["LOG_FORMAT"] = "json"
+        return env
+
+    def layout(self, pools: int) -> list[str]:
+        parts = self.k.int("BENCH_PARTITIONS")
+        pools = max(1, min(pools, parts))
+        if pools == 1:
+            return ["all"]
+        bounds = [round(i * parts / pools) for i in range(pools + 1)]
+        return [f"{bounds[i]}-{bounds[i + 1] - 1}" for i in range(pools)]
+
+    def start_pools(self, pools: int | None = None, concurrency: int | None = None, app: str | None = None) -> None:
+        pools = pools or self.k.int("BENCH_POOLS")
+        concurrency = concurrency or self.k.int("BENCH_CONCURRENCY")
+        extra = ("--prefetch-multiplier", self.k.str("BENCH_PREFETCH")) if self.k.str("BENCH_PREFETCH") else ()
+        for i, spec in enumerate(self.layout(pools)):
+            self.stack.start_pool(f"pool-{chr(97 + i)}", spec, concurrency, app=app, extra=extra, maintenance=i == 0)
+        self.stack.wait_pools_ready()
+
+    def stop_pools(self) -> None:
+        killed = self.stack.stop(self.stack.pools())
+        if killed:
+            log(f"pools {killed} ignored SIGTERM and were killed")
+
+    def setup(self) -> None:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from cli.loadgen import LoadGen, targets_from_settings
+        from cli.stack import Stack
+        from cli.standins.platforms import StandInPlatforms
+
+        self.standin = StandInPlatforms().start()
+        self.discord_key = Ed25519PrivateKey.generate()
+        self.stack = Stack(self.workdir, env=self.secrets(), config_text=self.config_text(),
+                           pg_admin=self.k.str("BENCH_PG_ADMIN"), redis_url=self.k.str("BENCH_REDIS_URL") or None,
+                           partitions=self.k.int("BENCH_PARTITIONS"), keep=self.k.flag("BENCH_KEEP"))
+        log(f"starting the stack in {self.workdir}")
+        self.stack.setup()
+        self.results["machine"]["postgres_commit_ms"] = commit_probe(self.stack.pg_url)
+        self.stack.start_ingress(self.k.int("BENCH_INGRESS_WORKERS"), self.k.int("BENCH_INGRESS_THREADS"))
+        self.start_pools()
+        self.stack.start_beat()
+        self.stack.wait_ready()
+        with self.stack.applied_env():
+            from shared.config import load_settings
+
+            settings = load_settings()
+        self.targets, _, warnings = targets_from_settings(settings, self.discord_key)
+        for w in warnings:
+            log(w)
+        self.gen = LoadGen(self.stack.url, self.targets, self.standin, reply_timeout=120, drain_timeout=60,
+                           progress=True)
+        log(f"stack up: {self.stack!r}")
+        self.warm_up()
+
+    def targets_for(self, prefix: str) -> tuple[str, ...]:
+        return tuple(t.channel_id for t in self.targets if t.channel_id.startswith(prefix))
+
+    def workload(self, name: str, sessions: int, messages: int, slow: bool = False, **kw: Any) -> Any:
+        from cli.loadgen import Workload
+
+        kw.setdefault("kinds", self.targets_for("s" if slow else "b"))
+        return Workload(name, sessions, messages, **kw)
+
+    def run_load(self, *workloads: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        before = self.cpu.snapshot()
+        reports = self.gen.run(*workloads)
+        cpu = self.cpu.delta(before, self.cpu.snapshot())
+        self.stack.assert_alive()
+        return reports, cpu
+
+    def warm_up(self, messages: int = 120) -> None:
+        """Every process imports, connects and compiles its statements before anything is measured."""
+        self.run_load(self.workload("warmup", max(12, messages // 2), 2, concurrency=16))
+
+    def run(self, names: list[str]) -> int:
+        started = time.monotonic()
+        status = 0
+        try:
+            try:
+                self.setup()
+            except Exception as exc:
+                self.results["error"] = f"the stack did not start: {exc.__class__.__name__}: {exc}"
+                log(self.results["error"])
+                names, status = [], 1
+            for name in names:
+                busy = self.wait_quiet()
+                log(f"== {name} == (machine busy {busy:.2f} cores before it)")
+                self.results["machine"].setdefault("busy_cores_before", {})[name] = round(busy, 2)
+                t0 = time.monotonic()
+                try:
+                    self.results[name] = getattr(self, f"scenario_{name}")()
+                except Exception as exc:  # one broken scenario must not lose the others' figures
+                    import traceback
+
+                    traceback.print_exc()
+                    self.results[name] = {"error": f"{exc.__class__.__name__}: {exc}"}
+                    status = 1
+                    if self.stack is not None:
+                        log("process log tails:\n" + self.stack.tails(15))
+                        self.recover()
+                log(f"== {name} done in {time.monotonic() - t0:.0f}s ==")
+                self.write()  # what is measured so far survives a later failure
+        except KeyboardInterrupt:
+            log("interrupted: writing what was measured")
+            status = 130
+        finally:
+            self.results["machine"]["loadavg_end"] = list(os.getloadavg())
+            self.results["machine"]["bench_seconds"] = round(time.monotonic() - started, 1)
+            self.teardown()
+        self.write()
+        print(table(self.results))
+        print(f"\nresults: {self.out}  ({self.results['machine']['bench_seconds']:.0f}s)")
+        return status
+
+    def write(self) -> None:
+        self.results["targets"] = targets_met(self.results)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(self.results, indent=2, default=str) + "\n")
+
+    def wait_quiet(self) -> float:
+        """Cores busy on the machine (everything: other users' processes too); waits for it to drop below
+        BENCH_QUIET_CORES for up to BENCH_QUIET_WAIT seconds. Returns the last reading."""
+        deadline = time.monotonic() + self.k.float("BENCH_QUIET_WAIT")
+        while True:
+            a = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+            time.sleep(2.0)
+            b = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+            total = sum(int(y) - int(x) for x, y in zip(a, b))
+            idle = sum(int(b[i]) - int(a[i]) for i in (3, 4))
+            busy = (total - idle) / max(1, total) * (os.cpu_count() or 1)
+            if busy <= self.k.float("BENCH_QUIET_CORES") or time.monotonic() > deadline:
+                return busy
+            log(f"machine busy ({busy:.2f} cores from other processes); waiting for it to quiet down")
+            time.sleep(3.0)
+
+    def recover(self) -> None:
+        """After a failed scenario: the default pools again, whatever state the scenario left."""
+        try:
+            self.stop_pools()
+            self.stack.purge_queues()
+            self.start_pools()
+        except Exception as exc:  # noqa: BLE001
+            log(f"could not restore the pools: {exc}")
+
+    def teardown(self) -> None:
+        if self.gen is not None:
+            self.gen.close()
+        if self.stack is not None:
+            if self.k.flag("BENCH_KEEP"):
+                log(f"kept: database {self.stack.db_name}, logs {self.workdir}")
+            self.stack.teardown()
+        if self.standin is not None:
+            self.standin.stop()
+
+    # -- scenarios ------------------------------------------------------------------------------------------------
+
+    def scenario_ceiling(self) -> dict[str, Any]:
+        runs = [self.ceiling_once() for _ in range(max(1, self.k.int("BENCH_CEILING_REPEAT")))]
+        best = max(runs, key=lambda r: r["celery_noop_msgs_per_s"])
+        return best | {"runs": [r["celery_noop_msgs_per_s"] for r in runs]}
+
+    def ceiling_once(self) -> dict[str, Any]:
+        from shared.partitioning import queue_name
+
+        n = self.k.int("BENCH_CEILING_TASKS")
+        parts = self.k.int("BENCH_PARTITIONS")
+        self.stop_pools()
+        self.stack.purge_queues()
+        with self.stack.applied_env():
+            from cli.bench_ceiling import (
+                NOOP,  # builds its app from the settings: the stack's environment
+            )
+            from shared.config import get_settings
+            from shared.queueing import make_celery
+
+            app = make_celery(get_settings())
+        payload = _sample_message()
+        t0 = time.monotonic()
+        with app.producer_or_acquire() as producer:
+            for i in range(n):
+                payload["seq"] = i
+                app.send_task(NOOP, args=[payload], queue=queue_name(i % parts), producer=producer)
+        published = time.monotonic() - t0
+        log(f"published {n} no-op tasks in {published:.1f}s; starting the no-op pools")
+        before = self.cpu.snapshot()
+        self.start_pools(app="cli.bench_ceiling")
+        samples = []  # (t, remaining)
+        deadline = time.monotonic() + max(120, n / 50)
+        while time.monotonic() < deadline:
+            remaining = self.stack.queue_depth()
+            samples.append((time.monotonic(), remaining))
+            if remaining == 0:
+                break
+            time.sleep(0.02)
+        cpu = self.cpu.delta(before, self.cpu.snapshot())
+        self.stop_pools()
+        self.stack.purge_queues()
+        self.start_pools()
+        t_hi = next((t for t, r in samples if r <= 0.9 * n), None)
+        t_lo = next((t for t, r in samples if r <= 0.1 * n), None)
+        t_first = next((t for t, r in samples if r < n), None)
+        t_end = samples[-1][0] if samples and samples[-1][1] == 0 else None
+        if t_hi is None or t_lo is None or t_lo <= t_hi:
+            raise RuntimeError(f"the no-op pools did not drain the queues: {samples[-1] if samples else None}")
+        rate = 0.8 * n / (t_lo - t_hi)
+        return {"celery_noop_msgs_per_s": round(rate, 1),
+                "full_drain_msgs_per_s": round(n / (t_end - t_first), 1) if t_end and t_first else None,
+                "tasks": n, "publish_msgs_per_s": round(n / published, 1), "cpu": cpu,
+                "note": "queues prefilled, then drained by pools started with the workers' flags; rate over 90%->10%"}
+
+    def scenario_ingress(self) -> dict[str, Any]:
+        self.stop_pools()
+        try:
+            sessions = 1000
+            max_requests = self.k.int("BENCH_INGRESS_MAX_REQUESTS")
+            profiler = self.start_profile("ingress", pools=False) if self.k.flag("BENCH_PROFILE") else None
+            closed, cpu_closed = self.run_load(self.workload(
+                "ingress-max", sessions, math.ceil(max_requests / sessions), limit=max_requests,
+                concurrency=self.k.int("BENCH_INGRESS_CONCURRENCY"), expect_replies=False))
+            profile = self.finish_profile(profiler) if profiler else None
+            rate = self.k.float("BENCH_INGRESS_RATE")
+            total = int(rate * self.k.float("BENCH_INGRESS_SECONDS"))
+            opened, cpu_open = self.run_load(self.workload(
+                "ingress-rate", sessions, math.ceil(total / sessions), limit=total, rate=rate, expect_replies=False,
+                senders=64))
+            half_rate = round(closed[0]["msgs_per_s"] / 2)
+            half_total = int(half_rate * self.k.float("BENCH_INGRESS_SECONDS"))
+            (half,), _ = self.run_load(self.workload(
+                "ingress-half", sessions, math.ceil(half_total / sessions), limit=half_total, rate=half_rate,
+                expect_replies=False, senders=64))
+        finally:
+            self.stack.purge_queues()
+            self.start_pools()
+        c, o = closed[0], opened[0]
+        return {
+            "req_per_s": c["msgs_per_s"],
+            "p99_ms": o["accept_latency_ms"]["p99"],
+            "at_rate": {"offered_req_per_s": rate, "achieved_req_per_s": o["send_rate"],
+                        "latency_ms": o["accept_latency_ms"], "rejected": o["rejected"], "errors": o["errors"],
+                        "cpu": cpu_open},
+            "at_half_max": {"offered_req_per_s": half_rate, "achieved_req_per_s": half["send_rate"],
+                            "latency_ms": half["accept_latency_ms"], "rejected": half["rejected"]},
+            "max": {"concurrency": c["concurrency"], "req_per_s": c["msgs_per_s"], "latency_ms": c["accept_latency_ms"],
+                    "rejected": c["rejected"], "errors": c["errors"], "cpu": cpu_closed},
+            "cpu_ms_per_request": cpu_per_msg(cpu_closed, c["accepted"]),
+            "note": "latency = POST to 200 at the client (open loop: from the scheduled send time); workers stopped",
+        } | ({"profile": profile} if profile else {})
+
+    def scenario_e2e(self) -> dict[str, Any]:
+        wl = self.workload("e2e", self.k.int("BENCH_E2E_SESSIONS"), self.k.int("BENCH_E2E_MESSAGES"),
+                           concurrency=self.k.int("BENCH_E2E_CONCURRENCY"), duration_s=self.k.float("BENCH_E2E_SECONDS"))
+        profiler = self.start_profile("e2e") if self.k.flag("BENCH_PROFILE") else None
+        (report,), cpu = self.run_load(wl)
+        profile = self.finish_profile(profiler) if profiler else None
+        ceiling = (self.results.get("ceiling") or {}).get("celery_noop_msgs_per_s")
+        result = {
+            "msgs_per_s": report["msgs_per_s"],
+            "ratio_to_ceiling": round(report["msgs_per_s"] / ceiling, 3) if ceiling else None,
+            "latency_ms": {k: report["latency_ms"][k] for k in ("p50", "p95", "p99")},
+            "lost": report["lost"], "duplicated": report["duplicated"], "reordered": report["reordered"],
+            "misrouted": report["misrouted"],
+            "latency_max_ms": report["latency_ms"]["max"], "accept_latency_ms": report["accept_latency_ms"],
+            "sessions": report["sessions"], "messages": report["accepted"], "concurrency": report["concurrency"],
+            "rejected": report["rejected"], "by_kind": report["by_kind"], "cpu": cpu,
+            "cpu_ms_per_msg": cpu_per_msg(cpu, report["replied"]),
+        }
+        if profile:
+            result["profile"] = profile
+        return result
+
+    def scenario_hot_session(self) -> dict[str, Any]:
+        sessions, seconds = self.k.int("BENCH_HOT_SESSIONS"), self.k.float("BENCH_HOT_SECONDS")
+        if self.k.str("BENCH_HOT_RATE") == "auto":
+            e2e = (self.results.get("e2e") or {}).get("msgs_per_s")
+            rate = round(e2e / 2, 1) if e2e else 50.0
+        else:
+            rate = self.k.float("BENCH_HOT_RATE")
+        per_session = max(1, math.ceil(rate * seconds / sessions))
+        total = int(rate * seconds)
+        (alone,), cpu_alone = self.run_load(self.workload("hot-alone", sessions, per_session, rate=rate, limit=total))
+        flood_rate = self.k.float("BENCH_HOT_FLOOD_RATE")
+        flood_n = int(flood_rate * seconds)
+        others = self.workload("hot-others", sessions, per_session, rate=rate, limit=total)
+        flood = self.workload("hot-flood", 1, flood_n, rate=flood_rate, kinds=("bwa",), senders=4)
+        (with_flood, flooded), cpu_flood = self.run_load(others, flood)
+        a, b = alone["latency_ms"]["p99"], with_flood["latency_ms"]["p99"]
+        return {
+            "others_p99_ms_alone": a, "others_p99_ms_with_flood": b, "ratio": round(b / a, 2) if a and b else None,
+            "others_rate": rate, "flood_rate": flood_rate, "seconds": seconds,
+            "others_alone": _brief(alone), "others_with_flood": _brief(with_flood), "flood": _brief(flooded),
+            "cpu_alone": cpu_alone, "cpu_with_flood": cpu_flood,
+        }
+
+    def scenario_slow_agent(self) -> dict[str, Any]:
+        delay = self.k.float("BENCH_AGENT_DELAY_S")
+        pools = self.k.int("BENCH_SLOW_POOLS")
+        sessions = self.k.int("BENCH_SLOW_SESSIONS")
+        runs = []
+        try:
+            for c in self.k.ints("BENCH_SLOW_CONCURRENCIES"):
+                self.stop_pools()
+                self.start_pools(pools=pools, concurrency=c)
+                ideal = pools * c / delay
+                (report,), cpu = self.run_load(self.workload(
+                    f"slow-c{c}", sessions, 10, slow=True, duration_s=self.k.float("BENCH_SLOW_SECONDS"),
+                    concurrency=2 * pools * c + 8))
+                n_sessions = min(sessions, report["accepted"])  # round robin: the first ones got a message
+                runs.append({"concurrency": c, "msgs_per_s": report["msgs_per_s"],
+                             "efficiency": round(report["msgs_per_s"] / ideal, 3), "reordered": report["reordered"],
+                             "ideal_msgs_per_s": round(ideal, 1), "pools": pools, "sessions": n_sessions,
+                             "messages": report["accepted"], "lost": report["lost"],
+                             "duplicated": report["duplicated"], "misrouted": report["misrouted"],
+                             "latency_ms": report["latency_ms"], "cpu": cpu})
+                log(f"slow agent c={c}: {report['msgs_per_s']:.1f} msg/s of ideal {ideal:.0f} "
+                    f"({report['msgs_per_s'] / ideal:.0%})")
+        finally:
+            self.stop_pools()
+            self.start_pools()
+        return runs
+
+    def scenario_memory(self) -> dict[str, Any]:
+        self.stop_pools()
+        self.start_pools()
+        pools = self.stack.pools()
+        boot = {p.name: round(p.rss_mb(), 1) for p in pools}
+        warm = self.k.int("BENCH_MEMORY_WARMUP")
+        self.run_load(self.workload("memory-warmup", max(1, warm // 5), 5, concurrency=self.k.int("BENCH_E2E_CONCURRENCY")))
+        start = {p.name: round(p.rss_mb(), 1) for p in pools}
+        sessions, total = self.k.int("BENCH_MEMORY_SESSIONS"), self.k.int("BENCH_MEMORY_MESSAGES")
+        peak = dict(start)
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(2.0):
+                for p in pools:
+                    peak[p.name] = max(peak[p.name], round(p.rss_mb(), 1))
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            (report,), cpu = self.run_load(self.workload("memory", sessions, math.ceil(total / sessions), limit=total,
+                                                         concurrency=self.k.int("BENCH_E2E_CONCURRENCY")))
+        finally:
+            stop.set()
+            sampler.join()
+        time.sleep(1.0)
+        end = {p.name: round(p.rss_mb(), 1) for p in pools}
+        s, e = sum(start.values()), sum(end.values())
+        return {"rss_mb_start": round(s, 1), "rss_mb_end": round(e, 1), "growth": round(e / s - 1, 4),
+                "per_pool": {n: {"boot": boot[n], "start": start[n], "peak": peak[n], "end": end[n],
+                                 "growth": round(end[n] / start[n] - 1, 4)} for n in start},
+                "messages": report["accepted"], "sessions": sessions, "msgs_per_s": report["msgs_per_s"],
+                "lost": report["lost"], "duplicated": report["duplicated"], "reordered": report["reordered"],
+                "misrouted": report["misrouted"], "cpu": cpu,
+                "note": f"start = after {warm} warm-up messages on freshly started pools (sum over pools)"}
+
+    def scenario_scale(self) -> dict[str, Any]:
+        levels = self.k.ints("BENCH_SCALE_LEVELS")
+        seeder = Seeder(self.stack.pg_url, channels=(("bwa", "whatsapp"), ("btg", "telegram"), ("bdc", "discord")))
+        seeder.reset()
+        out: dict[str, Any] = {"levels": []}
+        for level in levels:
+            t0 = time.monotonic()
+            added = seeder.seed_to(level)
+            seeded_s = time.monotonic() - t0
+            log(f"stored sessions: {seeder.count} (+{added} in {seeded_s:.0f}s); vacuum analyze + checkpoint")
+            seeder.settle()
+            runs = []
+            for i in range(max(1, self.k.int("BENCH_SCALE_REPEAT"))):
+                (report,), cpu = self.run_load(self.workload(
+                    f"scale-{level}-{i}", self.k.int("BENCH_SCALE_SESSIONS"), self.k.int("BENCH_SCALE_MESSAGES"),
+                    concurrency=self.k.int("BENCH_E2E_CONCURRENCY"), duration_s=self.k.float("BENCH_SCALE_SECONDS")))
+                runs.append({"msgs_per_s": report["msgs_per_s"], "per_msg_ms": round(1000 / report["msgs_per_s"], 3),
+                             "cpu_ms_per_msg": cpu_per_msg(cpu, report["replied"]),
+                             "latency_ms": report["latency_ms"], "lost": report["lost"],
+                             "reordered": report["reordered"], "duplicated": report["duplicated"],
+                             "misrouted": report["misrouted"], "cpu": cpu})
+            best = min(runs, key=lambda r: r["per_msg_ms"])
+            out["levels"].append({"sessions_stored": seeder.count, "messages_stored": seeder.messages,
+                                  "seed_seconds": round(seeded_s, 1), "per_msg_ms": best["per_msg_ms"],
+                                  "cpu_ms_per_msg": min(r["cpu_ms_per_msg"]["total (ours)"] for r in runs),
+                                  "postgres_cpu_ms_per_msg": min(r["cpu_ms_per_msg"]["postgres"] for r in runs),
+                                  "runs": runs, "table_mb": seeder.sizes()})
+        first, last = out["levels"][0], out["levels"][-1]
+        out["per_msg_ms_at_10k"] = first["per_msg_ms"]
+        out["per_msg_ms_at_1m"] = last["per_msg_ms"]
+        out["ratio"] = round(last["per_msg_ms"] / first["per_msg_ms"], 3)
+        # CPU per message (all our processes, PostgreSQL included): the cost, with less of the machine's noise.
+        out["cpu_ms_per_msg_at_10k"] = first["cpu_ms_per_msg"]
+        out["cpu_ms_per_msg_at_1m"] = last["cpu_ms_per_msg"]
+        out["cpu_ratio"] = round(last["cpu_ms_per_msg"] / first["cpu_ms_per_msg"], 3)
+        out["postgres_cpu_ratio"] = round(last["postgres_cpu_ms_per_msg"] / first["postgres_cpu_ms_per_msg"], 3)
+        out["note"] = (f"per_msg_ms = 1000 / msgs_per_s of a saturated closed loop; levels {levels} "
+                       f"(the _at_10k/_at_1m keys hold the first and last level)")
+        out["explain"] = self.explain_turn(seeder)
+        out["turn_sql_counts"] = self.turn_counts
+        return out
+
+    # -- EXPLAIN of the SQL one turn runs --------------------------------------------------------------------------
+
+    def explain_turn(self, seeder: Seeder) -> list[dict[str, Any]]:
+        """Run one real turn in this process (workers.runtime.runner, the workers' own code) on a stored session,
+        capture every statement it sends, and EXPLAIN ANALYZE each one (rolled back)."""
+        from sqlalchemy import event
+
+        from shared.db import engine_for
+        from shared.messages import InboundMessage
+
+        captured: list[tuple[str, Any]] = []
+        counts = {"transactions": 0, "commits": 0, "pool_checkouts": 0}
+
+        def capture(_conn, _cursor, statement, parameters, _context, executemany):
+            captured.append((statement, parameters[0] if executemany and parameters else parameters))
+
+        def count(name: str):
+            def inc(*_args: Any) -> None:
+                counts[name] += 1
+            return inc
+        listeners = [("before_cursor_execute", capture), ("begin", count("transactions")),
+                     ("commit", count("commits"))]
+
+        with self.stack.applied_env():
+            from shared.logs import configure_logging
+            from workers import runtime
+
+            configure_logging("console", "WARNING")  # the turn's log lines would land on stdout, in the table
+            runtime.runner.cache_clear()
+            runner = runtime.runner()
+            engine = engine_for(self.stack.database_url)
+            session = seeder.sample_session()
+            msg = InboundMessage(
+                channel_id=session["channel_id"], platform="whatsapp", session_key=session["key"],
+                chat_id=session["chat_id"], chat_kind=session["chat_kind"], sender_id=session["chat_id"],
+                sender_name="Explain", text="lg-000000-0-0 where is my order?",
+                platform_message_id=f"wamid.explain.{random.getrandbits(40)}", sent_at=time.time(),
+                seq=session["last_seq"] + 1, received_at=time.time())
+            checkout = count("pool_checkouts")
+            for name, fn in listeners:
+                event.listen(engine, name, fn)
+            event.listen(engine.pool, "checkout", checkout)
+            try:
+                outcome = runner.handle(msg)
+            finally:
+                for name, fn in listeners:
+                    event.remove(engine, name, fn)
+                event.remove(engine.pool, "checkout", checkout)
+                runtime.runner.cache_clear()
+        plans = []
+        seen = set()
+        for statement, params in captured:
+            key = " ".join(statement.split())
+            if key in seen or key.upper() in ("SELECT 1", "BEGIN", "COMMIT", "ROLLBACK"):
+                continue
+            seen.add(key)
+            plans.append(_explain(engine, statement, params))
+        log(f"EXPLAIN: one turn ({outcome}) ran {len(captured)} statements, {len(plans)} distinct, {counts}")
+        self.turn_counts = {"outcome": outcome, "statements": len(captured), "distinct_statements": len(plans),
+                            **counts}
+        return plans
+
+    # -- profiling ------------------------------------------------------------------------------------------------
+
+    def start_profile(self, label: str, pools: bool = True) -> dict[str, Any] | None:
+        import shutil
+
+        spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+        if spy is None:
+            log("BENCH_PROFILE=1 but py-spy is not installed (.venv/bin/pip install py-spy); no profile")
+            return None
+        outdir = Path(self.k.str("BENCH_PROFILE_DIR"))
+        outdir.mkdir(parents=True, exist_ok=True)
+        targets = {p.name: p.pid for p in self.stack.pools()} if pools else {}
+        from cli.stack import _children
+
+        for i, pid in enumerate(_children(self.stack.proc("ingress").pid)[: 1 if pools else None]):
+            targets[f"ingress-worker-{i}"] = pid
+        seconds = self.k.int("BENCH_PROFILE_SECONDS")
+        procs = {}
+        for name, pid in targets.items():
+            path = outdir / f"{label}-{name}.txt"
+            mode = ["--gil"] if self.k.str("BENCH_PROFILE_MODE") == "gil" else []
+            procs[name] = (subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(seconds), "-r", "100",
+                                             "--nonblocking", *mode, "-f", "raw", "-o", str(path)],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), path)
+        return procs
+
+    def finish_profile(self, procs: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for name, (popen, path) in procs.items():
+            try:
+                popen.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+            out[name] = summarize_profile(path) if path.exists() else {"error": "py-spy wrote nothing (ptrace?)"}
+        return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Seeding (COPY) for the scale scenario
+
+
+class Seeder:
+    """Stores dormant sessions with 10 messages each (5 user + 5 replies, sent), fast, with COPY."""
+
+    SESSION_COLS = ("id", "channel_id", "key", "chat_kind", "chat_id", "status", "generation", "message_count",
+                    "last_seq", "lease_token", "lease_until", "created_at", "last_activity_at")
+    MESSAGE_COLS = ("id", "session_id", "generation", "position", "role", "sender_id", "sender_name", "text",
+                    "channel_id", "platform_message_id", "ingress_seq", "created_at", "in_reply_to",
+                    "delivery_status", "delivery_error", "delivery_attempts", "delivered_at")
+    EVENT_COLS = ("session_id", "generation", "event", "at")
+    PER_SESSION = 10
+
+    def __init__(self, pg_url: str, channels: tuple[tuple[str, str], ...]):
+        self.pg_url = pg_url
+        self.channels = channels
+        self.count = 0
+        self.messages = 0
+
+    def _connect(self):
+        import psycopg
+
+        return psycopg.connect(self.pg_url, autocommit=True)
+
+    def reset(self) -> None:
+        """Empty the store (sessions and everything that references them) so levels are exact."""
+        with self._connect() as conn:
+            conn.execute("TRUNCATE sessions CASCADE")
+            self._check_columns(conn)
+        self.count = self.messages = 0
+
+    def _check_columns(self, conn) -> None:
+        for table, cols in (("sessions", self.SESSION_COLS), ("messages", self.MESSAGE_COLS),
+                            ("session_events", self.EVENT_COLS)):
+            rows = conn.execute("SELECT column_name FROM information_schema.columns WHERE table_name = %s "
+                                "AND is_nullable = 'NO' AND column_default IS NULL", (table,)).fetchall()
+            missing = [r[0] for r in rows if r[0] not in cols]
+            if missing:
+                raise RuntimeError(f"the seeder does not fill {table}.{missing} (schema changed): update cli/bench.py")
+
+    def seed_to(self, total: int, writers: int = 2) -> int:
+        """Store sessions until there are `total`; returns how many were added. `writers` COPY streams at once."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        add = max(0, total - self.count)
+        if not add:
+            return 0
+        with self._connect() as conn:
+            base_s = conn.execute("SELECT coalesce(max(id), 0) FROM sessions").fetchone()[0] + 1
+            base_m = conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0] + 1
+        start, chunk = self.count, 20_000
+        progress = {"done": 0, "logged": 0}
+        lock = threading.Lock()
+
+        def write(lo: int) -> None:
+            n = min(chunk, add - lo)
+            s_rows, m_rows, e_rows = self._rows(start + lo, n, base_s + lo, base_m + lo * self.PER_SESSION)
+            with self._connect() as conn:
+                conn.execute("SET synchronous_commit = off")
+                # Consistent by construction: skip the per-row foreign-key triggers (needs a superuser).
+                try:
+                    conn.execute("SET session_replication_role = replica")
+                except Exception:  # noqa: BLE001 - not a superuser: seed with the checks
+                    pass
+                with conn.transaction(), conn.cursor() as cur:
+                    for table, cols, rows in (("sessions", self.SESSION_COLS, s_rows),
+                                              ("messages", self.MESSAGE_COLS, m_rows),
+                                              ("session_events", self.EVENT_COLS, e_rows)):
+                        with cur.copy(f"COPY {table} ({', '.join(cols)}) FROM STDIN") as copy:
+                            copy.write(rows)
+            with lock:
+                progress["done"] += n
+                if progress["done"] - progress["logged"] >= 200_000 or progress["done"] == add:
+                    progress["logged"] = progress["done"]
+                    log(f"seeded {start + progress['done']} sessions")
+
+        with ThreadPoolExecutor(max(1, writers)) as pool:
+            list(pool.map(write, range(0, add, chunk)))
+        with self._connect() as conn:
+            for table in ("sessions", "messages"):
+                conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                             f"(SELECT coalesce(max(id), 1) FROM {table}))")
+        self.count += add
+        self.messages += add * self.PER_SESSION
+        return add
+
+    def _rows(self, index0: int, n: int, sid0: int, mid0: int) -> tuple[str, str, str]:
+        old = datetime.now(timezone.utc) - timedelta(days=2)
+        at = old.isoformat()
+        sessions, messages, events = [], [], []
+        nch = len(self.channels)
+        for j in range(n):
+            i = index0 + j
+            sid = sid0 + j
+            cid, _ = self.channels[i % nch]
+            kind = "group" if i % 4 == 3 else "dm"
+            chat = f"seed{i}"
+            sessions.append(f"{sid}\t{cid}\t{cid}:{kind}:{chat}\t{kind}\t{chat}\tdormant\t1\t{self.PER_SESSION}\t"
+                            f"{self.PER_SESSION // 2}\t{self.PER_SESSION // 2}\t\\N\t{at}\t{at}\n")
+            mid = mid0 + j * self.PER_SESSION
+            for pos in range(0, self.PER_SESSION, 2):
+                seq = pos // 2 + 1
+                messages.append(f"{mid + pos}\t{sid}\t1\t{pos}\tuser\t{chat}\tSeed {i}\tmy order {40000 + i} seq {seq}"
+                                f"\t{cid}\tseed.{i}.{seq}\t{seq}\t{at}\t\\N\t\\N\t\\N\t0\t\\N\n")
+                messages.append(f"{mid + pos + 1}\t{sid}\t1\t{pos + 1}\tassistant\tagent\tAgent\tthanks, I noted "
+                                f"order {40000 + i}\t{cid}\t\\N\t\\N\t{at}\t{mid + pos}\tsent\t\\N\t1\t{at}\n")
+            events.append(f"{sid}\t1\tcreated\t{at}\n")
+            events.append(f"{sid}\t1\tdormant\t{at}\n")
+        return "".join(sessions), "".join(messages), "".join(events)
+
+    def settle(self) -> None:
+        with self._connect() as conn:
+            conn.execute("VACUUM ANALYZE sessions")
+            conn.execute("VACUUM ANALYZE messages")
+            conn.execute("VACUUM ANALYZE session_events")
+            conn.execute("CHECKPOINT")
+
+    def sizes(self) -> dict[str, float]:
+        with self._connect() as conn:
+            return {t: round(conn.execute("SELECT pg_total_relation_size(%s)", (t,)).fetchone()[0] / 2**20, 1)
+                    for t in ("sessions", "messages", "session_events")}
+
+    def sample_session(self) -> dict[str, Any]:
+        from psycopg.rows import dict_row
+
+        with self._connect() as conn:
+            conn.row_factory = dict_row
+            return conn.execute("SELECT * FROM sessions WHERE key LIKE 'bwa:dm:seed%%' AND status = 'dormant' "
+                                "ORDER BY id DESC LIMIT 1").fetchone()
+
+
+def _explain(engine: Any, statement: str, params: Any) -> dict[str, Any]:
+    text = " ".join(statement.split())
+    result: dict[str, Any] = {"sql": text}
+    for analyze in (True, False):
+        conn = engine.connect()
+        trans = conn.begin()
+        try:
+            prefix = "EXPLAIN (ANALYZE, BUFFERS) " if analyze else "EXPLAIN "
+            rows = conn.exec_driver_sql(prefix + statement, params if params else None).fetchall()
+            plan = [r[0] for r in rows]
+            result["analyzed"] = analyze
+            result["plan"] = plan
+            result["seq_scans"] = sorted({line.split("Seq Scan on ")[1].split()[0] for line in plan
+                                          if "Seq Scan on " in line})
+            result["uses_index"] = any("Index" in line for line in plan)
+            return result
+        except Exception as exc:  # noqa: BLE001 - e.g. a unique violation re-running an INSERT: plain EXPLAIN
+            result["error"] = f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}"
+        finally:
+            trans.rollback()
+            conn.close()
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Profile summaries (py-spy raw/collapsed stacks)
+
+IDLE_LEAVES = ("concurrent/futures/thread.py", "Condition.wait", "Event.wait", "_epoll.poll", "select (",
+               "poll (", "sleep (", "Semaphore.acquire", "Queue.get", "accept (", "_poll (")
+WAITS = {"psycopg/connection.py": "waiting on PostgreSQL", "redis/_parsers": "waiting on Redis",
+         "redis/connection.py": "waiting on Redis", "socket.py": "socket I/O (HTTP)", "ssl.py": "socket I/O (HTTP)"}
+CATEGORIES = (  # first match on any frame of the stack, from the leaf up
+    ("Agent", ("bench_agents.py", "shared/agents.py")),
+    ("structlog/logging", ("structlog/", "logging/__init__.py", "shared/logs.py")),
+    ("outbound HTTP (requests)", ("requests/", "urllib3/", "http/client.py", "shared/outbound.py")),
+    ("rate limiter", ("shared/ratelimit.py",)),
+    ("SQLAlchemy + psycopg", ("sqlalchemy/", "psycopg/")),
+    ("Celery/kombu/redis", ("celery/", "kombu/", "redis/", "billiard/", "vine/")),
+    ("JSON", ("json/",)),
+    ("flask/werkzeug/gunicorn", ("flask/", "werkzeug/", "gunicorn/")),
+    ("ingress code", ("ingress/", "shared/channels/")),
+    ("turn/store code", ("workers/", "shared/store.py", "shared/db.py")),
+)
+
+
+def summarize_profile(path: Path, top: int = 15) -> dict[str, Any]:
+    from collections import Counter
+
+    total = idle = 0
+    waits: Counter = Counter()
+    cats: Counter = Counter()
+    leaves: Counter = Counter()
+    app_frames: Counter = Counter()
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        leaf = frames[-1]
+        total += n
+        if any(marker in leaf for marker in IDLE_LEAVES):
+            idle += n
+            continue
+        wait = next((label for marker, label in WAITS.items() if marker in leaf), None)
+        if wait:
+            waits[wait] += n
+        leaves[leaf] += n
+        for label, markers in CATEGORIES:
+            if any(m in f for f in reversed(frames) for m in markers):
+                cats[label] += n
+                break
+        else:
+            cats["other"] += n
+        for f in set(frames):
+            if any(m in f for m in ("workers/", "shared/", "ingress/")):
+                app_frames[f] += n
+    busy = max(1, total - idle)
+
+    def pct(n: int) -> float:
+        return round(100 * n / busy, 1)
+    return {
+        "samples": total, "idle_samples": idle,
+        "busy_by_category_pct": {k: pct(v) for k, v in cats.most_common()},
+        "waiting_pct": {k: pct(v) for k, v in waits.most_common()},
+        "top_leaf_frames_pct": [(f, pct(n)) for f, n in leaves.most_common(top)],
+        "top_app_frames_inclusive_pct": [(f, pct(n)) for f, n in app_frames.most_common(top)],
+        "note": "percent of non-idle samples; a thread blocked in a C call (psycopg/redis socket wait) counts as busy",
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Output
+
+
+def cpu_per_msg(cpu: dict[str, Any], messages: int) -> dict[str, float]:
+    """CPU milliseconds per message, by process: steadier than msgs/s when other processes share the machine."""
+    if not messages:
+        return {}
+    per = {k: round(v * cpu["wall_s"] / messages * 1000, 2) for k, v in cpu["cores"].items() if v}
+    per["total (ours)"] = round(sum(per.values()), 2)
+    return per
+
+
+def _sample_message() -> dict[str, Any]:
+    """A task argument of the real size: an InboundMessage as the ingress enqueues it."""
+    from shared.messages import InboundMessage
+
+    return InboundMessage(
+        channel_id="bwa", platform="whatsapp", session_key="bwa:dm:15551234567", chat_id="15551234567",
+        chat_kind="dm", sender_id="15551234567", sender_name="Ana Souza",
+        text="lg-000000-0-0 my order 48213 has not arrived", platform_message_id="wamid.HBgLMTU1NTEyMzQ1NjcVAgASGBQz",
+        sent_at=time.time(), seq=1, received_at=time.time()).to_dict()
+
+
+def _brief(report: dict[str, Any]) -> dict[str, Any]:
+    return {k: report[k] for k in ("sessions", "accepted", "rejected", "msgs_per_s", "send_rate", "latency_ms",
+                                   "lost", "duplicated", "reordered", "misrouted")}
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = None
+    try:
+        mem = round(int(Path("/proc/meminfo").read_text().split()[1]) / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": mem, "kernel": platform.release(),
+                            "python": platform.python_version(), "loadavg_start": list(os.getloadavg()),
+                            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    for name, argv in (("postgresql", ["psql", "--version"]), ("redis", ["redis-server", "--version"])):
+        try:
+            info[name] = subprocess.run(argv, capture_output=True, text=True, timeout=5).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            info[name] = None
+    return info
+
+
+def commit_probe(pg_url: str, n: int = 200) -> float | None:
+    """Milliseconds per tiny committed transaction on this machine: the WAL flush a turn pays at every commit."""
+    import psycopg
+
+    try:
+        with psycopg.connect(pg_url, autocommit=True, connect_timeout=3) as conn:
+            conn.execute("CREATE TABLE bench_commit_probe (x int)")
+            t0 = time.perf_counter()
+            for _ in range(n):
+                conn.execute("INSERT INTO bench_commit_probe VALUES (1)")
+            elapsed = time.perf_counter() - t0
+            conn.execute("DROP TABLE bench_commit_probe")
+        return round(elapsed / n * 1000, 3)
+    except psycopg.Error:
+        return None
+
+
+def targets_met(r: dict[str, Any]) -> dict[str, Any]:
+    met: dict[str, Any] = {}
+
+    def ok(name: str, value: Any, good: bool) -> None:
+        met[name] = {"value": value, "met": bool(good)}
+    e2e = r.get("e2e") or {}
+    if e2e.get("ratio_to_ceiling") is not None:
+        ok("e2e_ratio_to_ceiling>=0.5", e2e["ratio_to_ceiling"], e2e["ratio_to_ceiling"] >= TARGETS["e2e_ratio"])
+    for name in ("e2e", "memory"):
+        block = r.get(name) or {}
+        if "lost" in block:
+            counts = [block[k] for k in ("lost", "duplicated", "reordered", "misrouted")]
+            ok(f"{name}_correct", counts, not any(counts))
+    slow = [s for s in (r.get("slow_agent") or []) if isinstance(s, dict)]
+    top = max(slow, key=lambda s: s["concurrency"], default=None)
+    if top:
+        ok(f"slow_agent_efficiency_at_{top['concurrency']}>=0.8", top["efficiency"],
+           top["efficiency"] >= TARGETS["slow_efficiency"])
+        ok("slow_agent_reordered==0", sum(s["reordered"] for s in slow), not sum(s["reordered"] for s in slow))
+    hot = r.get("hot_session") or {}
+    if hot.get("ratio") is not None:
+        ok("hot_session_ratio<=2", hot["ratio"], hot["ratio"] <= TARGETS["hot_ratio"])
+    scale = r.get("scale") or {}
+    if scale.get("ratio") is not None:
+        ok("scale_ratio<=1.1", scale["ratio"], scale["ratio"] <= TARGETS["scale_ratio"])
+        seq = sorted({t for p in scale.get("explain", []) for t in p.get("seq_scans", [])})
+        ok("scale_turn_queries_use_indexes", seq or "no seq scans", not seq)
+    ingress = r.get("ingress") or {}
+    if ingress.get("p99_ms") is not None:
+        achieved = ingress["at_rate"]["achieved_req_per_s"] or 0
+        ok("ingress_p99<10ms@1000/s", {"p99_ms": ingress["p99_ms"], "achieved_req_per_s": achieved},
+           ingress["p99_ms"] < TARGETS["ingress_p99_ms"] and achieved >= 0.95 * TARGETS["ingress_rate"])
+    mem = r.get("memory") or {}
+    if mem.get("growth") is not None:
+        ok("memory_growth<=10%", mem["growth"], abs(mem["growth"]) <= TARGETS["memory_growth"])
+    return met
+
+
+def table(r: dict[str, Any]) -> str:
+    rows: list[tuple[str, str, str, str]] = []
+
+    def f(x: Any, digits: int = 1) -> str:
+        return "-" if x is None else (f"{x:,.{digits}f}" if isinstance(x, (int, float)) else str(x))
+
+    def err(name: str) -> bool:
+        block = r.get(name)
+        if isinstance(block, dict) and "error" in block:
+            rows.append((name, "FAILED", block["error"][:60], ""))
+            return True
+        return block is None
+    t = r.get("targets", {})
+
+    def met(key_prefix: str) -> str:
+        hit = [v for k, v in t.items() if k.startswith(key_prefix)]
+        return "" if not hit else ("yes" if all(v["met"] for v in hit) else "NO")
+    if not err("ceiling"):
+        rows.append(("ceiling", "celery no-op msgs/s", f(r["ceiling"]["celery_noop_msgs_per_s"]), ""))
+    if not err("e2e"):
+        e = r["e2e"]
+        rows.append(("e2e", "msgs/s", f(e["msgs_per_s"]), ""))
+        rows.append(("e2e", "ratio to ceiling", f(e["ratio_to_ceiling"], 3), f">= 0.5 {met('e2e_ratio')}"))
+        lat = e["latency_ms"]
+        rows.append(("e2e", "latency p50/p95/p99 ms", f"{f(lat['p50'])} / {f(lat['p95'])} / {f(lat['p99'])}", ""))
+        rows.append(("e2e", "lost/dup/reordered/misrouted",
+                     "/".join(str(e[k]) for k in ("lost", "duplicated", "reordered", "misrouted")),
+                     f"all 0 {met('e2e_correct')}"))
+    if not err("slow_agent"):
+        for s in r["slow_agent"]:
+            rows.append(("slow_agent", f"c={s['concurrency']} msgs/s (ideal {f(s['ideal_msgs_per_s'])})",
+                         f"{f(s['msgs_per_s'])} ({s['efficiency']:.0%}), reordered {s['reordered']}", ""))
+        rows[-1] = (*rows[-1][:3], f">= 80% {met('slow_agent')}")
+    if not err("hot_session"):
+        h = r["hot_session"]
+        rows.append(("hot_session", "others p99 ms alone / flooded",
+                     f"{f(h['others_p99_ms_alone'])} / {f(h['others_p99_ms_with_flood'])} (x{f(h['ratio'], 2)})",
+                     f"<= 2x {met('hot_session')}"))
+    if not err("scale"):
+        s = r["scale"]
+        for lvl in s["levels"]:
+            rows.append(("scale", f"per-msg ms at {lvl['sessions_stored']:,} sessions", f(lvl["per_msg_ms"], 2), ""))
+        rows.append(("scale", "ratio largest/smallest", f(s["ratio"], 3), f"<= 1.1 {met('scale_ratio')}"))
+        if s.get("cpu_ratio") is not None:
+            rows.append(("scale", "CPU ms/msg smallest -> largest (ratio)",
+                         f"{f(s['cpu_ms_per_msg_at_10k'], 2)} -> {f(s['cpu_ms_per_msg_at_1m'], 2)} "
+                         f"(x{f(s['cpu_ratio'], 3)}; PostgreSQL x{f(s['postgres_cpu_ratio'], 3)})", ""))
+        seq = sorted({x for p in s.get("explain", []) for x in p.get("seq_scans", [])})
+        rows.append(("scale", f"turn statements EXPLAINed: {len(s.get('explain', []))}",
+                     "seq scans: " + (", ".join(seq) if seq else "none"), f"indexes {met('scale_turn')}"))
+    if not err("ingress"):
+        i = r["ingress"]
+        rows.append(("ingress", "max req/s (closed loop)", f(i["req_per_s"]), ""))
+        if i.get("at_half_max"):
+            h = i["at_half_max"]
+            rows.append(("ingress", f"p50/p99 ms at {f(h['offered_req_per_s'], 0)} req/s (half the max)",
+                         f"{f(h['latency_ms']['p50'], 2)} / {f(h['latency_ms']['p99'], 2)}", ""))
+        rows.append(("ingress", f"p99 ms at {f(i['at_rate']['offered_req_per_s'], 0)} req/s "
+                                f"(achieved {f(i['at_rate']['achieved_req_per_s'], 0)})",
+                     f(i["p99_ms"], 2), f"< 10 ms {met('ingress')}"))
+    if not err("memory"):
+        m = r["memory"]
+        rows.append(("memory", f"worker RSS MB start -> end ({m['messages']:,} msgs)",
+                     f"{f(m['rss_mb_start'])} -> {f(m['rss_mb_end'])} ({m['growth']:+.1%})",
+                     f"<= 10% {met('memory')}"))
+    widths = [max(len(row[i]) for row in rows + [("scenario", "figure", "value", "target")]) for i in range(4)]
+    line = "  ".join("{:<%d}" % w for w in widths)
+    out = [line.format("scenario", "figure", "value", "target"), line.format(*("-" * w for w in widths))]
+    out += [line.format(*row) for row in rows]
+    m = r["machine"]
+    out.append(f"\nmachine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; load avg at start "
+               f"{', '.join(f'{x:.2f}' for x in m['loadavg_start'])}")
+    return "\n".join(out)
