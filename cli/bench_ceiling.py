@@ -20,4 +20,4 @@ app = make_celery(settings)
 @app.task(name=NOOP, acks_late=True)
 def noop(message: dict) -> None:
     """Takes a message shaped like the real task's argument and does nothing with it."""
-    return None
+    return

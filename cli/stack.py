@@ -26,9 +26,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Self
 
 import psycopg
 import redis
@@ -316,7 +317,7 @@ class Stack:
                 conn.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
             self._db_created = False
 
-    def __enter__(self) -> Stack:
+    def __enter__(self) -> Self:
         try:
             return self.setup()
         except BaseException:
