@@ -78,10 +78,14 @@ class HttpSender:
         self.sleep = sleep
         self.retryable = retryable
 
-    def post(self, url: str, payload: dict[str, Any], id_of: Callable[[Any], str | None]) -> Delivery:
-        """Send one request; id_of extracts the platform's message id from the JSON answer."""
+    def post(self, url: str, payload: dict[str, Any], id_of: Callable[[Any], str | None],
+             before_attempt: Callable[[], None] | None = None) -> Delivery:
+        """Send one request; id_of extracts the platform's message id from the JSON answer. `before_attempt`
+        (pacing, then the fencing check) runs before every attempt, retries included; what it raises escapes."""
         error = "not attempted"
         for attempt in range(1, MAX_ATTEMPTS + 1):
+            if before_attempt is not None:
+                before_attempt()
             try:
                 response = self.session.post(url, json=payload, timeout=TIMEOUT)
             except requests.RequestException as exc:
@@ -108,15 +112,10 @@ class HttpSender:
         return Delivery(ok=False, error=error, attempts=MAX_ATTEMPTS)
 
 
-def send_chunks(text: str, limit: int, before_each: Callable[[], object] | None,
-                send_one: Callable[[str], Delivery]) -> Delivery:
-    """Send a long reply as chunks of at most `limit` characters, in order, stopping at the first failure.
-
-    `before_each` runs before every request (the rate-limit pacing)."""
+def send_chunks(text: str, limit: int, send_one: Callable[[str], Delivery]) -> Delivery:
+    """Send a long reply as chunks of at most `limit` characters, in order, stopping at the first failure."""
     deliveries: list[Delivery] = []
     for chunk in split_text(text, limit):
-        if before_each is not None:
-            before_each()
         deliveries.append(send_one(chunk))
         if not deliveries[-1].ok:
             break

@@ -30,6 +30,7 @@ from shared.messages import DM, GROUP, Delivery, InboundMessage
 from shared.models import ChatSession, DeadLetter, InboxItem, Message
 from shared.partitioning import partition_of, queue_name
 from shared.store import Store, now
+from workers.testing import RecordingChannel
 from workers.turn import TurnRunner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,16 +122,6 @@ def env(database_url, broker, tmp_path, monkeypatch):
     get_settings.cache_clear()
     yield Env(database_url, values, config, broker)
     get_settings.cache_clear()
-
-
-@dataclass
-class RecordingChannel:
-    config: ChannelConfig
-    sent: list[tuple[str, str]] = field(default_factory=list)
-
-    def send(self, chat_id: str, chat_kind: str, text: str) -> Delivery:
-        self.sent.append((chat_id, text))
-        return Delivery(ok=True, platform_message_ids=("x",))
 
 
 class FailingAgent:

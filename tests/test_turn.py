@@ -6,9 +6,11 @@ import threading
 import time
 
 import pytest
+from channel_helpers import Reply, StandIn, make_config
 from sqlalchemy import select, update
 
 from shared.agents import DemoAgent, EchoAgent
+from shared.channels.whatsapp import WhatsAppChannel
 from shared.config import ChannelConfig, SessionOptions
 from shared.db import transaction
 from shared.messages import DM, GROUP, NEW_SESSION, InboundMessage
@@ -309,3 +311,48 @@ def test_a_stopping_worker_starts_no_new_turn_and_leaves_the_inbox_to_the_next_o
     r.stopping.clear()  # the next owner of the partition
     assert list(r.drain(held.session_id).values()) == ["replied", "replied"]
     assert [text for _, text in sent(r)] == ["echo: one", "echo: two"]
+
+
+class _TakeoverWhilePacing:
+    """A rate limiter that makes the first send wait, and while it waits another holder takes the session."""
+
+    def __init__(self, url: str):
+        self.url, self.waited = url, False
+
+    def try_take(self, buckets) -> float:
+        if self.waited:
+            return 0.0
+        self.waited = True
+        with transaction(self.url) as s:  # the lease expired during the wait and a new holder claimed it
+            s.execute(update(ChatSession).values(lease_token=ChatSession.lease_token + 1))
+        return 0.01
+
+
+def test_a_holder_that_loses_the_session_while_paced_sends_nothing(database_url):
+    r = make_runner(database_url, EchoAgent())
+    with StandIn(default=Reply(body={"messages": [{"id": "wamid.out"}]})) as platform:
+        config = make_config("whatsapp", "wa", api_base=platform.base)
+        r.channels = {"wa": WhatsAppChannel(config, _TakeoverWhilePacing(database_url))}
+        claim = r.store.claim(r.store.accept(msg("hello", seq=1)).session_id, lease_seconds=30)
+        r.store.commit_turn(r.store.next_turn(claim, 30, history_limit=10), "echo: hello")
+        with pytest.raises(LeaseLost):
+            r._dispatch(claim)
+        assert platform.requests == []  # the fencing check runs after the pacing wait, right before the POST
+    assert transcript(database_url, "wa:dm:5511")[1][-1].delivery_status == "pending"  # the new holder sends it
+
+
+def test_a_holder_paused_inside_the_renewal_does_not_send(database_url):
+    r = make_runner(database_url, EchoAgent())
+    claim = r.store.claim(r.store.accept(msg("hello", seq=1)).session_id, lease_seconds=30)
+    r.store.commit_turn(r.store.next_turn(claim, 30, history_limit=10), "echo: hello")
+    renew = r.store.renew
+
+    def paused_renew(c, lease_seconds):  # the database answered, then the process was stopped for a while
+        renew(c, lease_seconds)
+        time.sleep(r.settings.lease_seconds / 2 + 0.1)
+
+    r.store.renew = paused_renew
+    r.settings = settings_for(database_url, r.settings.channels.values(), lease_seconds=0.2)
+    with pytest.raises(LeaseLost):
+        r._dispatch(claim)
+    assert sent(r) == []

@@ -39,7 +39,9 @@ class RecordingChannel:
     sent: list[tuple[str, str]] = field(default_factory=list)
     ok: bool = True
 
-    def send(self, chat_id: str, chat_kind: str, text: str) -> Delivery:
+    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], None] | None = None) -> Delivery:
+        if fence is not None:
+            fence()  # like a real channel: a holder that lost the session sends nothing
         self.sent.append((chat_id, text))
         if not self.ok:
             return Delivery(ok=False, error="http 400: refused")

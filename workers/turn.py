@@ -125,12 +125,21 @@ class TurnRunner:
         raise AssertionError("unreachable")
 
     def _dispatch(self, claim: Claim) -> None:
-        """Send the session's unsent replies in order (the outbox), each after a fencing check."""
+        """Send the session's unsent replies in order (the outbox), each request right after a fencing check."""
         for reply in self.store.pending_replies(claim.session_id):
-            self.store.renew(claim, self.settings.lease_seconds)  # LeaseLost: a stale holder must not send
-            delivery = self.channels[reply.channel_id].send(reply.chat_id, reply.chat_kind, reply.text)
+            delivery = self.channels[reply.channel_id].send(reply.chat_id, reply.chat_kind, reply.text,
+                                                            fence=lambda: self._fence(claim))
             self.store.mark_delivery(reply.id, delivery)
             if delivery.ok:
                 log.info("turn.reply_sent", reply_id=reply.id, attempts=delivery.attempts)
             else:
                 log.error("turn.reply_failed", reply_id=reply.id, error=delivery.error)
+
+    def _fence(self, claim: Claim) -> None:
+        """Renew the lease, or LeaseLost: a stale holder must not send. The channel calls this after its pacing
+        wait, immediately before each request. A pause inside the renewal itself (the process stopped after the
+        database answered) is caught by the local clock: past half the lease, the renewal no longer counts."""
+        started = time.monotonic()
+        self.store.renew(claim, self.settings.lease_seconds)
+        if time.monotonic() - started > self.settings.lease_seconds / 2:
+            raise LeaseLost(f"{claim.session_id}: paused while renewing the lease")

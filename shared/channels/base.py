@@ -38,16 +38,28 @@ class Channel(Protocol):
     def parse(self, body: bytes) -> list[InboundMessage]:
         """The user messages in a verified body (possibly none); MalformedPayload if the shape is wrong."""
 
-    def send(self, chat_id: str, chat_kind: str, text: str) -> Delivery:
-        """Send a reply to a chat (InboundMessage.chat_id/chat_kind), split to the platform's length limit."""
+    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], None] | None = None) -> Delivery:
+        """Send a reply to a chat (InboundMessage.chat_id/chat_kind), split to the platform's length limit.
+
+        `fence` runs immediately before every request, after any pacing wait: it raises (LeaseLost) when this
+        worker may no longer send for the session, so a holder paused past its lease never sends."""
 
 
-def paced(channel: Any, chat_id: str, chat_kind: str) -> Callable[[], float] | None:
-    """The pacing step for a channel's sends to one chat, or None when the channel has no limiter."""
-    if channel.limiter is None:
+def gate(channel: Any, chat_id: str, chat_kind: str,
+         fence: Callable[[], None] | None) -> Callable[[], None] | None:
+    """What runs before each request to one chat: the shared pacing wait, then the fencing check (last, so
+    no wait falls between the check and the request). None when there is neither."""
+    buckets = buckets_for(channel.config, chat_id, chat_kind) if channel.limiter is not None else None
+    if buckets is None and fence is None:
         return None
-    buckets = buckets_for(channel.config, chat_id, chat_kind)
-    return lambda: pace(channel.limiter, buckets)
+
+    def before() -> None:
+        if buckets is not None:
+            pace(channel.limiter, buckets)
+        if fence is not None:
+            fence()
+
+    return before
 
 
 def parser(fn: F) -> F:

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from shared.channels.base import (
     WebhookRequest,
     load_json,
-    paced,
+    gate,
     parser,
     require,
     session_key,
@@ -143,8 +143,9 @@ class DiscordChannel:
             command=command,
         )
 
-    def send(self, chat_id: str, chat_kind: str, text: str) -> Delivery:
+    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], None] | None = None) -> Delivery:
         url = f"{self.config.api_base}/channels/{chat_id}/messages"
         # The Agent's text must never ping @everyone or roles.
-        return send_chunks(text, TEXT_LIMIT, paced(self, chat_id, chat_kind), lambda chunk: self.sender.post(
-            url, {"content": chunk, "allowed_mentions": {"parse": []}}, _message_id))
+        before = gate(self, chat_id, chat_kind, fence)
+        return send_chunks(text, TEXT_LIMIT, lambda chunk: self.sender.post(
+            url, {"content": chunk, "allowed_mentions": {"parse": []}}, _message_id, before))

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import structlog
 
 from shared.channels.base import (
     WebhookRequest,
     load_json,
-    paced,
+    gate,
     parser,
     require,
     same_secret,
@@ -108,7 +108,7 @@ class TelegramChannel:
                 return command in ("/new", f"/new@{self.bot_username}")
         return False
 
-    def send(self, chat_id: str, chat_kind: str, text: str) -> Delivery:
+    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], None] | None = None) -> Delivery:
         target: int | str = int(chat_id) if chat_id.lstrip("-").isdigit() else chat_id
 
         def message_id(body: Any) -> str | None:
@@ -118,5 +118,6 @@ class TelegramChannel:
             except (TypeError, KeyError):
                 return None
 
-        return send_chunks(text, TEXT_LIMIT, paced(self, chat_id, chat_kind), lambda chunk: self.sender.post(
-            self.url, {"chat_id": target, "text": chunk}, message_id))
+        before = gate(self, chat_id, chat_kind, fence)
+        return send_chunks(text, TEXT_LIMIT, lambda chunk: self.sender.post(
+            self.url, {"chat_id": target, "text": chunk}, message_id, before))

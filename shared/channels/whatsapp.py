@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import requests
 import structlog
@@ -12,7 +12,7 @@ import structlog
 from shared.channels.base import (
     WebhookRequest,
     load_json,
-    paced,
+    gate,
     parser,
     require,
     same_secret,
@@ -149,12 +149,13 @@ class WhatsAppChannel:
             command=NEW_SESSION if is_new else None,
         )
 
-    def send(self, chat_id: str, chat_kind: str, text: str) -> Delivery:
+    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], None] | None = None) -> Delivery:
         recipient = "group" if chat_kind == GROUP else "individual"
-        return send_chunks(text, TEXT_LIMIT, paced(self, chat_id, chat_kind), lambda chunk: self.sender.post(self.url, {
+        before = gate(self, chat_id, chat_kind, fence)
+        return send_chunks(text, TEXT_LIMIT, lambda chunk: self.sender.post(self.url, {
             "messaging_product": "whatsapp",
             "recipient_type": recipient,
             "to": chat_id,
             "type": "text",
             "text": {"body": chunk},
-        }, _message_id))
+        }, _message_id, before))
