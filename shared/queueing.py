@@ -8,6 +8,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
+from shared import broker
 from shared.config import Settings
 from shared.partitioning import queue_name
 
@@ -48,6 +49,8 @@ def make_celery(settings: Settings) -> Celery:
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5},
         broker_connection_timeout=2,
     )
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        app.conf.broker_transport = broker.TRANSPORT  # survives a Redis restart (see shared/broker.py)
     if settings.embedded:
         # The in-process broker is polled; poll often so the all-in-one process feels instant.
         app.conf.broker_transport_options["polling_interval"] = 0.05
