@@ -371,4 +371,27 @@ def test_i_graceful_worker_shutdown(make_stack):
     assert_clean(report)
 
 
+
+# --------------------------------------------------------------------------------------------------------------------
+# (k) graceful shutdown of the ingress mid-traffic
+
+
+def test_k_graceful_ingress_shutdown(make_stack):
+    stack = make_stack("k-ingress-sigterm")
+    traffic = traffic_for(stack)
+    start_and_reach(traffic)
+    port = int(stack.proc("ingress").url.rsplit(":", 1)[1])  # type: ignore[attr-defined]
+    took = stack.terminate("ingress", timeout=40)
+    rc = stack.proc("ingress").popen.returncode
+    stack.start_ingress("ingress", port=port)  # the replacement; meanwhile the platforms' retries met a closed port
+    stack.wait_ingress_ready("ingress")
+    fault_end = time.time()
+    report = finish(stack, traffic, "k. ingress SIGTERM (graceful) + replacement", fault_end)
+    refused = sum(1 for s in traffic.sent for a in s.answers if a in ("conn", "timeout"))
+    report.notes.append(f"ingress exited {took if took is None else round(took, 1)}s after SIGTERM, rc={rc}; "
+                        f"connection errors while it was down: {refused}")
+    if took is None or rc != 0:
+        report.problems.append(f"the ingress did not stop cleanly on SIGTERM (took {took}s, rc={rc})")
+    assert_clean(report)
+
 assert PARTITIONS == 16  # the pool splits above assume 16 partitions
