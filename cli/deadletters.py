@@ -47,8 +47,11 @@ def main(args: argparse.Namespace) -> int:
             print("chatsessions: replay needs the production broker (BROKER_URL=redis://...)", file=sys.stderr)
             return 2
         Publisher(settings).publish([letter.message], dedupe=False)
-        drop_dead_letter(url, letter.id)
-        print(f"replayed dead letter {letter.id} into session {letter.session_key}")
+        if drop_dead_letter(url, letter.id, unchanged_since=letter.created_at):
+            print(f"replayed dead letter {letter.id} into session {letter.session_key}")
+        else:  # the replay already ran and failed again: the worker updated the letter, which stays
+            print(f"replayed dead letter {letter.id} into session {letter.session_key}; it failed again "
+                  "and is dead-lettered anew (see `deadletters show`)")
         return 0
     drop_dead_letter(url, letter.id)
     print(f"dropped dead letter {letter.id}")

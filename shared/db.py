@@ -1,13 +1,31 @@
-"""Engine and transactions. PostgreSQL (psycopg 3) in production, a SQLite file embedded."""
+"""Engine and transactions. PostgreSQL (psycopg 3) in production, a SQLite file embedded.
+
+No `pool_pre_ping`: a `SELECT 1` before every checkout was a tenth of a turn's CPU. A pooled connection is
+pinged only after it sat idle in the pool for IDLE_PING_S (under load: never), and `run_transaction` runs its
+work again on a fresh connection when the one it got turns out dead (the database restarted since it was last
+used): nothing of that attempt was applied. SQLAlchemy invalidates the whole pool on the first disconnect it
+sees, so the other connections of the dead server are replaced at their next checkout.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator
+import time
+from typing import Callable, Iterator, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+import structlog
+from sqlalchemy import Connection, Engine, Executable, create_engine, event
+from sqlalchemy.exc import DBAPIError, InvalidatePoolError
 from sqlalchemy.orm import Session, sessionmaker
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+IDLE_PING_S = 5.0  # a connection idle in the pool this long is pinged at checkout
+RECYCLE_S = 1800  # connections older than this are replaced at checkout (idle timeouts of proxies, firewalls)
+STALE_RETRIES = 2  # fresh connections run_transaction tries after finding the one it got dead
 
 
 @functools.cache
@@ -31,7 +49,98 @@ def engine_for(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
+    # LIFO: a busy process keeps reusing its few warm connections; the rest stay idle (pinged when next used).
+    engine = create_engine(url, pool_size=20, max_overflow=20, pool_recycle=RECYCLE_S, pool_use_lifo=True,
+                           connect_args=driver_options(url))
+    _ping_when_idle(engine)
+    return engine
+
+
+def driver_options(url: str) -> dict:
+    """psycopg's own options in DATABASE_URL's query, typed: SQLAlchemy hands query values to psycopg.connect as
+    text, and `prepare_threshold` must be a number or None. `?prepare_threshold=none` turns server-side prepared
+    statements off, for PgBouncer < 1.21 in transaction pooling (docs/scaling.md); ValueError if not a number."""
+    from urllib.parse import parse_qs, urlsplit
+
+    values = parse_qs(urlsplit(url).query).get("prepare_threshold")
+    if not values:
+        return {}
+    raw = values[-1].strip().lower()
+    if raw in ("none", "null", ""):
+        return {"prepare_threshold": None}
+    if not raw.isdigit():
+        raise ValueError(f"DATABASE_URL: prepare_threshold must be a whole number or none, got {values[-1]!r}")
+    return {"prepare_threshold": int(raw)}
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    @event.listens_for(engine.pool, "checkin")
+    def _idle_from(_dbapi_conn, record) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine.pool, "checkout")
+    def _ping_if_idle(dbapi_conn, record, _proxy) -> None:
+        since = record.info.pop("idle_since", None)
+        if since is None or time.monotonic() - since < IDLE_PING_S:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:  # the pool replaces it (and every connection older) and checks out again
+            raise InvalidatePoolError(f"pooled connection is dead: {exc}") from exc
+
+
+def run_transaction(url: str, work: Callable[[Connection], T]) -> T:
+    """Run `work(connection)` as one transaction: committed when it returns, rolled back if it raises.
+
+    If the connection turns out dead while `work` runs (SQLAlchemy flags the error `connection_invalidated`),
+    nothing was applied, so `work` runs again on a fresh connection, up to STALE_RETRIES times; a database that
+    is still down fails the reconnect, and that error goes to the caller (a turn's task retries with backoff).
+    An error at COMMIT is never retried here: whether the commit happened is unknown. `work` must do nothing
+    but database statements.
+    """
+    engine = engine_for(url)
+    attempt = 0
+    while True:
+        attempt += 1
+        with engine.connect() as conn:
+            trans = conn.begin()
+            try:
+                result = work(conn)
+            except DBAPIError as exc:
+                trans.rollback()
+                if exc.connection_invalidated and attempt <= STALE_RETRIES:
+                    log.warning("db.stale_connection", attempt=attempt, error=str(exc.orig)[:200])
+                    continue
+                raise
+            except BaseException:
+                trans.rollback()
+                raise
+            trans.commit()
+            return result
+
+
+def run_statement(url: str, statement: Executable, params: dict) -> int:
+    """Run one statement as its own transaction and return its rowcount. On PostgreSQL it runs in autocommit
+    mode: the statement commits itself, without a transaction's BEGIN and COMMIT round trips. A dead pooled
+    connection is replaced as in `run_transaction` (the statement did not run: its connection was gone)."""
+    if engine_for(url).dialect.name != "postgresql":
+        return run_transaction(url, lambda c: c.execute(statement, params).rowcount)
+    attempt = 0
+    while True:
+        attempt += 1
+        with _autocommit_engine(url).connect() as conn:
+            try:
+                return conn.execute(statement, params).rowcount
+            except DBAPIError as exc:
+                if exc.connection_invalidated and attempt <= STALE_RETRIES:
+                    log.warning("db.stale_connection", attempt=attempt, error=str(exc.orig)[:200])
+                    continue
+                raise
+
+
+@functools.cache
+def _autocommit_engine(url: str) -> Engine:
+    return engine_for(url).execution_options(isolation_level="AUTOCOMMIT")  # the same pool
 
 
 @functools.cache
@@ -41,6 +150,7 @@ def _sessionmaker(url: str) -> sessionmaker[Session]:
 
 @contextlib.contextmanager
 def transaction(url: str) -> Iterator[Session]:
-    """One unit of work: committed when the block ends, rolled back if it raises."""
+    """One ORM unit of work (operators' commands, tests): committed when the block ends, rolled back if it
+    raises. The turn's hot path uses `run_transaction` with Core statements instead."""
     with _sessionmaker(url).begin() as session:
         yield session

@@ -1,22 +1,51 @@
-"""Session storage operations. Each function is one short transaction; the fencing token guards every write.
+"""Session storage: every step is one short transaction, and the fencing token guards every write.
 
 A message is accepted into its session's inbox; the session's lease holder takes the inbox in `seq` order,
-one turn at a time, and never holds a transaction while the Agent runs.
+one turn at a time, and never holds a transaction while the Agent runs. The transactions of a turn:
+
+  accept         the message joins its session's inbox (creating the session, or waking a dormant one)
+  claim          the lease, with a new fencing token — and, read in the same transaction, what the new holder
+                 has to do: the replies a holder before it committed but never sent (the outbox), and the
+                 first ready message with its context
+  commit_turn    the message and its reply (the outbox entry), fenced by the token; returns the reply to send
+                 and whether the next message is ready (only then does the holder ask `next_turn` for it)
+  renew          the fencing check right before each send
+  mark_delivery  the send's outcome
+  release        the lease; says whether a message became ready meanwhile (then the holder claims again)
+
+The turn's statements are SQLAlchemy Core statements built once, at import (their compiled form is cached),
+run on one pooled connection per transaction (`shared.db.run_transaction`), without the ORM's unit of work.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
-from typing import Iterable
+from typing import Callable, Iterable, Mapping, TypeVar
 
-from sqlalchemy import and_, case, delete, exists, func, or_, select, update
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Integer,
+    and_,
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from shared.config import ChannelConfig
-from shared.db import engine_for, transaction
+from shared.db import engine_for, run_statement, run_transaction, transaction
 from shared.errors import ChatSessionsError
 from shared.messages import Delivery, InboundMessage
 from shared.models import (
@@ -36,6 +65,8 @@ from shared.models import (
     Message,
     SessionEvent,
 )
+
+T = TypeVar("T")
 
 
 class LeaseBusy(ChatSessionsError):
@@ -57,6 +88,15 @@ class Accepted:
 
 
 @dataclass(frozen=True)
+class PendingReply:
+    id: int
+    channel_id: str
+    chat_id: str
+    chat_kind: str
+    text: str
+
+
+@dataclass(frozen=True)
 class Claim:
     session_id: int
     channel_id: str
@@ -65,6 +105,9 @@ class Claim:
     last_seq: int
     chat_id: str
     chat_kind: str
+    # What the new holder has to do, read with the claim (Store.claim only; empty on the claim a Turn carries):
+    outbox: tuple[PendingReply, ...] = ()  # replies committed by an earlier holder and never sent, in order
+    turn: Turn | None = field(default=None, repr=False, compare=False)  # the first ready message (with context)
 
 
 @dataclass(frozen=True)
@@ -88,12 +131,11 @@ class Turn:
 
 
 @dataclass(frozen=True)
-class PendingReply:
-    id: int
-    channel_id: str
-    chat_id: str
-    chat_kind: str
-    text: str
+class Settled:
+    """How a turn left its session: the replies to send now and whether the next inbox message is ready."""
+
+    replies: tuple[PendingReply, ...]
+    more: bool
 
 
 def now() -> datetime:
@@ -113,224 +155,329 @@ def _as_utc(value: datetime) -> datetime:
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
-def _held_by(claim: Claim):
-    return and_(ChatSession.id == claim.session_id, ChatSession.lease_token == claim.token)
+# -- the statements -------------------------------------------------------------------------------------------------
+# Built once; parameters are bound by name at each call. (A bind name may not be a column of the updated table.)
+
+_sessions, _messages, _inbox = ChatSession.__table__, Message.__table__, InboxItem.__table__
+_events = SessionEvent.__table__
+
+_HELD = and_(_sessions.c.id == bindparam("sid"), _sessions.c.lease_token == bindparam("token"))  # the fence
+_FREE = or_(_sessions.c.lease_until.is_(None), _sessions.c.lease_until < bindparam("t"))
+_seq = bindparam("seq", type_=BigInteger())
+_SEQ_FORWARD = case((_sessions.c.last_seq < _seq, _seq), else_=_sessions.c.last_seq)  # a replay never moves it back
+_PENDING = _messages.c.delivery_status == literal_column(f"'{PENDING}'")  # inline: the partial index's predicate
+
+_FIND_SESSION = select(_sessions.c.id, _sessions.c.status, _sessions.c.generation).where(
+    _sessions.c.key == bindparam("key"))
+_WAKE = (update(_sessions).where(_sessions.c.id == bindparam("sid"), _sessions.c.status == DORMANT)
+         .values(status=ACTIVE, last_activity_at=bindparam("t")).returning(_sessions.c.generation))
+_ADD_EVENT = insert(_events)
+
+_CLAIM = (update(_sessions).where(_sessions.c.id == bindparam("sid"), _FREE)
+          .values(lease_token=_sessions.c.lease_token + 1, lease_until=bindparam("until"))
+          .returning(_sessions.c.channel_id, _sessions.c.lease_token, _sessions.c.generation, _sessions.c.last_seq,
+                     _sessions.c.chat_id, _sessions.c.chat_kind, _sessions.c.status))
+_RENEW = update(_sessions).where(_HELD).values(lease_until=bindparam("until"))
+_RENEW_FOR_TURN = _RENEW.returning(_sessions.c.generation, _sessions.c.last_seq)
+_RELEASE = update(_sessions).where(_HELD).values(lease_until=None).returning(_sessions.c.last_seq)
+
+_OUTBOX = (select(_messages.c.id, _messages.c.text).where(_messages.c.session_id == bindparam("sid"), _PENDING)
+           .order_by(_messages.c.position))
+_HEAD = (select(_inbox.c.id, _inbox.c.seq, _inbox.c.payload,
+                exists().where(_messages.c.channel_id == _inbox.c.channel_id,
+                               _messages.c.platform_message_id == _inbox.c.platform_message_id).label("stored"))
+         .where(_inbox.c.session_id == bindparam("sid")).order_by(_inbox.c.seq, _inbox.c.id).limit(1))
+_HISTORY = (select(_messages.c.role, _messages.c.sender_id, _messages.c.sender_name, _messages.c.text,
+                   _messages.c.created_at)
+            .where(_messages.c.session_id == bindparam("sid"), _messages.c.generation == bindparam("generation"))
+            .order_by(_messages.c.position.desc()).limit(bindparam("limit", type_=Integer())))
+_READY = select(exists().where(_inbox.c.session_id == bindparam("sid"), _inbox.c.seq <= bindparam("upto")))
+
+_COMMIT = (update(_sessions).where(_HELD)
+           .values(message_count=_sessions.c.message_count + bindparam("count"), last_activity_at=bindparam("t"),
+                   generation=bindparam("gen"), status=ACTIVE, last_seq=_SEQ_FORWARD)
+           .returning(_sessions.c.message_count, _sessions.c.last_seq))
+_SETTLE_SEQ = update(_sessions).where(_HELD).values(last_seq=_SEQ_FORWARD).returning(_sessions.c.last_seq)
+_SETTLE_DEAD = (update(_sessions).where(_HELD).values(last_seq=_SEQ_FORWARD, last_activity_at=bindparam("t"))
+                .returning(_sessions.c.last_seq))
+_TAKE_ITEM = delete(_inbox).where(_inbox.c.id == bindparam("item"))
+_ADD_MESSAGE = insert(_messages).returning(_messages.c.id)
+_MARK_DELIVERY = (update(_messages).where(_messages.c.id == bindparam("rid"))
+                  .values(delivery_status=bindparam("outcome"), delivery_error=bindparam("error"),
+                          delivery_attempts=_messages.c.delivery_attempts + bindparam("attempts"),
+                          delivered_at=bindparam("at")))
 
 
-def _lease_free(t: datetime):
-    return or_(ChatSession.lease_until.is_(None), ChatSession.lease_until < t)
+@functools.cache
+def _upserts(dialect: str):
+    """The statements with an ON CONFLICT clause, whose construct is the dialect's own."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    create_session = (dialect_insert(_sessions).on_conflict_do_nothing(index_elements=["key"])
+                      .returning(_sessions.c.id, _sessions.c.status, _sessions.c.generation))
+    enqueue = dialect_insert(_inbox).on_conflict_do_nothing(index_elements=["channel_id", "platform_message_id"])
+    return create_session, enqueue
+
+
+def _transactional(method: Callable[..., T]) -> Callable[..., T]:
+    """The method runs as one transaction, on the connection it gets as `c` (callers do not pass it)."""
+    @functools.wraps(method)
+    def run(self: Store, *args, **kwargs) -> T:
+        return run_transaction(self.url, lambda c: method(self, c, *args, **kwargs))
+    return run
+
+
+def _ready(c: Connection, session_id: int, last_seq: int) -> bool:
+    """Whether the session's inbox head may run now: it is the next message (or an earlier one, replayed)."""
+    return bool(c.execute(_READY, {"sid": session_id, "upto": last_seq + 1}).scalar())
+
+
+def _outbox(c: Connection, claim: Claim) -> tuple[PendingReply, ...]:
+    return tuple(PendingReply(r.id, claim.channel_id, claim.chat_id, claim.chat_kind, r.text)
+                 for r in c.execute(_OUTBOX, {"sid": claim.session_id}))
+
+
+def _turn(c: Connection, claim: Claim, head, history_limit: int, force: bool) -> Turn | None:
+    """The turn of the inbox `head` with its context: the newest `history_limit` messages of the session's current
+    generation, oldest first. None if there is no head, or it waits for an earlier message (unless `force`)."""
+    if head is None or (head.seq > claim.last_seq + 1 and not force):
+        return None
+    message = InboundMessage.from_dict(json.loads(head.payload))
+    if head.stored:
+        return Turn(claim, head.id, message, [], stored=True)
+    history = c.execute(_HISTORY, {"sid": claim.session_id, "generation": claim.generation,
+                                   "limit": history_limit}).all()
+    return Turn(claim, head.id, message, [StoredMessage(*r) for r in reversed(history)], stored=False)
+
+
+def _event(session_id: int, generation: int, event: str, at: datetime) -> dict:
+    return {"session_id": session_id, "generation": generation, "event": event, "at": at}
 
 
 class Store:
     def __init__(self, database_url: str):
         self.url = database_url
         self.insert = _insert(database_url)
+        self._create_session, self._enqueue = _upserts(engine_for(database_url).dialect.name)
 
     def sync_channels(self, channels: Iterable[ChannelConfig]) -> None:
         """Make the channels table match the config (rows are kept for channels that left it)."""
-        with transaction(self.url) as s:
-            for c in channels:
-                stmt = self.insert(Channel).values(id=c.id, platform=c.platform, agent=c.agent, created_at=now())
-                s.execute(stmt.on_conflict_do_update(index_elements=["id"], set_={"platform": c.platform, "agent": c.agent}))
+        channels = list(channels)
+
+        def work(c: Connection) -> None:
+            for ch in channels:
+                stmt = self.insert(Channel).values(id=ch.id, platform=ch.platform, agent=ch.agent, created_at=now())
+                c.execute(stmt.on_conflict_do_update(index_elements=["id"],
+                                                     set_={"platform": ch.platform, "agent": ch.agent}))
+        run_transaction(self.url, work)
 
     # -- accepting ----------------------------------------------------------------------------------------------
 
-    def accept(self, msg: InboundMessage) -> Accepted:
+    @_transactional
+    def accept(self, c: Connection, msg: InboundMessage) -> Accepted:
         """Record a message in its session's inbox (creating the session, or waking a dormant one).
 
-        After this commits the message is durable: the broker's copy may be acknowledged.
+        After this commits the message is durable: the broker's copy may be acknowledged. The session's row is
+        only read, unless the session is new or dormant: a flooded session's messages do not queue on its row
+        lock (behind each other and behind the holder's commits). Its activity time is set when a turn commits.
         """
         t = now()
-        with transaction(self.url) as s:
-            upsert = self.insert(ChatSession).values(
-                channel_id=msg.channel_id, key=msg.session_key, chat_kind=msg.chat_kind, chat_id=msg.chat_id,
-                status=ACTIVE, generation=1, message_count=0, last_seq=0, lease_token=0,
-                created_at=t, last_activity_at=t,
-            )
-            row = s.execute(upsert.on_conflict_do_update(index_elements=["key"], set_={"last_activity_at": t})
-                            .returning(ChatSession.id, ChatSession.status, ChatSession.generation,
-                                       ChatSession.created_at)).one()
-            if _as_utc(row.created_at) == t:  # inserted just now, not updated
-                s.add(SessionEvent(session_id=row.id, generation=row.generation, event=CREATED, at=t))
-            elif row.status == DORMANT:
-                s.execute(update(ChatSession).where(ChatSession.id == row.id).values(status=ACTIVE))
-                s.add(SessionEvent(session_id=row.id, generation=row.generation, event=RESUMED, at=t))
-            # A redelivery of an answered message goes through the inbox too: its turn, in seq order,
-            # only records that this seq is settled, so later messages don't wait for it.
-            inserted = s.execute(self.insert(InboxItem).values(
-                session_id=row.id, channel_id=msg.channel_id, platform_message_id=msg.platform_message_id,
-                seq=msg.seq, payload=json.dumps(msg.to_dict()), created_at=t,
-            ).on_conflict_do_nothing(index_elements=["channel_id", "platform_message_id"])).rowcount
-            return Accepted(row.id, new=bool(inserted))
+        row = c.execute(_FIND_SESSION, {"key": msg.session_key}).first()
+        if row is None:
+            row = c.execute(self._create_session, {
+                "channel_id": msg.channel_id, "key": msg.session_key, "chat_kind": msg.chat_kind,
+                "chat_id": msg.chat_id, "status": ACTIVE, "generation": 1, "message_count": 0, "last_seq": 0,
+                "lease_token": 0, "lease_until": None, "created_at": t, "last_activity_at": t,
+            }).first()
+            if row is not None:
+                c.execute(_ADD_EVENT, _event(row.id, row.generation, CREATED, t))
+            else:  # a concurrent accept created it (and committed: ON CONFLICT waited for it)
+                row = c.execute(_FIND_SESSION, {"key": msg.session_key}).one()
+        if row.status == DORMANT:
+            self._wake(c, row.id, t)
+        # A redelivery of an answered message goes through the inbox too: its turn, in seq order,
+        # only records that this seq is settled, so later messages don't wait for it.
+        inserted = c.execute(self._enqueue, {
+            "session_id": row.id, "channel_id": msg.channel_id, "platform_message_id": msg.platform_message_id,
+            "seq": msg.seq, "payload": json.dumps(msg.to_dict()), "created_at": t,
+        }).rowcount
+        return Accepted(row.id, new=bool(inserted))
+
+    @staticmethod
+    def _wake(c: Connection, session_id: int, t: datetime) -> None:
+        """A dormant session becomes active again (once: the update is conditional), with its `resumed` event."""
+        woke = c.execute(_WAKE, {"sid": session_id, "t": t}).first()
+        if woke is not None:
+            c.execute(_ADD_EVENT, _event(session_id, woke.generation, RESUMED, t))
 
     # -- the lease ----------------------------------------------------------------------------------------------
 
-    def claim(self, session_id: int, lease_seconds: float) -> Claim:
-        """Take the session's lease with a new fencing token; LeaseBusy if another holder has it."""
+    @_transactional
+    def claim(self, c: Connection, session_id: int, lease_seconds: float, *,
+              history_limits: Mapping[str, int] | None = None, force: bool = False) -> Claim:
+        """Take the session's lease with a new fencing token; LeaseBusy if another holder has it.
+
+        The claim carries what its holder has to do first, read in the same transaction: `outbox`, the replies
+        a holder before it committed but never sent, and — given the channels' history limits — `turn`, the
+        first ready inbox message with its context (see `next_turn`; `force` passes a gap)."""
         t = now()
-        with transaction(self.url) as s:
-            row = s.execute(
-                update(ChatSession)
-                .where(ChatSession.id == session_id, _lease_free(t))
-                .values(lease_token=ChatSession.lease_token + 1, lease_until=t + timedelta(seconds=lease_seconds))
-                .returning(ChatSession.id, ChatSession.channel_id, ChatSession.lease_token, ChatSession.generation,
-                           ChatSession.last_seq, ChatSession.chat_id, ChatSession.chat_kind)
-            ).first()
+        row = c.execute(_CLAIM, {"sid": session_id, "t": t, "until": t + timedelta(seconds=lease_seconds)}).first()
         if row is None:
             raise LeaseBusy(str(session_id))
-        return Claim(*row)
+        claim = Claim(session_id, row.channel_id, row.lease_token, row.generation, row.last_seq, row.chat_id,
+                      row.chat_kind)
+        outbox = _outbox(c, claim)
+        if history_limits is None:
+            return replace(claim, outbox=outbox)
+        head = c.execute(_HEAD, {"sid": session_id}).first()
+        if head is not None and row.status == DORMANT:  # the dormancy sweep raced an accept: active again
+            self._wake(c, session_id, t)
+        turn = _turn(c, claim, head, history_limits[claim.channel_id], force)
+        return replace(claim, outbox=outbox, turn=turn)
 
-    def release(self, claim: Claim) -> None:
-        with transaction(self.url) as s:
-            s.execute(update(ChatSession).where(_held_by(claim)).values(lease_until=None))
+    @_transactional
+    def release(self, c: Connection, claim: Claim) -> bool:
+        """Give the lease up. True if an inbox message is ready after all: it came in while the holder finished
+        its last turn, and its own worker found the lease taken; the holder must claim again.
+
+        Race-free because the release's UPDATE locks the session's row before the inbox is read (a new
+        statement, a new snapshot): an accept that committed before that read is seen here; one that committed
+        after it then claims, and that claim waits for this transaction's row lock, then finds the lease free."""
+        row = c.execute(_RELEASE, {"sid": claim.session_id, "token": claim.token}).first()
+        return row is not None and _ready(c, claim.session_id, row.last_seq)
 
     def renew(self, claim: Claim, lease_seconds: float) -> None:
         """Extend the lease if this holder still has it (the fencing check before a send); LeaseLost if not."""
-        with transaction(self.url) as s:
-            renewed = s.execute(update(ChatSession).where(_held_by(claim))
-                                .values(lease_until=now() + timedelta(seconds=lease_seconds))).rowcount
+        renewed = run_statement(self.url, _RENEW, {"sid": claim.session_id, "token": claim.token,
+                                                   "until": now() + timedelta(seconds=lease_seconds)})
         if not renewed:
             raise LeaseLost(str(claim.session_id))
 
     # -- turns --------------------------------------------------------------------------------------------------
 
-    def next_turn(self, claim: Claim, lease_seconds: float, history_limit: int, force: bool = False) -> Turn | None:
+    @_transactional
+    def next_turn(self, c: Connection, claim: Claim, lease_seconds: float, history_limit: int,
+                  force: bool = False) -> Turn | None:
         """The inbox message whose turn it is (lowest seq, right after last_seq), with its context; renews the
         lease. None if the inbox is empty or its head waits for an earlier message (unless `force`)."""
-        t = now()
-        with transaction(self.url) as s:
-            row = s.execute(
-                update(ChatSession).where(_held_by(claim))
-                .values(lease_until=t + timedelta(seconds=lease_seconds))
-                .returning(ChatSession.generation, ChatSession.last_seq)
-            ).first()
-            if row is None:
-                raise LeaseLost(str(claim.session_id))
-            claim = replace(claim, generation=row.generation, last_seq=row.last_seq)
-            head = s.execute(select(InboxItem.id, InboxItem.seq, InboxItem.payload)
-                             .where(InboxItem.session_id == claim.session_id)
-                             .order_by(InboxItem.seq, InboxItem.id).limit(1)).first()
-            if head is None or (head.seq > claim.last_seq + 1 and not force):
-                return None
-            message = InboundMessage.from_dict(json.loads(head.payload))
-            if s.scalar(select(exists().where(Message.channel_id == message.channel_id,
-                                              Message.platform_message_id == message.platform_message_id))):
-                return Turn(claim, head.id, message, [], stored=True)
-            history = s.execute(
-                select(Message.role, Message.sender_id, Message.sender_name, Message.text, Message.created_at)
-                .where(Message.session_id == claim.session_id, Message.generation == claim.generation)
-                .order_by(Message.position.desc()).limit(history_limit)
-            ).all()
-        return Turn(claim, head.id, message, [StoredMessage(*r) for r in reversed(history)], stored=False)
+        row = c.execute(_RENEW_FOR_TURN, {"sid": claim.session_id, "token": claim.token,
+                                          "until": now() + timedelta(seconds=lease_seconds)}).first()
+        if row is None:
+            raise LeaseLost(str(claim.session_id))
+        claim = replace(claim, generation=row.generation, last_seq=row.last_seq, outbox=(), turn=None)
+        head = c.execute(_HEAD, {"sid": claim.session_id}).first()
+        return _turn(c, claim, head, history_limit, force)
 
-    def commit_turn(self, turn: Turn, reply: str | None, *, new_generation: bool = False) -> None:
+    @_transactional
+    def commit_turn(self, c: Connection, turn: Turn, reply: str | None, *, new_generation: bool = False) -> Settled:
         """Move the message from the inbox into the conversation with its reply (the outbox entry), all or
-        nothing. LeaseLost if the fencing token moved, AlreadyStored if the platform id is already stored."""
+        nothing; returns the reply to send and whether the next message is ready. LeaseLost if the fencing token
+        moved, AlreadyStored if the platform id is already stored."""
         claim, msg, t = turn.claim, turn.message, now()
         generation = claim.generation + 1 if new_generation else claim.generation
         count = 2 if reply else 1
+        row = c.execute(_COMMIT, {"sid": claim.session_id, "token": claim.token, "count": count, "t": t,
+                                  "gen": generation, "seq": msg.seq}).first()
+        if row is None:
+            raise LeaseLost(msg.session_key)
+        c.execute(_TAKE_ITEM, {"item": turn.item_id})
+        position = row.message_count - count
         try:
-            with transaction(self.url) as s:
-                row = s.execute(
-                    update(ChatSession).where(_held_by(claim))
-                    .values(message_count=ChatSession.message_count + count, last_activity_at=t,
-                            generation=generation, status=ACTIVE, last_seq=_max_seq(msg.seq))
-                    .returning(ChatSession.message_count)
-                ).first()
-                if row is None:
-                    raise LeaseLost(msg.session_key)
-                s.execute(delete(InboxItem).where(InboxItem.id == turn.item_id))
-                position = row.message_count - count
-                inbound = Message(
-                    session_id=claim.session_id, generation=claim.generation, position=position, role="user",
-                    sender_id=msg.sender_id, sender_name=msg.sender_name, text=msg.text, channel_id=msg.channel_id,
-                    platform_message_id=msg.platform_message_id, ingress_seq=msg.seq, created_at=t,
-                )
-                s.add(inbound)
-                s.flush()
-                if new_generation:
-                    s.add(SessionEvent(session_id=claim.session_id, generation=generation, event=NEW_GENERATION, at=t))
-                if reply:
-                    s.add(Message(
-                        session_id=claim.session_id, generation=claim.generation, position=position + 1,
-                        role="assistant", sender_id="agent", sender_name="Agent", text=reply,
-                        channel_id=msg.channel_id, created_at=t, in_reply_to=inbound.id, delivery_status=PENDING,
-                    ))
+            inbound_id = c.execute(_ADD_MESSAGE, self._message(
+                claim, position, "user", msg.sender_id, msg.sender_name, msg.text, t,
+                platform_message_id=msg.platform_message_id, ingress_seq=msg.seq)).scalar_one()
         except IntegrityError as exc:
             if "platform" in str(exc.orig).lower():
                 raise AlreadyStored(msg.platform_message_id) from None
             raise
+        if new_generation:
+            c.execute(_ADD_EVENT, _event(claim.session_id, generation, NEW_GENERATION, t))
+        replies: tuple[PendingReply, ...] = ()
+        if reply:
+            reply_id = c.execute(_ADD_MESSAGE, self._message(
+                claim, position + 1, "assistant", "agent", "Agent", reply, t, in_reply_to=inbound_id,
+                delivery_status=PENDING)).scalar_one()
+            replies = (PendingReply(reply_id, claim.channel_id, claim.chat_id, claim.chat_kind, reply),)
+        return Settled(replies, _ready(c, claim.session_id, row.last_seq))
 
-    def discard(self, turn: Turn) -> None:
-        """Drop an inbox message that turned out to be stored already (a redelivery)."""
-        with transaction(self.url) as s:
-            if s.execute(update(ChatSession).where(_held_by(turn.claim))
-                         .values(last_seq=_max_seq(turn.message.seq))).rowcount:
-                s.execute(delete(InboxItem).where(InboxItem.id == turn.item_id))
+    @staticmethod
+    def _message(claim: Claim, position: int, role: str, sender_id: str, sender_name: str, text: str, t: datetime,
+                 platform_message_id: str | None = None, ingress_seq: int | None = None,
+                 in_reply_to: int | None = None, delivery_status: str | None = None) -> dict:
+        """A messages row (every column named, so both kinds of message share one compiled INSERT)."""
+        return {"session_id": claim.session_id, "generation": claim.generation, "position": position, "role": role,
+                "sender_id": sender_id, "sender_name": sender_name, "text": text, "channel_id": claim.channel_id,
+                "platform_message_id": platform_message_id, "ingress_seq": ingress_seq, "created_at": t,
+                "in_reply_to": in_reply_to, "delivery_status": delivery_status, "delivery_attempts": 0}
 
-    def dead_letter(self, turn: Turn, error: str, attempts: int) -> None:
+    @_transactional
+    def discard(self, c: Connection, turn: Turn) -> Settled:
+        """Drop an inbox message that turned out to be stored already (a redelivery); returns the session's unsent
+        replies (its own, if it was committed but never sent) and whether the next message is ready."""
+        row = c.execute(_SETTLE_SEQ, {"sid": turn.claim.session_id, "token": turn.claim.token,
+                                      "seq": turn.message.seq}).first()
+        if row is None:  # another holder took over: it takes the inbox; our next fencing check stops us
+            return Settled((), False)
+        c.execute(_TAKE_ITEM, {"item": turn.item_id})
+        return Settled(_outbox(c, turn.claim), _ready(c, turn.claim.session_id, row.last_seq))
+
+    @_transactional
+    def dead_letter(self, c: Connection, turn: Turn, error: str, attempts: int) -> Settled:
         """Set a failed message aside (fenced, like a commit) so the session goes on with its next message."""
-        msg = turn.message
-        with transaction(self.url) as s:
-            if not s.execute(update(ChatSession).where(_held_by(turn.claim))
-                             .values(last_seq=_max_seq(msg.seq))).rowcount:
-                raise LeaseLost(msg.session_key)
-            s.execute(delete(InboxItem).where(InboxItem.id == turn.item_id))
-            s.execute(self.insert(DeadLetter).values(
-                channel_id=msg.channel_id, session_key=msg.session_key, platform_message_id=msg.platform_message_id,
-                payload=json.dumps(msg.to_dict()), error=error[:4000], attempts=attempts, created_at=now(),
-            ).on_conflict_do_update(index_elements=["channel_id", "platform_message_id"],
-                                    set_={"error": error[:4000], "attempts": attempts, "created_at": now()}))
+        msg, t = turn.message, now()
+        row = c.execute(_SETTLE_DEAD, {"sid": turn.claim.session_id, "token": turn.claim.token, "seq": msg.seq,
+                                       "t": t}).first()
+        if row is None:
+            raise LeaseLost(msg.session_key)
+        c.execute(_TAKE_ITEM, {"item": turn.item_id})
+        c.execute(self.insert(DeadLetter).values(
+            channel_id=msg.channel_id, session_key=msg.session_key, platform_message_id=msg.platform_message_id,
+            payload=json.dumps(msg.to_dict()), error=error[:4000], attempts=attempts, created_at=t,
+        ).on_conflict_do_update(index_elements=["channel_id", "platform_message_id"],
+                                set_={"error": error[:4000], "attempts": attempts, "created_at": t}))
+        return Settled((), _ready(c, turn.claim.session_id, row.last_seq))
 
-    def has_ready(self, session_id: int) -> bool:
-        """Whether the session's inbox head may run now (checked after a release, so nothing is stranded)."""
-        with transaction(self.url) as s:
-            return bool(s.scalar(select(exists().where(
-                InboxItem.session_id == session_id, ChatSession.id == session_id,
-                InboxItem.seq <= ChatSession.last_seq + 1))))
-
-    def stalled(self, grace_s: float, order_wait_s: float, limit: int = 500) -> list[tuple[int, str, bool]]:
+    @_transactional
+    def stalled(self, c: Connection, grace_s: float, order_wait_s: float,
+                limit: int = 500) -> list[tuple[int, str, bool]]:
         """Sessions whose inbox waits with nobody holding the lease: (session id, key, force past a gap).
 
         A holder that died leaves its inbox here once its lease expires; a head waiting more than
         `order_wait_s` for an earlier message that never came is forced through (a logged gap).
         """
         t = now()
-        with transaction(self.url) as s:
-            rows = s.execute(
-                select(ChatSession.id, ChatSession.key, func.min(InboxItem.created_at))
-                .join(InboxItem, InboxItem.session_id == ChatSession.id)
-                .where(_lease_free(t), InboxItem.created_at < t - timedelta(seconds=grace_s))
-                .group_by(ChatSession.id, ChatSession.key).limit(limit)
-            ).all()
+        rows = c.execute(
+            select(_sessions.c.id, _sessions.c.key, func.min(_inbox.c.created_at))
+            .select_from(_sessions.join(_inbox, _inbox.c.session_id == _sessions.c.id))
+            .where(_FREE, _inbox.c.created_at < t - timedelta(seconds=grace_s))
+            .group_by(_sessions.c.id, _sessions.c.key).limit(limit), {"t": t}
+        ).all()
         cutoff = t - timedelta(seconds=order_wait_s)
         return [(r[0], r[1], _as_utc(r[2]) < cutoff) for r in rows]
 
     # -- the outbox ---------------------------------------------------------------------------------------------
 
-    def pending_replies(self, session_id: int) -> list[PendingReply]:
-        """Unsent replies of a session, in order (the outbox)."""
-        with transaction(self.url) as s:
-            rows = s.execute(
-                select(Message.id, Message.channel_id, ChatSession.chat_id, ChatSession.chat_kind, Message.text)
-                .join(ChatSession, ChatSession.id == Message.session_id)
-                .where(Message.session_id == session_id, Message.delivery_status == PENDING)
-                .order_by(Message.position)
-            ).all()
+    @_transactional
+    def pending_replies(self, c: Connection, session_id: int) -> list[PendingReply]:
+        """Unsent replies of a session, in order (the outbox; a turn gets them with its claim)."""
+        rows = c.execute(
+            select(_messages.c.id, _messages.c.channel_id, _sessions.c.chat_id, _sessions.c.chat_kind, _messages.c.text)
+            .join_from(_messages, _sessions, _sessions.c.id == _messages.c.session_id)
+            .where(_messages.c.session_id == session_id, _PENDING).order_by(_messages.c.position)
+        ).all()
         return [PendingReply(*r) for r in rows]
 
     def mark_delivery(self, reply_id: int, delivery: Delivery, retry_for_s: float = 60.0) -> None:
         """Record a send's outcome. Retried in place on a database outage: the reply already left, and a
         retried turn would find it still pending and send it again."""
+        params = {"rid": reply_id, "outcome": SENT if delivery.ok else FAILED, "error": delivery.error,
+                  "attempts": delivery.attempts, "at": now() if delivery.ok else None}
         deadline, wait = time.monotonic() + retry_for_s, 0.2
         while True:
             try:
-                with transaction(self.url) as s:
-                    s.execute(update(Message).where(Message.id == reply_id).values(
-                        delivery_status=SENT if delivery.ok else FAILED, delivery_error=delivery.error,
-                        delivery_attempts=Message.delivery_attempts + delivery.attempts,
-                        delivered_at=now() if delivery.ok else None,
-                    ))
+                run_statement(self.url, _MARK_DELIVERY, params)
                 return
             except (OperationalError, InterfaceError):
                 if time.monotonic() > deadline:
@@ -338,42 +485,42 @@ class Store:
                 time.sleep(wait)
                 wait = min(wait * 2, 5.0)
 
-    def stale_outbox(self, older_than_s: float, limit: int = 500) -> list[tuple[int, str]]:
+    @_transactional
+    def stale_outbox(self, c: Connection, older_than_s: float, limit: int = 500) -> list[tuple[int, str]]:
         """Sessions (id, key) with a reply committed over `older_than_s` ago but never sent (its sender died)."""
         t = now()
-        with transaction(self.url) as s:
-            return [tuple(r) for r in s.execute(
-                select(Message.session_id, ChatSession.key).join(ChatSession, ChatSession.id == Message.session_id)
-                .where(Message.delivery_status == PENDING, Message.created_at < t - timedelta(seconds=older_than_s),
-                       _lease_free(t))
-                .distinct().limit(limit)
-            ).all()]
+        return [tuple(r) for r in c.execute(
+            select(_messages.c.session_id, _sessions.c.key)
+            .join(_sessions, _sessions.c.id == _messages.c.session_id)
+            .where(_PENDING, _messages.c.created_at < t - timedelta(seconds=older_than_s), _FREE)
+            .distinct().limit(limit), {"t": t}
+        ).all()]
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
     def mark_dormant(self, channel_id: str, idle_minutes: float, batch: int = 500) -> int:
-        """Active sessions idle for `idle_minutes` become dormant, in batches; returns how many."""
+        """Active sessions idle for `idle_minutes` become dormant, in batches; returns how many. Idle: no turn
+        committed since (the activity time), nobody holding the lease, and no message waiting in the inbox."""
         total = 0
         while True:
             t = now()
-            cutoff = t - timedelta(minutes=idle_minutes)
-            with transaction(self.url) as s:
-                ids = s.scalars(select(ChatSession.id).where(
-                    ChatSession.channel_id == channel_id, ChatSession.status == ACTIVE,
-                    ChatSession.last_activity_at < cutoff, _lease_free(t),
-                ).limit(batch)).all()
-                if ids:
-                    rows = s.execute(update(ChatSession).where(ChatSession.id.in_(ids), ChatSession.status == ACTIVE)
-                                     .values(status=DORMANT).returning(ChatSession.id, ChatSession.generation)).all()
-                    s.add_all(SessionEvent(session_id=r.id, generation=r.generation, event=WENT_DORMANT, at=t) for r in rows)
-                    total += len(rows)
-            if len(ids) < batch:
+            idle = and_(_sessions.c.channel_id == channel_id, _sessions.c.status == ACTIVE,
+                        _sessions.c.last_activity_at < t - timedelta(minutes=idle_minutes), _FREE,
+                        ~exists().where(_inbox.c.session_id == _sessions.c.id))
+
+            def work(c: Connection) -> tuple[int, int]:
+                ids = c.execute(select(_sessions.c.id).where(idle).limit(batch), {"t": t}).scalars().all()
+                if not ids:
+                    return 0, 0
+                rows = c.execute(update(_sessions).where(_sessions.c.id.in_(ids), idle).values(status=DORMANT)
+                                 .returning(_sessions.c.id, _sessions.c.generation), {"t": t}).all()
+                if rows:
+                    c.execute(_ADD_EVENT, [_event(r.id, r.generation, WENT_DORMANT, t) for r in rows])
+                return len(ids), len(rows)
+            found, marked = run_transaction(self.url, work)
+            total += marked
+            if found < batch:
                 return total
-
-
-def _max_seq(seq: int):
-    """last_seq moves forward only (a replayed older message must not move it back)."""
-    return case((ChatSession.last_seq < seq, seq), else_=ChatSession.last_seq)
 
 
 @dataclass(frozen=True)
@@ -438,6 +585,11 @@ def dead_letters(url: str, limit: int = 100, letter_id: int | None = None) -> li
                               r.created_at, InboundMessage.from_dict(json.loads(r.payload))) for r in rows]
 
 
-def drop_dead_letter(url: str, letter_id: int) -> bool:
+def drop_dead_letter(url: str, letter_id: int, unchanged_since: datetime | None = None) -> bool:
+    """Delete a dead letter; with `unchanged_since` (its created_at when read) only if no worker has
+    dead-lettered the message again since — a replayed letter that failed again must stay visible."""
     with transaction(url) as s:
-        return bool(s.execute(delete(DeadLetter).where(DeadLetter.id == letter_id)).rowcount)
+        q = delete(DeadLetter).where(DeadLetter.id == letter_id)
+        if unchanged_since is not None:
+            q = q.where(DeadLetter.created_at == unchanged_since)
+        return bool(s.execute(q).rowcount)

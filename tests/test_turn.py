@@ -245,12 +245,30 @@ def test_poison_message_is_dead_lettered_and_the_session_goes_on(database_url):
     assert drop_dead_letter(database_url, letter.id) and not dead_letters(database_url)
 
 
+def test_a_replayed_dead_letter_that_fails_again_stays_visible(database_url):
+    r = make_runner(database_url, Flaky())
+    r.agent_backoff_s = 0.01
+    poison = msg("poison pill", seq=1)
+    r.handle(poison)
+    [read] = dead_letters(database_url)  # the operator's replay read the letter and published it ...
+    time.sleep(0.01)
+    assert r.handle(poison) == "dead_lettered"  # ... and a worker failed on it again before the letter was dropped
+    assert not drop_dead_letter(database_url, read.id, unchanged_since=read.created_at)
+    [again] = dead_letters(database_url)
+    assert again.message == poison and again.created_at > read.created_at
+
+
 def test_unexpected_failure_releases_the_lease_and_keeps_the_message(database_url):
     r = make_runner(database_url, EchoAgent())
-    channels, r.channels = r.channels, {}  # a bug outside the Agent: KeyError while sending
+    channel = r.channels["wa"]
+
+    def broken_send(*_args, **_kwargs):  # a bug outside the Agent: KeyError while sending
+        raise KeyError("bug")
+
+    channel.send = broken_send
     with pytest.raises(KeyError):
         r.handle(msg("hello", seq=1))
-    r.channels = channels
+    del channel.send
     assert r.handle(msg("hello again", seq=2)) == "replied"  # not blocked behind a held lease
     assert [text for _, text in sent(r)] == ["echo: hello", "echo: hello again"]  # nothing lost, in order
     with transaction(database_url) as s:
@@ -266,11 +284,11 @@ def _hours(n: float):
 def test_stale_holder_does_not_send(database_url):
     r = make_runner(database_url, EchoAgent())
     claim = r.store.claim(r.store.accept(msg("hello", seq=1)).session_id, lease_seconds=30)
-    r.store.commit_turn(r.store.next_turn(claim, 30, history_limit=10), "echo: hello")
+    settled = r.store.commit_turn(r.store.next_turn(claim, 30, history_limit=10), "echo: hello")
     with transaction(database_url) as s:  # another holder took the session over meanwhile
         s.execute(update(ChatSession).values(lease_token=ChatSession.lease_token + 1))
     with pytest.raises(LeaseLost):
-        r._dispatch(claim)
+        r._dispatch(claim, settled.replies)
     assert sent(r) == []
 
 
@@ -334,9 +352,9 @@ def test_a_holder_that_loses_the_session_while_paced_sends_nothing(database_url)
         config = make_config("whatsapp", "wa", api_base=platform.base)
         r.channels = {"wa": WhatsAppChannel(config, _TakeoverWhilePacing(database_url))}
         claim = r.store.claim(r.store.accept(msg("hello", seq=1)).session_id, lease_seconds=30)
-        r.store.commit_turn(r.store.next_turn(claim, 30, history_limit=10), "echo: hello")
+        settled = r.store.commit_turn(r.store.next_turn(claim, 30, history_limit=10), "echo: hello")
         with pytest.raises(LeaseLost):
-            r._dispatch(claim)
+            r._dispatch(claim, settled.replies)
         assert platform.requests == []  # the fencing check runs after the pacing wait, right before the POST
     assert transcript(database_url, "wa:dm:5511")[1][-1].delivery_status == "pending"  # the new holder sends it
 
@@ -344,7 +362,7 @@ def test_a_holder_that_loses_the_session_while_paced_sends_nothing(database_url)
 def test_a_holder_paused_inside_the_renewal_does_not_send(database_url):
     r = make_runner(database_url, EchoAgent())
     claim = r.store.claim(r.store.accept(msg("hello", seq=1)).session_id, lease_seconds=30)
-    r.store.commit_turn(r.store.next_turn(claim, 30, history_limit=10), "echo: hello")
+    settled = r.store.commit_turn(r.store.next_turn(claim, 30, history_limit=10), "echo: hello")
     renew = r.store.renew
 
     def paused_renew(c, lease_seconds):  # the database answered, then the process was stopped for a while
@@ -354,5 +372,5 @@ def test_a_holder_paused_inside_the_renewal_does_not_send(database_url):
     r.store.renew = paused_renew
     r.settings = settings_for(database_url, r.settings.channels.values(), lease_seconds=0.2)
     with pytest.raises(LeaseLost):
-        r._dispatch(claim)
+        r._dispatch(claim, settled.replies)
     assert sent(r) == []

@@ -4,6 +4,10 @@ load the context, run the Agent, store, dispatch — then release.
 Plain code, testable without Celery; the Celery tasks only call `TurnRunner.handle` and `drain`.
 A worker thread never waits for another message of its session: whoever holds the session's lease
 takes every message that is ready, and a message arriving meanwhile just joins the inbox.
+
+Each store step is one transaction, and steps that follow each other share one: the claim brings the
+first turn's context and any unsent replies, a commit brings the reply to send and whether another
+message is ready, the release says whether one came in meanwhile.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import structlog
 
@@ -19,7 +23,7 @@ from shared.agents import Agent, Conversation, Utterance
 from shared.channels import Channel
 from shared.config import Settings
 from shared.messages import NEW_SESSION, InboundMessage
-from shared.store import AlreadyStored, Claim, LeaseBusy, LeaseLost, Store, Turn
+from shared.store import AlreadyStored, Claim, LeaseBusy, LeaseLost, PendingReply, Settled, Store, Turn
 
 log = structlog.get_logger(__name__)
 
@@ -55,43 +59,53 @@ class TurnRunner:
         outcomes: dict[str, str] = {}
         while True:
             try:
-                claim = self.store.claim(session_id, self.settings.lease_seconds)
+                claim = self.store.claim(session_id, self.settings.lease_seconds,
+                                         history_limits=self._history_limits(), force=force)
             except LeaseBusy:
                 return outcomes  # the holder takes what we put in the inbox
             try:
-                self._dispatch(claim)  # replies a holder that died committed but never sent
-                limit = self.channels[claim.channel_id].config.session.history_limit
-                while not self.stopping.is_set() and (
-                        turn := self.store.next_turn(claim, self.settings.lease_seconds, limit, force)):
-                    if force and turn.message.seq > turn.claim.last_seq + 1:
-                        log.warning("turn.gap", session_key=turn.message.session_key, seq=turn.message.seq,
-                                    last_seq=turn.claim.last_seq)
-                    force = False
-                    claim = turn.claim
+                self._dispatch(claim, claim.outbox)  # replies a holder that died committed but never sent
+                turn = claim.turn  # the first ready message, with its context
+                if turn is not None and force and turn.message.seq > turn.claim.last_seq + 1:
+                    log.warning("turn.gap", session_key=turn.message.session_key, seq=turn.message.seq,
+                                last_seq=turn.claim.last_seq)
+                while turn is not None and not self.stopping.is_set():
                     with structlog.contextvars.bound_contextvars(
                             platform_message_id=turn.message.platform_message_id, seq=turn.message.seq):
-                        outcomes[turn.message.platform_message_id] = self._run(turn)
-                        self._dispatch(claim)
+                        outcome, settled = self._run(turn)
+                        outcomes[turn.message.platform_message_id] = outcome
+                        self._dispatch(claim, settled.replies)
+                    turn = self._next_turn(claim) if settled.more else None
             except LeaseLost:
                 log.warning("turn.lease_lost", session_id=session_id)
                 return outcomes
             except BaseException:
                 self.store.release(claim)
                 raise
-            self.store.release(claim)
-            if self.stopping.is_set() or not self.store.has_ready(session_id):  # came in while we released?
+            ready = self.store.release(claim)  # True: a message came in while we finished
+            if self.stopping.is_set() or not ready:
                 return outcomes  # (when stopping, the sweeper hands what is left to the next owner)
+            force = False
 
-    def _run(self, turn: Turn) -> str:
+    def _history_limits(self) -> dict[str, int]:
+        return {cid: channel.config.session.history_limit for cid, channel in self.channels.items()}
+
+    def _next_turn(self, claim: Claim) -> Turn | None:
+        if self.stopping.is_set():
+            return None
+        limit = self.channels[claim.channel_id].config.session.history_limit
+        return self.store.next_turn(claim, self.settings.lease_seconds, limit)
+
+    def _run(self, turn: Turn) -> tuple[str, Settled]:
+        """Run one turn and store its outcome; returns what became of the message and how the session was left."""
         msg = turn.message
         if turn.stored:
-            self.store.discard(turn)
-            return "duplicate"
+            return "duplicate", self.store.discard(turn)
         try:
             if msg.command == NEW_SESSION:
-                self.store.commit_turn(turn, NEW_SESSION_REPLY, new_generation=True)
+                settled = self.store.commit_turn(turn, NEW_SESSION_REPLY, new_generation=True)
                 log.info("session.new_generation", generation=turn.claim.generation + 1)
-                return "new_session"
+                return "new_session", settled
             conversation = Conversation(
                 channel_id=msg.channel_id,
                 session_key=msg.session_key,
@@ -102,14 +116,13 @@ class TurnRunner:
             try:
                 reply = self._ask(self.agents[msg.channel_id], conversation)
             except AgentFailed as exc:
-                self.store.dead_letter(turn, str(exc), self.agent_attempts)
+                settled = self.store.dead_letter(turn, str(exc), self.agent_attempts)
                 log.error("turn.dead_lettered", error=str(exc), attempts=self.agent_attempts)
-                return "dead_lettered"
-            self.store.commit_turn(turn, reply)
-            return "replied" if reply else "silent"
+                return "dead_lettered", settled
+            settled = self.store.commit_turn(turn, reply)
+            return ("replied" if reply else "silent"), settled
         except AlreadyStored:  # a copy committed meanwhile; its replies may still need sending
-            self.store.discard(turn)
-            return "duplicate"
+            return "duplicate", self.store.discard(turn)
 
     def _ask(self, agent: Agent, conversation: Conversation) -> str | None:
         """The Agent's reply, retried in place (the session keeps its lease, so order holds)."""
@@ -124,9 +137,9 @@ class TurnRunner:
                 time.sleep(self.agent_backoff_s * 2 ** (attempt - 1))
         raise AssertionError("unreachable")
 
-    def _dispatch(self, claim: Claim) -> None:
-        """Send the session's unsent replies in order (the outbox), each request right after a fencing check."""
-        for reply in self.store.pending_replies(claim.session_id):
+    def _dispatch(self, claim: Claim, replies: Iterable[PendingReply]) -> None:
+        """Send unsent replies in order (the outbox), each request right after a fencing check; record each outcome."""
+        for reply in replies:
             delivery = self.channels[reply.channel_id].send(reply.chat_id, reply.chat_kind, reply.text,
                                                             fence=lambda: self._fence(claim))
             self.store.mark_delivery(reply.id, delivery)

@@ -1,0 +1,308 @@
+"""The store's steps as the turn uses them: what the claim, a commit and the release bring back, how few
+transactions a turn takes, that a flooded session's messages do not wait on its row, the dormancy sweep
+beside a waiting inbox, and a dead pooled connection after a database restart."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import pytest
+from sqlalchemy import event, select, update
+
+from shared.agents import EchoAgent
+from shared.db import engine_for, transaction
+from shared.models import ChatSession, Message, SessionEvent
+from shared.store import LeaseBusy, _as_utc, now, transcript
+from test_turn import _hours, make_runner, msg, sent
+
+LEASE = 30
+
+
+def limits(runner) -> dict[str, int]:
+    return runner._history_limits()
+
+
+def test_the_claim_brings_the_first_ready_turn_with_its_context(database_url):
+    r = make_runner(database_url, EchoAgent())
+    assert r.handle(msg("one", seq=1)) == "replied"
+    sid = r.store.accept(msg("two", seq=2)).session_id
+    r.store.accept(msg("four", seq=4))  # waits for 3
+    claim = r.store.claim(sid, LEASE, history_limits=limits(r))
+    assert claim.outbox == ()
+    assert claim.turn.message.text == "two" and not claim.turn.stored
+    assert [(m.role, m.text) for m in claim.turn.history] == [("user", "one"), ("assistant", "echo: one")]
+    assert claim.turn.claim.token == claim.token
+    settled = r.store.commit_turn(claim.turn, "echo: two")
+    assert [p.text for p in settled.replies] == ["echo: two"] and settled.more is False  # 4 waits for 3
+    assert r.store.next_turn(claim, LEASE, history_limit=50) is None
+    assert r.store.release(claim) is False
+
+
+def test_the_claim_brings_unsent_replies_and_no_turn_when_the_head_waits(database_url):
+    r = make_runner(database_url, EchoAgent())
+    sid = r.store.accept(msg("one", seq=1)).session_id
+    first = r.store.claim(sid, 0.01, history_limits=limits(r))
+    r.store.commit_turn(first.turn, "echo: one")  # ... and the holder died before sending
+    r.store.accept(msg("three", seq=3))
+    time.sleep(0.05)
+    claim = r.store.claim(sid, LEASE, history_limits=limits(r))
+    assert [p.text for p in claim.outbox] == ["echo: one"]
+    assert claim.outbox[0].chat_id == "5511" and claim.outbox[0].channel_id == "wa"
+    assert claim.turn is None  # seq 3 waits for 2
+    assert r.store.release(claim) is False  # nor is it ready: only the sweeper forces a gap
+    forced = r.store.claim(sid, LEASE, history_limits=limits(r), force=True)
+    assert forced.turn.message.text == "three"
+    r.store.release(forced)
+
+
+def test_a_commit_says_when_the_next_message_is_ready(database_url):
+    r = make_runner(database_url, EchoAgent())
+    sid = r.store.accept(msg("one", seq=1)).session_id
+    r.store.accept(msg("two", seq=2))
+    claim = r.store.claim(sid, LEASE, history_limits=limits(r))
+    settled = r.store.commit_turn(claim.turn, None)  # a silent turn stores no reply
+    assert settled.replies == () and settled.more is True
+    turn = r.store.next_turn(claim, LEASE, history_limit=50)
+    assert turn.message.text == "two" and turn.claim.last_seq == 1
+    assert [m.text for m in turn.history] == ["one"]
+
+
+def test_the_release_reports_a_message_that_came_in_while_the_holder_finished(database_url):
+    r = make_runner(database_url, EchoAgent())
+    sid = r.store.accept(msg("one", seq=1)).session_id
+    claim = r.store.claim(sid, LEASE, history_limits=limits(r))
+    settled = r.store.commit_turn(claim.turn, "echo: one")
+    assert settled.more is False
+    accepted = r.store.accept(msg("two", seq=2))  # its worker finds the lease taken ...
+    with pytest.raises(LeaseBusy):
+        r.store.claim(accepted.session_id, LEASE)
+    assert r.store.release(claim) is True  # ... so the holder learns of it when it lets go
+    again = r.store.claim(sid, LEASE, history_limits=limits(r))
+    assert again.turn.message.text == "two"
+
+
+def test_a_lost_lease_is_released_by_nobody(database_url):
+    r = make_runner(database_url, EchoAgent())
+    sid = r.store.accept(msg("one", seq=1)).session_id
+    stale = r.store.claim(sid, 0.01)
+    r.store.accept(msg("two", seq=2))
+    time.sleep(0.05)
+    current = r.store.claim(sid, LEASE)
+    assert r.store.release(stale) is False  # not the holder: nothing released, nothing to do
+    with pytest.raises(LeaseBusy):
+        r.store.claim(sid, LEASE)
+    r.store.release(current)
+
+
+class Counter:
+    """Database transactions and statements on the store's engine while the block runs."""
+
+    def __init__(self, url: str):
+        self.engine = engine_for(url)
+        self.transactions = self.statements = 0
+
+    def _begin(self, *_args) -> None:
+        self.transactions += 1
+
+    def _statement(self, *_args) -> None:
+        self.statements += 1
+
+    def __enter__(self) -> Counter:
+        event.listen(self.engine, "begin", self._begin)
+        event.listen(self.engine, "before_cursor_execute", self._statement)
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        event.remove(self.engine, "begin", self._begin)
+        event.remove(self.engine, "before_cursor_execute", self._statement)
+
+
+def test_a_turn_takes_six_transactions(database_url):
+    """accept, claim (with the turn's context), commit (with the reply to send), the fence before the send,
+    the delivery, release: the floor with a separate fencing check before each send."""
+    r = make_runner(database_url, EchoAgent())
+    r.handle(msg("one", seq=1))
+    with Counter(database_url) as counted:
+        assert r.handle(msg("two", seq=2)) == "replied"
+    assert counted.transactions == 6
+    sqlite_begins = counted.transactions if database_url.startswith("sqlite") else 0  # BEGIN IMMEDIATE statements
+    assert counted.statements - sqlite_begins == 15
+
+
+def test_a_backlog_takes_four_transactions_a_turn(database_url):
+    r = make_runner(database_url, EchoAgent())
+    r.handle(msg("one", seq=1))
+    sid = r.store.accept(msg("two", seq=2)).session_id
+    for i in range(3, 7):
+        r.store.accept(msg(str(i), seq=i))
+    with Counter(database_url) as counted:
+        assert len(r.drain(sid)) == 5
+    # claim + release, then per turn: commit, fence, delivery, and next_turn for every turn but the first
+    assert counted.transactions == 2 + 5 * 3 + 4
+    assert [text for _, text in sent(r)][-5:] == [f"echo: {x}" for x in ("two", "3", "4", "5", "6")]
+
+
+def test_accepting_into_an_active_session_does_not_wait_for_its_row(postgres_url):
+    """A flooded session: its holder's transactions lock the session's row over and over; the flood's accepts
+    must not queue behind them (nor behind each other)."""
+    r = make_runner(postgres_url, EchoAgent())
+    try:
+        sid = r.store.accept(msg("one", seq=1)).session_id
+        plain = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+        with psycopg.connect(plain) as holder:  # a transaction in the middle of the holder's commit
+            holder.execute("UPDATE sessions SET message_count = message_count + 0, last_seq = last_seq "
+                           "WHERE id = %s", (sid,))
+            done = threading.Event()
+            accepted = []
+
+            def flood() -> None:
+                accepted.append(r.store.accept(msg("two", seq=2)))
+                done.set()
+            t = threading.Thread(target=flood, daemon=True)
+            t.start()
+            assert done.wait(5), "accept waited on the session's row lock"
+            holder.rollback()
+        assert accepted[0].new and accepted[0].session_id == sid
+    finally:
+        with engine_for(postgres_url).begin() as conn:
+            conn.exec_driver_sql("TRUNCATE dead_letters, session_events, messages, inbox, sessions, channels CASCADE")
+
+
+def test_concurrent_first_messages_create_one_session(postgres_url):
+    r = make_runner(postgres_url, EchoAgent())
+    try:
+        barrier = threading.Barrier(4)
+        results = []
+
+        def first(i: int) -> None:
+            barrier.wait()
+            results.append(r.store.accept(msg(f"hi {i}", seq=i + 1)))
+        threads = [threading.Thread(target=first, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert len({a.session_id for a in results}) == 1 and all(a.new for a in results)
+        with transaction(postgres_url) as s:
+            assert s.scalars(select(SessionEvent.event)).all() == ["created"]
+    finally:
+        with engine_for(postgres_url).begin() as conn:
+            conn.exec_driver_sql("TRUNCATE dead_letters, session_events, messages, inbox, sessions, channels CASCADE")
+
+
+def test_a_session_with_a_waiting_inbox_is_not_marked_dormant(database_url):
+    r = make_runner(database_url, EchoAgent())
+    r.handle(msg("one", seq=1))
+    r.store.accept(msg("three", seq=3))  # waits for seq 2
+    with transaction(database_url) as s:  # an hour passes
+        s.execute(update(ChatSession).values(last_activity_at=now() - _hours(1)))
+    assert r.store.mark_dormant("wa", idle_minutes=30) == 0
+    assert transcript(database_url, "wa:dm:5511")[0].status == "active"
+
+
+def test_accepting_leaves_the_activity_time_to_the_turn(database_url):
+    r = make_runner(database_url, EchoAgent())
+    r.handle(msg("one", seq=1))
+    an_hour_ago = now() - _hours(1)
+    with transaction(database_url) as s:
+        s.execute(update(ChatSession).values(last_activity_at=an_hour_ago))
+    r.store.accept(msg("three", seq=3))  # waits for seq 2: no turn yet
+
+    def last_activity():
+        return _as_utc(transcript(database_url, "wa:dm:5511")[0].last_activity_at)
+    assert abs((last_activity() - an_hour_ago).total_seconds()) < 1
+    r.handle(msg("two", seq=2))  # both turns run
+    assert (now() - last_activity()).total_seconds() < 60
+
+
+def test_a_session_put_to_sleep_beside_an_accept_wakes_at_its_turn(database_url):
+    """The dormancy sweep can read the inbox just before an accept commits into it; the claim then finds a
+    dormant session with a waiting message and wakes it, with its event."""
+    r = make_runner(database_url, EchoAgent())
+    r.handle(msg("one", seq=1))
+    sid = r.store.accept(msg("two", seq=2)).session_id
+    with transaction(database_url) as s:
+        s.execute(update(ChatSession).values(status="dormant"))
+    assert r.drain(sid) == {msg_id_of(database_url, "two"): "replied"}
+    summary, lines = transcript(database_url, "wa:dm:5511")
+    assert summary.status == "active"
+    assert [line.text for line in lines if line.kind == "event"] == ["created", "resumed"]
+
+
+def msg_id_of(url: str, text: str) -> str:
+    with transaction(url) as s:
+        return s.scalar(select(Message.platform_message_id).where(Message.text == text))
+
+
+def _kill_connections(url: str) -> int:
+    """What a PostgreSQL restart does to the pooled connections of this process."""
+    db = url.rsplit("/", 1)[1]
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+        return len(admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                 "WHERE datname = %s AND pid <> pg_backend_pid()", (db,)).fetchall())
+
+
+def test_a_dead_pooled_connection_is_replaced_not_failed(postgres_url, monkeypatch):
+    import shared.db
+
+    r = make_runner(postgres_url, EchoAgent())
+    retried = []
+    monkeypatch.setattr(shared.db.log, "warning", lambda event, **kw: retried.append(event))
+    try:
+        assert r.handle(msg("one", seq=1)) == "replied"
+        assert _kill_connections(postgres_url) >= 1  # the pool now holds a dead connection (used just now)
+        assert r.handle(msg("two", seq=2)) == "replied"
+        assert retried == ["db.stale_connection"]  # one attempt failed; the pool was invalidated, then all went on
+        sid = r.store.accept(msg("three", seq=3)).session_id
+        claim = r.store.claim(sid, LEASE)
+        _kill_connections(postgres_url)
+        r.store.renew(claim, LEASE)  # the single-statement (autocommit) path
+        r.store.release(claim)
+        assert retried == ["db.stale_connection"] * 2
+        assert [text for _, text in sent(r)] == ["echo: one", "echo: two"]
+    finally:
+        with engine_for(postgres_url).begin() as conn:
+            conn.exec_driver_sql("TRUNCATE dead_letters, session_events, messages, inbox, sessions, channels CASCADE")
+
+
+def test_the_bench_turn_profile_counts_a_turn(tmp_path):
+    """`chatsessions bench --scenarios turn`, small, on SQLite: the figures the docs quote come from here."""
+    from cli.bench import print_turn_profile, profile_turns
+    from shared.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path}/bench.db"
+    upgrade(url)
+    try:
+        result = profile_turns(url, turns=20, sessions=5, warmup=4)
+    finally:
+        engine_for(url).dispose()
+    assert result["outcomes"] == {"replied": 20} and result["replies_sent"] == 20
+    assert result["per_turn"]["transactions"] == 6 and result["cpu_ms_per_turn"] > 0
+    assert "store.claim" in result["parts"] and "store.commit_turn" in print_turn_profile(result)
+
+
+def test_a_connection_idle_in_the_pool_is_pinged_before_use(postgres_url, monkeypatch):
+    import shared.db
+
+    r = make_runner(postgres_url, EchoAgent())
+    try:
+        assert r.handle(msg("one", seq=1)) == "replied"
+        monkeypatch.setattr(shared.db, "IDLE_PING_S", 0.0)  # every pooled connection counts as idle
+        _kill_connections(postgres_url)
+        retried = []
+        monkeypatch.setattr(shared.db.log, "warning", lambda event, **kw: retried.append(event))
+        assert r.handle(msg("two", seq=2)) == "replied"
+        assert retried == []  # replaced at checkout, before any work ran on it
+    finally:
+        with engine_for(postgres_url).begin() as conn:
+            conn.exec_driver_sql("TRUNCATE dead_letters, session_events, messages, inbox, sessions, channels CASCADE")
+
+
+def test_pending_replies_lists_the_outbox(database_url):
+    r = make_runner(database_url, EchoAgent())
+    sid = r.store.accept(msg("one", seq=1)).session_id
+    claim = r.store.claim(sid, LEASE, history_limits=limits(r))
+    settled = r.store.commit_turn(claim.turn, "echo: one")
+    assert r.store.pending_replies(sid) == list(settled.replies)
