@@ -38,6 +38,7 @@ agent = "demo"
 api_base = "{standin}/acme-whatsapp"
 secrets = {{ app_secret = "ACME_WA_APP_SECRET", verify_token = "ACME_WA_VERIFY_TOKEN", access_token = "ACME_WA_ACCESS_TOKEN" }}
 options = {{ phone_number_id = "{phone_id}", api_version = "v21.0" }}
+session = {{ group_reply = "always" }}  # WhatsApp groups cannot @mention the number (README, Session policies)
 
 [[channels]]
 id = "acme-telegram"
@@ -54,6 +55,7 @@ agent = "demo"
 api_base = "{standin}/acme-discord"
 secrets = {{ bot_token = "ACME_DISCORD_BOT_TOKEN", public_key = "ACME_DISCORD_PUBLIC_KEY" }}
 options = {{ application_id = "1300000000000000001", gateway_url = "{gateway}" }}
+session = {{ group_reply = "always" }}  # the script's #support members talk to the bot without @mentioning it
 """
 
 

@@ -19,5 +19,7 @@ def format_transcript(key: str, url: str) -> str:
             out.append(f"  {at}  g{line.generation} {line.sender_name}: {line.text}")
         else:
             status = f"  [{line.delivery_status}]" if line.delivery_status != "sent" else ""
+            if line.delivery_status == "failed" and line.delivery_error:
+                status = f"  [failed: {line.delivery_error}]"
             out.append(f"  {at}  g{line.generation}   Agent: {line.text}{status}")
     return "\n".join(out)

@@ -22,12 +22,20 @@ from shared.config import ChannelConfig, get_settings
 from shared.errors import ChatSessionsError, ConfigError, EnqueueFailed
 from shared.logs import configure_logging
 from shared.messages import InboundMessage
+from shared.policies import threads_enabled
 
 log = structlog.get_logger(__name__)
 
 DISPATCH, HEARTBEAT, IDENTIFY, RESUME, RECONNECT, INVALID_SESSION, HELLO, HEARTBEAT_ACK = 0, 1, 2, 6, 7, 9, 10, 11
-GUILD_MESSAGES, DIRECT_MESSAGES, MESSAGE_CONTENT = 1 << 9, 1 << 12, 1 << 15
+GUILDS, GUILD_MESSAGES, DIRECT_MESSAGES, MESSAGE_CONTENT = 1 << 0, 1 << 9, 1 << 12, 1 << 15
 INTENTS = GUILD_MESSAGES | DIRECT_MESSAGES | MESSAGE_CONTENT
+OBSERVED = {"READY", "GUILD_CREATE", "THREAD_CREATE", "THREAD_UPDATE", "THREAD_DELETE", "THREAD_LIST_SYNC"}
+
+
+def intents(config: ChannelConfig) -> int:
+    """The message intents; with threads = false also GUILDS, whose thread events name each thread's parent
+    (a thread's MESSAGE_CREATE carries only the thread's own channel id)."""
+    return INTENTS if threads_enabled(config) else INTENTS | GUILDS
 DEFAULT_GATEWAY_URL = "wss://gateway.discord.gg/?v=10&encoding=json"
 FATAL_CLOSE_CODES = {
     4004: "authentication failed: the bot token is wrong or was reset",
@@ -148,7 +156,7 @@ class GatewayClient:
                 await self._send(ws, RESUME, {"token": token, "session_id": self.session_id, "seq": self.seq})
             else:
                 properties = {"os": sys.platform, "browser": "chatsessions", "device": "chatsessions"}
-                await self._send(ws, IDENTIFY, {"token": token, "intents": INTENTS, "properties": properties})
+                await self._send(ws, IDENTIFY, {"token": token, "intents": intents(self.config), "properties": properties})
             while True:
                 await self._handle(ws, json.loads(await ws.recv()))
         except _Reconnect as exc:
@@ -167,6 +175,8 @@ class GatewayClient:
             if payload.get("s") is not None:
                 self.seq = payload["s"]
             event = payload.get("t")
+            if event in OBSERVED:
+                self._observe(event, d)
             if event == "READY":
                 self.session_id, self.resume_url = d["session_id"], d.get("resume_gateway_url")
                 self._established = True
@@ -186,6 +196,16 @@ class GatewayClient:
             if d is True:
                 raise _Reconnect("invalid session (resumable)", resume=True)
             raise _Reconnect("invalid session", resume=False, delay=random.uniform(*self.invalid_session_delay))
+
+    def _observe(self, event: str, d: Any) -> None:
+        """Hand the parser what it learns from non-message events (our user id, thread parents)."""
+        observe = getattr(self.channel, "observe", None)
+        if observe is None:
+            return
+        try:
+            observe(event, d)
+        except Exception as exc:  # a malformed event must not stop the ingress
+            self.log.warning("gateway.malformed", event=event, error=str(exc))
 
     def _accept(self, d: Any) -> None:
         try:

@@ -13,10 +13,11 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from sqlalchemy import delete, exists, func, or_, select, update
 
+from shared.config import Identity
 from shared.db import transaction
 from shared.messages import DM
 from shared.models import (
@@ -29,6 +30,8 @@ from shared.models import (
     SessionEvent,
 )
 from shared.partitioning import partition_of, queue_name
+from shared.replybox import box_key
+from shared.policies import person_key
 from shared.store import LeaseLost, Store, now
 
 UNACKED_KEY = "unacked"  # kombu's Redis transport: delivered but unacknowledged messages
@@ -214,37 +217,51 @@ def force_new_session(url: str, key: str, lease_seconds: float) -> int:
 # One platform user's data: erase (privacy requests) and export (access requests)
 
 
-def _user_dm_sessions(s: Any, user_id: str, channel: str | None) -> list[tuple[int, str]]:
-    """The user's direct-message sessions on every channel: the chat is the user (WhatsApp, Telegram) or the
-    user is its human participant (a Discord DM channel has its own id)."""
+def _user_ids(user_id: str, identity: Identity | None) -> tuple[list[str], list[str]]:
+    """The platform user ids a request for `user_id` covers, and the person DM keys: with an [[identities]] link
+    (Settings.identity_of), every account of the person and their per-person session."""
+    if identity is None:
+        return [user_id], []
+    ids = list(identity.all_ids())
+    if user_id != identity.person and user_id not in ids:
+        ids.insert(0, user_id)
+    return ids, [person_key(identity.person)]
+
+
+def _user_dm_sessions(s: Any, user_ids: Sequence[str], channel: str | None,
+                      keys: Sequence[str] = ()) -> list[tuple[int, str]]:
+    """The users' direct-message sessions on every channel: the chat is the user (WhatsApp, Telegram), the user
+    is its human participant (a Discord DM channel has its own id), or it is the person's shared DM session."""
     q = select(ChatSession.id, ChatSession.key).where(
         ChatSession.chat_kind == DM,
-        or_(ChatSession.chat_id == user_id,
+        or_(ChatSession.chat_id.in_(user_ids), ChatSession.key.in_(keys),
             exists().where(Message.session_id == ChatSession.id, Message.role == "user",
-                           Message.sender_id == user_id)))
+                           Message.sender_id.in_(user_ids))))
     if channel:
         q = q.where(ChatSession.channel_id == channel)
     return [(r.id, r.key) for r in s.execute(q.order_by(ChatSession.id)).all()]
 
 
-def _payload_of(payload: str, user_id: str) -> dict[str, Any] | None:
-    """The stored InboundMessage if it was sent by `user_id`."""
+def _payload_of(payload: str, user_ids: Sequence[str]) -> dict[str, Any] | None:
+    """The stored InboundMessage if it was sent by one of `user_ids`."""
     try:
         doc = json.loads(payload)
     except ValueError:
         return None
-    return doc if isinstance(doc, dict) and str(doc.get("sender_id")) == user_id else None
+    return doc if isinstance(doc, dict) and str(doc.get("sender_id")) in user_ids else None
 
 
-def _user_payload_rows(s: Any, model: Any, user_id: str, skip_sessions: set, key_column: str) -> list[Any]:
-    """Rows of `model` (dead letters, inbox) holding a message the user sent outside their DM sessions."""
-    rows = s.scalars(select(model).where(model.payload.contains(json.dumps(user_id)))).all()
-    return [r for r in rows if getattr(r, key_column) not in skip_sessions and _payload_of(r.payload, user_id)]
+def _user_payload_rows(s: Any, model: Any, user_ids: Sequence[str], skip_sessions: set, key_column: str) -> list[Any]:
+    """Rows of `model` (dead letters, inbox) holding a message the users sent outside their DM sessions."""
+    rows = s.scalars(select(model).where(or_(*(model.payload.contains(json.dumps(u)) for u in user_ids)))).all()
+    return [r for r in rows if getattr(r, key_column) not in skip_sessions and _payload_of(r.payload, user_ids)]
 
 
 @dataclass
 class EraseReport:
     user_id: str
+    person: str | None = None  # the [[identities]] person whose linked accounts were erased too
+    user_ids: list[str] = field(default_factory=list)  # every platform user id erased
     sessions: list[str] = field(default_factory=list)  # direct-message sessions deleted whole
     group_sessions: list[str] = field(default_factory=list)  # group sessions the user's messages were taken from
     messages: int = 0  # the user's messages and the Agent's replies to them
@@ -259,17 +276,19 @@ class EraseReport:
 
 def erase_user(url: str, user_id: str, *, channel: str | None = None, dry_run: bool = False,
                progress: Callable[[int, int, str], None] | None = None, batch: int = 500,
-               redis_client: Any = None) -> EraseReport:
+               redis_client: Any = None, identity: Identity | None = None) -> EraseReport:
     """Delete everything stored of one platform user: their direct-message sessions whole (messages, events,
     inbox, dead letters), and in groups their messages with the Agent's replies to them, their waiting and
     dead-lettered messages. One session (or `batch` group messages) per transaction; `progress(done, total,
     what)` after each. With `redis_client`, the erased sessions' ingress sequence counters are removed too, so
-    a later message from the user starts a fresh session at 1. `dry_run` counts without deleting."""
-    report = EraseReport(user_id)
+    a later message from the user starts a fresh session at 1. `dry_run` counts without deleting. With the
+    user's `identity` ([[identities]]), every linked account and the person's shared DM session are erased."""
+    user_ids, person_keys = _user_ids(user_id, identity)
+    report = EraseReport(user_id, identity.person if identity else None, list(user_ids))
     with transaction(url) as s:
-        dms = _user_dm_sessions(s, user_id, channel)
+        dms = _user_dm_sessions(s, user_ids, channel, person_keys)
         group_q = select(Message.id).join(ChatSession, ChatSession.id == Message.session_id).where(
-            Message.role == "user", Message.sender_id == user_id, ChatSession.chat_kind != DM)
+            Message.role == "user", Message.sender_id.in_(user_ids), ChatSession.chat_kind != DM)
         if channel:
             group_q = group_q.where(ChatSession.channel_id == channel)
         group_ids = list(s.scalars(group_q.order_by(Message.id)).all())
@@ -322,13 +341,13 @@ def erase_user(url: str, user_id: str, *, channel: str | None = None, dry_run: b
 
     erased = set(report.sessions)
     with transaction(url) as s:
-        letters = _user_payload_rows(s, DeadLetter, user_id, erased, "session_key")
+        letters = _user_payload_rows(s, DeadLetter, user_ids, erased, "session_key")
         if channel:
             letters = [d for d in letters if d.channel_id == channel]
         report.dead_letters += len(letters)
         touched.update(d.session_key for d in letters)
         dm_ids = {sid for sid, _ in dms}
-        items = [i for i in _user_payload_rows(s, InboxItem, user_id, dm_ids, "session_id")
+        items = [i for i in _user_payload_rows(s, InboxItem, user_ids, dm_ids, "session_id")
                  if not channel or i.channel_id == channel]
         report.inbox += len(items)
         touched.update(json.loads(i.payload).get("session_key", "?") for i in items)
@@ -341,24 +360,38 @@ def erase_user(url: str, user_id: str, *, channel: str | None = None, dry_run: b
     report.group_sessions = sorted(touched - erased)
 
     if redis_client is not None and report.sessions:
-        keys = [SEQ_PREFIX + k for k in report.sessions]
+        keys = _redis_keys(report.sessions)
         report.redis_keys = (int(redis_client.exists(*keys)) if dry_run
                              else forget_sequences(redis_client, report.sessions))
     return report
 
 
+def _redis_keys(session_keys: list[str]) -> list[str]:
+    """What Redis holds for these sessions: the ingress counter, and a web chat visitor's reply box."""
+    keys = [SEQ_PREFIX + k for k in session_keys]
+    for k in session_keys:
+        parts = k.split(":")
+        if len(parts) == 3 and parts[1] == DM:  # <channel>:dm:<chat>; harmless for non-webchat channels
+            keys.append(box_key(parts[0], parts[2]))
+    return keys
+
+
 def forget_sequences(client: Any, session_keys: list[str]) -> int:
-    """Remove erased sessions' ingress counters (`seq:<key>`), so a later message from the same user starts a
-    fresh session at 1 instead of waiting for numbers that will never come."""
-    return sum(int(client.delete(*(SEQ_PREFIX + k for k in chunk))) for chunk in _chunks(session_keys, 500))
+    """Remove what Redis keeps of erased sessions: their ingress counters (`seq:<key>`), so a later message from
+    the same user starts a fresh session at 1 instead of waiting for numbers that will never come, and a web
+    chat visitor's reply box (the replies' text)."""
+    return sum(int(client.delete(*chunk)) for chunk in _chunks(_redis_keys(session_keys), 500))
 
 
-def export_user(url: str, user_id: str, *, channel: str | None = None) -> dict[str, Any]:
+def export_user(url: str, user_id: str, *, channel: str | None = None,
+                identity: Identity | None = None) -> dict[str, Any]:
     """Everything stored about one platform user, JSON-ready: their direct-message sessions whole (with
     lifecycle events, waiting messages and dead letters), their messages in groups with the Agent's replies
-    to them, and their waiting or dead-lettered group messages."""
+    to them, and their waiting or dead-lettered group messages. With the user's `identity` ([[identities]]),
+    of every linked account, and the person's shared DM session."""
+    user_ids, person_keys = _user_ids(user_id, identity)
     with transaction(url) as s:
-        dms = _user_dm_sessions(s, user_id, channel)
+        dms = _user_dm_sessions(s, user_ids, channel, person_keys)
         sessions = []
         for session_id, key in dms:
             row = s.execute(select(*_SESSION_COLUMNS).where(ChatSession.id == session_id)).one()
@@ -378,7 +411,7 @@ def export_user(url: str, user_id: str, *, channel: str | None = None) -> dict[s
                 "dead_letters": [_dead_letter_dict(d) for d in letters],
             })
         group_q = (select(Message, ChatSession.key).join(ChatSession, ChatSession.id == Message.session_id)
-                   .where(Message.role == "user", Message.sender_id == user_id, ChatSession.chat_kind != DM))
+                   .where(Message.role == "user", Message.sender_id.in_(user_ids), ChatSession.chat_kind != DM))
         if channel:
             group_q = group_q.where(ChatSession.channel_id == channel)
         own = s.execute(group_q.order_by(Message.session_id, Message.position)).all()
@@ -390,12 +423,14 @@ def export_user(url: str, user_id: str, *, channel: str | None = None) -> dict[s
         group_messages = [{"session_key": key, **_message_dict(m),
                            "replies": [_message_dict(r) for r in replies.get(m.id, [])]} for m, key in own]
         erased = {key for _, key in dms}
-        letters = [d for d in _user_payload_rows(s, DeadLetter, user_id, erased, "session_key")
+        letters = [d for d in _user_payload_rows(s, DeadLetter, user_ids, erased, "session_key")
                    if not channel or d.channel_id == channel]
-        waiting = [i for i in _user_payload_rows(s, InboxItem, user_id, {sid for sid, _ in dms}, "session_id")
+        waiting = [i for i in _user_payload_rows(s, InboxItem, user_ids, {sid for sid, _ in dms}, "session_id")
                    if not channel or i.channel_id == channel]
     return {
         "user_id": user_id,
+        "person": identity.person if identity else None,
+        "user_ids": user_ids,
         "channel": channel,
         "exported_at": now().isoformat(),
         "direct_sessions": sessions,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from shared.errors import ConfigError, UnknownChannel
 
@@ -29,13 +32,207 @@ PLATFORMS: dict[str, dict[str, Any]] = {
         "secrets": ("bot_token", "public_key"),
         "options": (),
     },
+    "webchat": {  # the ingress serves the page; options: title, max_chars, messages_per_minute
+        "api_base": "",
+        "secrets": (),
+        "options": (),
+    },
 }
+
+
+# -- Session policies: [channels.session] and [[identities]] (key derivation from them: shared/policies.py) ----------
+
+SCOPES = ("default", "per-member", "per-person")
+RESETS = ("never", "idle", "daily")
+GROUP_REPLIES = ("always", "mentioned")
+BURSTS = ("queue", "collect", "latest")
+# `threads` when the file does not set it: both values keep the keys the seed gave, per the platforms' docs.
+# A Discord thread *is* a channel: its MESSAGE_CREATE carries the thread's own channel_id (and no parent id), so a
+# thread has always been a session of its own, and merging it into its parent needs the GUILDS intent's thread
+# events. A Telegram forum topic shares its supergroup's chat id (the topic is only `message_thread_id`), so topics
+# have always shared the group's session. Either way InboundMessage.thread_id keeps the topic for the reply.
+THREADS_DEFAULT = {"telegram": False, "discord": True}
+WHATSAPP_WINDOW_HOURS = 24.0  # free-form replies only within 24 h of the user's last message (platform rule)
+DEFAULT_RESET_NOTICE = "(This is a new conversation.)"
+PERSON_KEY_PREFIX = "person"  # per-person session keys start "person:"; no channel may have this id
+_PERSON_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_TEMPLATE_NAME = re.compile(r"[a-z0-9_]{1,512}")
+_LANGUAGE_CODE = re.compile(r"[a-z]{2,3}(_[A-Za-z]{2,4})?")
+_WHATSAPP_ONLY = ("window_hours", "window_template", "window_template_language")
 
 
 @dataclass(frozen=True)
 class SessionOptions:
+    """A channel's session policy ([channels.session]); every default is the seed's behaviour except
+    group_reply, whose default follows the platforms' etiquette (answer in groups only when addressed)."""
+
     idle_minutes: float = 30.0  # active -> dormant after this long without a message
     history_limit: int = 50  # most recent messages of the current generation given to the Agent
+    history_chars: int | None = None  # and at most this many characters of them (newest kept); None = no limit
+    scope: str = "default"  # default | per-member (group: one session per member) | per-person (linked DMs)
+    threads: bool | None = None  # topics/threads as sessions of their own; None = THREADS_DEFAULT[platform]
+    reset: str = "never"  # never | idle (reset_idle_hours without a message) | daily (reset_hour in timezone)
+    reset_idle_hours: float | None = None
+    reset_hour: int | None = None  # 0-23, local time in `timezone`
+    timezone: str = "UTC"  # IANA name, for reset = "daily"
+    reset_notice: str = DEFAULT_RESET_NOTICE  # told to the user when a policy reset opened their session ("" = none)
+    group_reply: str = "mentioned"  # always | mentioned (only messages with InboundMessage.addressed)
+    burst: str = "queue"  # queue | collect | latest: messages that arrive while a turn of the session runs
+    retention_days: float | None = None  # closed sessions' messages are deleted after this; None = kept
+    window_hours: float = WHATSAPP_WINDOW_HOURS  # WhatsApp: free-form replies only this long after the user's message
+    window_template: str | None = None  # WhatsApp: template sent outside the window (None: reply undeliverable)
+    window_template_language: str = "en_US"  # WhatsApp: the template's language code
+
+    @property
+    def zone(self) -> ZoneInfo:
+        """The time zone of daily resets."""
+        return ZoneInfo(self.timezone)
+
+
+_SESSION_KEYS = frozenset(f.name for f in dataclasses.fields(SessionOptions))
+
+
+def _session_options(raw: Any, platform: str, where: str) -> SessionOptions:
+    """[channels.session] validated: every problem names the channel and the key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: session must be a table")
+    unknown = set(raw) - _SESSION_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown session options {sorted(unknown)}")
+
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"{where}: session.{key} {why}, got {raw[key]!r}")
+
+    def only_with(key: str, reset: str) -> ConfigError:
+        return ConfigError(f'{where}: session.{key} applies only with session.reset = "{reset}"')
+
+    values = dict(raw)
+    for key in ("idle_minutes", "reset_idle_hours", "retention_days", "window_hours"):
+        if key in raw:
+            value = raw[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise bad(key, "must be a number")
+            if value <= 0:
+                raise bad(key, "must be positive")
+            values[key] = float(value)
+    for key in ("history_limit", "history_chars"):
+        if key in raw and (isinstance(raw[key], bool) or not isinstance(raw[key], int) or raw[key] <= 0):
+            raise bad(key, "must be a positive whole number")
+    for key, allowed in (("scope", SCOPES), ("reset", RESETS), ("group_reply", GROUP_REPLIES), ("burst", BURSTS)):
+        if key in raw and (not isinstance(raw[key], str) or raw[key] not in allowed):
+            raise bad(key, "must be one of " + " | ".join(f'"{a}"' for a in allowed))
+    if "threads" in raw:
+        if not isinstance(raw["threads"], bool):
+            raise bad("threads", "must be true or false")
+        if platform not in THREADS_DEFAULT:
+            raise ConfigError(f"{where}: session.threads: {platform} has no threads or forum topics")
+    else:
+        values["threads"] = THREADS_DEFAULT.get(platform, False)
+    reset = raw.get("reset", "never")
+    if reset == "idle" and "reset_idle_hours" not in raw:
+        raise ConfigError(f'{where}: session.reset = "idle" needs session.reset_idle_hours')
+    if reset == "daily" and "reset_hour" not in raw:
+        raise ConfigError(f'{where}: session.reset = "daily" needs session.reset_hour (0-23)')
+    if "reset_idle_hours" in raw and reset != "idle":
+        raise only_with("reset_idle_hours", "idle")
+    for key in ("reset_hour", "timezone"):
+        if key in raw and reset != "daily":
+            raise only_with(key, "daily")
+    if "reset_hour" in raw:
+        hour = raw["reset_hour"]
+        if isinstance(hour, bool) or not isinstance(hour, int) or not 0 <= hour <= 23:
+            raise bad("reset_hour", "must be a whole hour from 0 to 23")
+    if "timezone" in raw:
+        if not isinstance(raw["timezone"], str):
+            raise bad("timezone", 'must be an IANA time zone name such as "Europe/Berlin"')
+        try:
+            ZoneInfo(raw["timezone"])
+        except (ZoneInfoNotFoundError, ValueError):
+            raise bad("timezone", 'is not a known IANA time zone name (such as "Europe/Berlin"; the tz database '
+                                  "comes from the system or the tzdata package)") from None
+    if "reset_notice" in raw and not isinstance(raw["reset_notice"], str):
+        raise bad("reset_notice", 'must be text ("" to say nothing)')
+    for key in _WHATSAPP_ONLY:
+        if key in raw and platform != "whatsapp":
+            raise ConfigError(f"{where}: session.{key} applies to whatsapp channels only")
+    if "window_hours" in raw and values["window_hours"] > WHATSAPP_WINDOW_HOURS:
+        raise bad("window_hours", "cannot exceed WhatsApp's 24-hour customer-service window")
+    if "window_template" in raw and (not isinstance(raw["window_template"], str)
+                                     or not _TEMPLATE_NAME.fullmatch(raw["window_template"])):
+        raise bad("window_template", "must be a WhatsApp template name (lower-case letters, digits and _)")
+    if "window_template_language" in raw and (not isinstance(raw["window_template_language"], str)
+                                              or not _LANGUAGE_CODE.fullmatch(raw["window_template_language"])):
+        raise bad("window_template_language", 'must be a WhatsApp language code such as "en_US" or "pt_BR"')
+    return SessionOptions(**values)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """One person's accounts ([[identities]]): on per-person channels their DMs share one session, and
+    `sessions export/erase` act on all of them."""
+
+    person: str
+    ids: Mapping[str, tuple[str, ...]]  # platform -> that platform's user ids (normalized)
+
+    def all_ids(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(i for ids in self.ids.values() for i in ids))
+
+
+def normalize_user_id(platform: str, value: Any) -> str:
+    """A platform user id as the adapters see it (WhatsApp: digits without '+', spaces or dashes; Telegram and
+    Discord: digits); ValueError if it cannot be one."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError("must be a string or a number")
+    text = str(value).strip()
+    if platform == "whatsapp":
+        text = re.sub(r"[\s()+-]", "", text)
+    if platform in ("whatsapp", "telegram", "discord") and not text.isdigit():
+        raise ValueError(f"is not a {platform} user id (digits)")
+    if not text:
+        raise ValueError("is empty")
+    return text
+
+
+def _identities(raw: Any, path: Path) -> dict[str, Identity]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: identities must be [[identities]] tables")
+    identities: dict[str, Identity] = {}
+    owners: dict[tuple[str, str], str] = {}
+    for n, entry in enumerate(raw, 1):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{path}: [[identities]] #{n} must be a table")
+        person = entry.get("person")
+        if not isinstance(person, str) or not _PERSON_NAME.fullmatch(person):
+            raise ConfigError(f"{path}: [[identities]] #{n}: person must be a name of letters, digits, '.', '_' or "
+                              f"'-' (up to 100), got {person!r}")
+        where = f"{path}: identity {person!r}"
+        if person in identities:
+            raise ConfigError(f"{where} appears twice")
+        ids: dict[str, tuple[str, ...]] = {}
+        for platform, value in entry.items():
+            if platform == "person":
+                continue
+            if platform not in PLATFORMS:
+                raise ConfigError(f"{where}: unknown key {platform!r} (person, or a platform: {sorted(PLATFORMS)})")
+            normalized: list[str] = []
+            for item in value if isinstance(value, list) else [value]:
+                try:
+                    user_id = normalize_user_id(platform, item)
+                except ValueError as exc:
+                    raise ConfigError(f"{where}: {platform} {item!r} {exc}") from None
+                owner = owners.setdefault((platform, user_id), person)
+                if owner != person:
+                    raise ConfigError(f"{where}: {platform} user {user_id} already belongs to person {owner!r} "
+                                      "(a platform user can be linked to one person only)")
+                if user_id not in normalized:
+                    normalized.append(user_id)
+            if not normalized:
+                raise ConfigError(f"{where}: {platform} lists no user id")
+            ids[platform] = tuple(normalized)
+        if not ids:
+            raise ConfigError(f"{where} links no platform account (add e.g. whatsapp = \"15551234567\")")
+        identities[person] = Identity(person, ids)
+    return identities
 
 
 @dataclass(frozen=True)
@@ -48,6 +245,8 @@ class ChannelConfig:
     options: Mapping[str, Any]
     session: SessionOptions
     agent_options: Mapping[str, Any] = field(default_factory=dict)  # keyword arguments for the Agent's class
+    # [[identities]] of this channel's platform: user id -> person (shared/policies.py derives keys from it)
+    people: Mapping[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -63,6 +262,24 @@ class Settings:
     log_level: str
     config_path: Path
     channels: Mapping[str, ChannelConfig]
+    admin_token: str | None = field(default=None, repr=False)  # ADMIN_TOKEN: the session browser; None = off
+    identities: Mapping[str, Identity] = field(default_factory=dict, repr=False)  # [[identities]] by person
+    broker_queue_type: str = "classic"  # BROKER_QUEUE_TYPE: classic | quorum (RabbitMQ quorum queues; amqp:// only)
+    redis_sentinel_master: str | None = None  # REDIS_SENTINEL_MASTER: the master of sentinel:// URLs (docs/scaling.md)
+
+    def person_of(self, platform: str, user_id: str) -> str | None:
+        """The person a platform user is linked to in [[identities]], if any."""
+        try:
+            user_id = normalize_user_id(platform, user_id)
+        except ValueError:
+            return None
+        return next((i.person for i in self.identities.values() if user_id in i.ids.get(platform, ())), None)
+
+    def identity_of(self, user: str) -> Identity | None:
+        """The identity named `user`, or linking `user` as a user id on any platform (for export/erase)."""
+        if user in self.identities:
+            return self.identities[user]
+        return next((i for i in self.identities.values() if user in i.all_ids()), None)
 
     def channel(self, channel_id: str) -> ChannelConfig:
         try:
@@ -88,6 +305,38 @@ def _number(env: Mapping[str, str], name: str, default: float, kind=float) -> An
     return value
 
 
+BROKER_QUEUE_TYPES = ("classic", "quorum")
+AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
+
+
+def _broker_ha(env: Mapping[str, str], broker_url: str, redis_url: str | None) -> tuple[str | None, str, str | None]:
+    """BROKER_QUEUE_TYPE and REDIS_SENTINEL_MASTER checked against the URLs; a sentinel:// REDIS_URL gets the master
+    name added (`?master_name=`), so every client built from it finds the master (shared/redis_client.py)."""
+    from shared.redis_client import is_sentinel, parse_sentinel_url, with_master
+
+    scheme = broker_url.split("://", 1)[0].lower()
+    queue_type = (env.get("BROKER_QUEUE_TYPE") or "classic").lower()
+    if queue_type not in BROKER_QUEUE_TYPES:
+        raise ConfigError(f"BROKER_QUEUE_TYPE must be classic or quorum, got {env.get('BROKER_QUEUE_TYPE')!r}")
+    if queue_type == "quorum" and scheme not in AMQP_SCHEMES:
+        raise ConfigError(f"BROKER_QUEUE_TYPE=quorum needs RabbitMQ (BROKER_URL=amqp://...), not {scheme}://")
+    master = env.get("REDIS_SENTINEL_MASTER") or None
+    for name, url in (("BROKER_URL", broker_url), ("REDIS_URL", redis_url)):
+        if is_sentinel(url):
+            try:
+                named = parse_sentinel_url(url).master_name
+            except ValueError as exc:
+                raise ConfigError(f"{name} is not a valid sentinel:// URL list: {exc}") from None
+            if not master and not (named and name == "REDIS_URL"):
+                raise ConfigError(f"{name} is a Redis Sentinel URL: set REDIS_SENTINEL_MASTER to the name of the "
+                                  "master the sentinels monitor")
+    if master and not (is_sentinel(broker_url) or is_sentinel(redis_url)):
+        raise ConfigError("REDIS_SENTINEL_MASTER is set but neither BROKER_URL nor REDIS_URL is a sentinel:// URL")
+    if is_sentinel(redis_url) and master:
+        redis_url = with_master(redis_url, master)
+    return redis_url, queue_type, master
+
+
 def _channel(raw: dict[str, Any], env: Mapping[str, str], path: Path) -> ChannelConfig:
     where = f"{path}: channel {raw.get('id', '?')!r}"
     for key in ("id", "platform", "agent"):
@@ -111,13 +360,12 @@ def _channel(raw: dict[str, Any], env: Mapping[str, str], path: Path) -> Channel
     for name in spec["options"]:
         if name not in options:
             raise ConfigError(f"{where}: options.{name} is required for {platform}")
-    session_raw = raw.get("session", {})
-    unknown = set(session_raw) - {"idle_minutes", "history_limit"}
-    if unknown:
-        raise ConfigError(f"{where}: unknown session options {sorted(unknown)}")
-    session = SessionOptions(**session_raw)
-    if session.idle_minutes <= 0 or session.history_limit <= 0:
-        raise ConfigError(f"{where}: session.idle_minutes and session.history_limit must be positive")
+    if ":" in raw["id"]:
+        raise ConfigError(f"{where}: a channel id cannot contain ':' (it separates the parts of session keys)")
+    if raw["id"] == PERSON_KEY_PREFIX:
+        raise ConfigError(f"{where}: the channel id {PERSON_KEY_PREFIX!r} is reserved "
+                          f"(per-person session keys start with '{PERSON_KEY_PREFIX}:')")
+    session = _session_options(raw.get("session", {}), platform, where)
     agent_options = raw.get("agent_options", {})
     if not isinstance(agent_options, dict):
         raise ConfigError(f"{where}: agent_options must be a table")
@@ -152,11 +400,19 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         channels[channel.id] = channel
     if not channels:
         raise ConfigError(f"{path}: no [[channels]] configured")
+    identities = _identities(doc.get("identities", []), path)
+    for channel in list(channels.values()):
+        people = {user_id: i.person for i in identities.values() for user_id in i.ids.get(channel.platform, ())}
+        if channel.session.scope == "per-person" and not people:
+            raise ConfigError(f'{path}: channel {channel.id!r}: session.scope = "per-person" but no '
+                              f"[[identities]] entry names a {channel.platform} user")
+        channels[channel.id] = dataclasses.replace(channel, people=people)
     broker_url = env.get("BROKER_URL") or "memory://localhost/"
-    redis_url = env.get("REDIS_URL") or (broker_url if broker_url.startswith("redis") else None)
+    redis_url = env.get("REDIS_URL") or (broker_url if broker_url.startswith(("redis", "sentinel")) else None)
     if redis_url is None and not broker_url.startswith("memory://"):
         raise ConfigError(f"REDIS_URL is required with the broker {broker_url.split('://')[0]}:// "
                           "(sequence numbers, dedupe and rate limits are shared through Redis)")
+    redis_url, broker_queue_type, sentinel_master = _broker_ha(env, broker_url, redis_url)
     lease = _number(env, "LEASE_SECONDS", doc.get("lease_seconds", 120))
     visibility = _number(env, "VISIBILITY_TIMEOUT", max(lease * 2, 300))
     if visibility <= lease:
@@ -176,6 +432,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_level=(env.get("LOG_LEVEL") or "INFO").upper(),
         config_path=path,
         channels=channels,
+        admin_token=env.get("ADMIN_TOKEN") or None,
+        identities=identities,
+        broker_queue_type=broker_queue_type,
+        redis_sentinel_master=sentinel_master,
     )
 
 

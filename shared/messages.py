@@ -30,12 +30,23 @@ class InboundMessage:
     command: str | None = None  # NEW_SESSION for /new and its platform equivalents
     seq: int = 0  # per-session ingress order, assigned by the ingress
     received_at: float = 0.0  # when the ingress accepted it (epoch seconds)
+    # Session policies (shared/policies.py). The defaults are what a message queued before they existed meant:
+    # answer it (every message was answered then), no topic, no linked person.
+    addressed: bool = True  # DMs always; in groups: the bot was @mentioned or replied to, or it is a command
+    # The topic inside chat_id the message was posted in; the reply belongs there too. Telegram: the forum topic's
+    # message_thread_id (send it with the reply). Discord: the thread's channel id, the same as chat_id (a thread
+    # is a channel), set when the adapter knows the channel is a thread.
+    thread_id: str | None = None
+    person: str | None = None  # the [[identities]] person the sender is linked to
 
     def __post_init__(self) -> None:
         # JSON can carry an unpaired UTF-16 surrogate ("\ud800"); it could never be stored or sent on.
-        for name in ("session_key", "chat_id", "sender_id", "sender_name", "text", "platform_message_id"):
+        for name in ("session_key", "chat_id", "sender_id", "sender_name", "text", "platform_message_id",
+                     "thread_id", "person"):
             try:
-                getattr(self, name).encode("utf-8")
+                value = getattr(self, name)
+                if value is not None:
+                    value.encode("utf-8")
             except UnicodeEncodeError:
                 raise MalformedPayload(f"{name} is not valid Unicode (an unpaired surrogate)") from None
 
@@ -44,10 +55,15 @@ class InboundMessage:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InboundMessage:
-        return cls(**data)
+        """The message from to_dict; a dict from an older ingress gets the defaults of fields it lacks, and one
+        from a newer ingress loses the fields this version does not know (a rolling upgrade in either order)."""
+        return cls(**{k: v for k, v in data.items() if k in _FIELDS})
 
     def with_ingress(self, seq: int, received_at: float) -> InboundMessage:
         return dataclasses.replace(self, seq=seq, received_at=received_at)
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(InboundMessage))
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ NEW_GENERATION = "new_session"
 PENDING = "pending"
 SENT = "sent"
 FAILED = "failed"
+SKIPPED = "skipped"  # never sent: a newer message of the session made it stale (burst = "latest")
 
 Id = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements only INTEGER keys
 
@@ -81,6 +82,13 @@ class Message(Base):
     platform_message_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
     ingress_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Where the message was said (inbound) or goes (a reply: the chat of the message it answers, which in a
+    # per-person session or a topic is not the session row's chat). NULL on rows older than migration 0004.
+    chat_id: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    chat_kind: Mapped[str | None] = mapped_column(String(10), nullable=True)
+    thread_id: Mapped[str | None] = mapped_column(String(100), nullable=True)  # Telegram topic / Discord thread
+    # Replies only: when the user sent the message it answers (WhatsApp's customer-service window).
+    user_sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # Replies only: the outbox state and the delivery outcome.
     in_reply_to: Mapped[int | None] = mapped_column(ForeignKey("messages.id"), nullable=True)
     delivery_status: Mapped[str | None] = mapped_column(String(10), nullable=True)

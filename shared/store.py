@@ -13,6 +13,10 @@ one turn at a time, and never holds a transaction while the Agent runs. The tran
   mark_delivery  the send's outcome
   release        the lease; says whether a message became ready meanwhile (then the holder claims again)
 
+A turn is one message, or with a burst policy the ready messages taken together (`Turn.earlier`), all stored and
+settled in its one commit. A reply carries its route (the channel, chat and topic of the message it answers).
+Beside the turns: `mark_dormant` (idle sessions) and `purge_expired` (retention), run by beat in batches.
+
 The turn's statements are SQLAlchemy Core statements built once, at import (their compiled form is cached),
 run on one pooled connection per transaction (`shared.db.run_transaction`), without the ORM's unit of work.
 """
@@ -42,10 +46,10 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import IntegrityError
 
 from shared.config import ChannelConfig
-from shared.db import engine_for, run_statement, run_transaction, transaction
+from shared.db import DB_UNAVAILABLE, engine_for, run_statement, run_transaction, transaction
 from shared.errors import ChatSessionsError
 from shared.messages import Delivery, InboundMessage
 from shared.models import (
@@ -57,6 +61,7 @@ from shared.models import (
     PENDING,
     RESUMED,
     SENT,
+    SKIPPED,
     WENT_DORMANT,
     Channel,
     ChatSession,
@@ -89,11 +94,15 @@ class Accepted:
 
 @dataclass(frozen=True)
 class PendingReply:
+    """A reply to send, with its route: the channel, chat and topic of the message it answers."""
+
     id: int
     channel_id: str
     chat_id: str
     chat_kind: str
     text: str
+    thread_id: str | None = None  # Telegram forum topic / Discord thread of the message it answers
+    user_sent_at: datetime | None = None  # when the user sent that message (WhatsApp's customer-service window)
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,7 @@ class Claim:
     last_seq: int
     chat_id: str
     chat_kind: str
+    last_activity_at: datetime | None = None  # the session's last turn before this one (reset policies)
     # What the new holder has to do, read with the claim (Store.claim only; empty on the claim a Turn carries):
     outbox: tuple[PendingReply, ...] = ()  # replies committed by an earlier holder and never sent, in order
     turn: Turn | None = field(default=None, repr=False, compare=False)  # the first ready message (with context)
@@ -125,9 +135,17 @@ class Turn:
 
     claim: Claim  # refreshed: generation and last_seq as of this turn
     item_id: int
-    message: InboundMessage
+    message: InboundMessage  # the newest message of the turn: the one a reply answers
     history: list[StoredMessage]
     stored: bool  # the message is already in the conversation (a redelivery): nothing to run
+    # A burst (burst = "collect" | "latest"): the ready messages before `message`, oldest first, as (inbox item id,
+    # message); the turn stores them all, in order, in one commit.
+    earlier: tuple[tuple[int, InboundMessage], ...] = ()
+
+    @property
+    def messages(self) -> list[InboundMessage]:
+        """Every message of the turn, oldest first."""
+        return [m for _, m in self.earlier] + [self.message]
 
 
 @dataclass(frozen=True)
@@ -136,6 +154,7 @@ class Settled:
 
     replies: tuple[PendingReply, ...]
     more: bool
+    superseded: bool = False  # burst = "latest": the reply was stored skipped, a newer message being there
 
 
 def now() -> datetime:
@@ -169,29 +188,35 @@ _PENDING = _messages.c.delivery_status == literal_column(f"'{PENDING}'")  # inli
 
 _FIND_SESSION = select(_sessions.c.id, _sessions.c.status, _sessions.c.generation).where(
     _sessions.c.key == bindparam("key"))
+# Waking leaves last_activity_at to the turn: a reset policy compares the message with the activity before it.
 _WAKE = (update(_sessions).where(_sessions.c.id == bindparam("sid"), _sessions.c.status == DORMANT)
-         .values(status=ACTIVE, last_activity_at=bindparam("t")).returning(_sessions.c.generation))
+         .values(status=ACTIVE).returning(_sessions.c.generation))
 _ADD_EVENT = insert(_events)
 
 _CLAIM = (update(_sessions).where(_sessions.c.id == bindparam("sid"), _FREE)
           .values(lease_token=_sessions.c.lease_token + 1, lease_until=bindparam("until"))
           .returning(_sessions.c.channel_id, _sessions.c.lease_token, _sessions.c.generation, _sessions.c.last_seq,
-                     _sessions.c.chat_id, _sessions.c.chat_kind, _sessions.c.status))
+                     _sessions.c.chat_id, _sessions.c.chat_kind, _sessions.c.status, _sessions.c.last_activity_at))
 _RENEW = update(_sessions).where(_HELD).values(lease_until=bindparam("until"))
-_RENEW_FOR_TURN = _RENEW.returning(_sessions.c.generation, _sessions.c.last_seq)
+_RENEW_FOR_TURN = _RENEW.returning(_sessions.c.generation, _sessions.c.last_seq, _sessions.c.last_activity_at)
 _RELEASE = update(_sessions).where(_HELD).values(lease_until=None).returning(_sessions.c.last_seq)
 
-_OUTBOX = (select(_messages.c.id, _messages.c.text).where(_messages.c.session_id == bindparam("sid"), _PENDING)
+_ROUTE = (_messages.c.channel_id, _messages.c.chat_id, _messages.c.chat_kind, _messages.c.thread_id,
+          _messages.c.user_sent_at)  # where a reply goes (NULL chat on rows older than migration 0004)
+_OUTBOX = (select(_messages.c.id, _messages.c.text, *_ROUTE).where(_messages.c.session_id == bindparam("sid"), _PENDING)
            .order_by(_messages.c.position))
 _HEAD = (select(_inbox.c.id, _inbox.c.seq, _inbox.c.payload,
                 exists().where(_messages.c.channel_id == _inbox.c.channel_id,
                                _messages.c.platform_message_id == _inbox.c.platform_message_id).label("stored"))
-         .where(_inbox.c.session_id == bindparam("sid")).order_by(_inbox.c.seq, _inbox.c.id).limit(1))
+         .where(_inbox.c.session_id == bindparam("sid")).order_by(_inbox.c.seq, _inbox.c.id)
+         .limit(bindparam("take", type_=Integer())))  # 1, or a burst's worth (Store.claim's `take`)
 _HISTORY = (select(_messages.c.role, _messages.c.sender_id, _messages.c.sender_name, _messages.c.text,
                    _messages.c.created_at)
-            .where(_messages.c.session_id == bindparam("sid"), _messages.c.generation == bindparam("generation"))
+            .where(_messages.c.session_id == bindparam("sid"), _messages.c.generation == bindparam("generation"),
+                   or_(_messages.c.delivery_status.is_(None), _messages.c.delivery_status != SKIPPED))
             .order_by(_messages.c.position.desc()).limit(bindparam("limit", type_=Integer())))
 _READY = select(exists().where(_inbox.c.session_id == bindparam("sid"), _inbox.c.seq <= bindparam("upto")))
+_NEWER = select(exists().where(_inbox.c.session_id == bindparam("sid"), _inbox.c.seq > bindparam("seq")))
 
 _COMMIT = (update(_sessions).where(_HELD)
            .values(message_count=_sessions.c.message_count + bindparam("count"), last_activity_at=bindparam("t"),
@@ -234,22 +259,52 @@ def _ready(c: Connection, session_id: int, last_seq: int) -> bool:
     return bool(c.execute(_READY, {"sid": session_id, "upto": last_seq + 1}).scalar())
 
 
+def _pending(r, chat_id: str, chat_kind: str) -> PendingReply:
+    """A PendingReply from an outbox row (id, text, *_ROUTE); a row older than its route columns goes to the
+    session's chat (`chat_id`, `chat_kind`), as every reply did then."""
+    return PendingReply(r.id, r.channel_id, r.chat_id or chat_id, r.chat_kind or chat_kind, r.text, r.thread_id,
+                        _as_utc(r.user_sent_at) if r.user_sent_at is not None else None)
+
+
 def _outbox(c: Connection, claim: Claim) -> tuple[PendingReply, ...]:
-    return tuple(PendingReply(r.id, claim.channel_id, claim.chat_id, claim.chat_kind, r.text)
-                 for r in c.execute(_OUTBOX, {"sid": claim.session_id}))
+    return tuple(_pending(r, claim.chat_id, claim.chat_kind) for r in c.execute(_OUTBOX, {"sid": claim.session_id}))
 
 
-def _turn(c: Connection, claim: Claim, head, history_limit: int, force: bool) -> Turn | None:
-    """The turn of the inbox `head` with its context: the newest `history_limit` messages of the session's current
-    generation, oldest first. None if there is no head, or it waits for an earlier message (unless `force`)."""
+def _take(take: Mapping[str, int] | None, claim: Claim) -> int:
+    """How many inbox rows a turn reads: 1, or the burst size of the session's channel."""
+    return max(1, take.get(claim.channel_id, 1)) if take else 1
+
+
+def _turn(c: Connection, claim: Claim, heads, history_limit: int | Mapping[str, int], force: bool) -> Turn | None:
+    """The turn of the inbox's first rows `heads` with its context: the newest `history_limit` messages of the
+    session's current generation, oldest first (a mapping: the limit of the message's channel, which in a
+    per-person session need not be the session row's). None if there is no head, or it waits for an earlier
+    message (unless `force`).
+
+    With more than one row (a burst), the turn takes the head and the rows right after it that are ready too: each
+    the next seq, not stored yet, not a command (a command is a turn of its own). Its `message` is the newest."""
+    head = heads[0] if heads else None
     if head is None or (head.seq > claim.last_seq + 1 and not force):
         return None
     message = InboundMessage.from_dict(json.loads(head.payload))
     if head.stored:
         return Turn(claim, head.id, message, [], stored=True)
+    burst = [(head.id, message)]
+    if message.command is None:
+        for row in heads[1:]:
+            if row.stored or row.seq > burst[-1][1].seq + 1:
+                break
+            nxt = InboundMessage.from_dict(json.loads(row.payload))
+            if nxt.command is not None:
+                break
+            burst.append((row.id, nxt))
+    item_id, message = burst[-1]
+    if not isinstance(history_limit, int):
+        history_limit = history_limit.get(message.channel_id) or history_limit[claim.channel_id]
     history = c.execute(_HISTORY, {"sid": claim.session_id, "generation": claim.generation,
                                    "limit": history_limit}).all()
-    return Turn(claim, head.id, message, [StoredMessage(*r) for r in reversed(history)], stored=False)
+    return Turn(claim, item_id, message, [StoredMessage(*r) for r in reversed(history)], stored=False,
+                earlier=tuple(burst[:-1]))
 
 
 def _event(session_id: int, generation: int, event: str, at: datetime) -> dict:
@@ -316,25 +371,27 @@ class Store:
 
     @_transactional
     def claim(self, c: Connection, session_id: int, lease_seconds: float, *,
-              history_limits: Mapping[str, int] | None = None, force: bool = False) -> Claim:
+              history_limits: Mapping[str, int] | None = None, force: bool = False,
+              take: Mapping[str, int] | None = None) -> Claim:
         """Take the session's lease with a new fencing token; LeaseBusy if another holder has it.
 
         The claim carries what its holder has to do first, read in the same transaction: `outbox`, the replies
         a holder before it committed but never sent, and — given the channels' history limits — `turn`, the
-        first ready inbox message with its context (see `next_turn`; `force` passes a gap)."""
+        first ready inbox message with its context (see `next_turn`; `force` passes a gap; `take`: how many ready
+        messages one turn may take, by the session's channel — above 1, a burst)."""
         t = now()
         row = c.execute(_CLAIM, {"sid": session_id, "t": t, "until": t + timedelta(seconds=lease_seconds)}).first()
         if row is None:
             raise LeaseBusy(str(session_id))
         claim = Claim(session_id, row.channel_id, row.lease_token, row.generation, row.last_seq, row.chat_id,
-                      row.chat_kind)
+                      row.chat_kind, _as_utc(row.last_activity_at))
         outbox = _outbox(c, claim)
         if history_limits is None:
             return replace(claim, outbox=outbox)
-        head = c.execute(_HEAD, {"sid": session_id}).first()
-        if head is not None and row.status == DORMANT:  # the dormancy sweep raced an accept: active again
+        heads = c.execute(_HEAD, {"sid": session_id, "take": _take(take, claim)}).all()
+        if heads and row.status == DORMANT:  # the dormancy sweep raced an accept: active again
             self._wake(c, session_id, t)
-        turn = _turn(c, claim, head, history_limits[claim.channel_id], force)
+        turn = _turn(c, claim, heads, history_limits, force)
         return replace(claim, outbox=outbox, turn=turn)
 
     @_transactional
@@ -358,36 +415,53 @@ class Store:
     # -- turns --------------------------------------------------------------------------------------------------
 
     @_transactional
-    def next_turn(self, c: Connection, claim: Claim, lease_seconds: float, history_limit: int,
-                  force: bool = False) -> Turn | None:
+    def next_turn(self, c: Connection, claim: Claim, lease_seconds: float, history_limit: int | Mapping[str, int],
+                  force: bool = False, take: Mapping[str, int] | None = None) -> Turn | None:
         """The inbox message whose turn it is (lowest seq, right after last_seq), with its context; renews the
-        lease. None if the inbox is empty or its head waits for an earlier message (unless `force`)."""
+        lease. None if the inbox is empty or its head waits for an earlier message (unless `force`). With `take`
+        (see `claim`), the ready messages after it too, up to that many: a burst."""
         row = c.execute(_RENEW_FOR_TURN, {"sid": claim.session_id, "token": claim.token,
                                           "until": now() + timedelta(seconds=lease_seconds)}).first()
         if row is None:
             raise LeaseLost(str(claim.session_id))
-        claim = replace(claim, generation=row.generation, last_seq=row.last_seq, outbox=(), turn=None)
-        head = c.execute(_HEAD, {"sid": claim.session_id}).first()
-        return _turn(c, claim, head, history_limit, force)
+        claim = replace(claim, generation=row.generation, last_seq=row.last_seq,
+                        last_activity_at=_as_utc(row.last_activity_at), outbox=(), turn=None)
+        heads = c.execute(_HEAD, {"sid": claim.session_id, "take": _take(take, claim)}).all()
+        return _turn(c, claim, heads, history_limit, force)
 
     @_transactional
-    def commit_turn(self, c: Connection, turn: Turn, reply: str | None, *, new_generation: bool = False) -> Settled:
-        """Move the message from the inbox into the conversation with its reply (the outbox entry), all or
+    def commit_turn(self, c: Connection, turn: Turn, reply: str | None, *, new_generation: bool = False,
+                    reset: bool = False, supersede: bool = False) -> Settled:
+        """Move the turn's messages from the inbox into the conversation with its reply (the outbox entry), all or
         nothing; returns the reply to send and whether the next message is ready. LeaseLost if the fencing token
-        moved, AlreadyStored if the platform id is already stored."""
+        moved, AlreadyStored if a platform id is already stored.
+
+        `new_generation` (/new): the message closes its generation, the next one starts after it. `reset` (a reset
+        policy): a new generation starts with this turn — its messages stored in it, after its `new_session` event.
+        A burst's messages are stored in order and all their seqs settle here. `supersede` (burst = "latest"): if a
+        newer message of the session is already waiting, the reply is stored `skipped`, never sent (that message's
+        turn answers the whole burst)."""
         claim, msg, t = turn.claim, turn.message, now()
-        generation = claim.generation + 1 if new_generation else claim.generation
-        count = 2 if reply else 1
+        generation = claim.generation + 1 if new_generation or reset else claim.generation
+        inbound = turn.messages
+        count = len(inbound) + (1 if reply else 0)
         row = c.execute(_COMMIT, {"sid": claim.session_id, "token": claim.token, "count": count, "t": t,
-                                  "gen": generation, "seq": msg.seq}).first()
+                                  "gen": generation, "seq": msg.seq}).first()  # the newest: a burst's highest seq
         if row is None:
             raise LeaseLost(msg.session_key)
+        for item_id, _ in turn.earlier:
+            c.execute(_TAKE_ITEM, {"item": item_id})
         c.execute(_TAKE_ITEM, {"item": turn.item_id})
         position = row.message_count - count
+        if reset:
+            c.execute(_ADD_EVENT, _event(claim.session_id, generation, NEW_GENERATION, t))
+            claim = replace(claim, generation=generation)  # the messages and the reply belong to the new one
         try:
-            inbound_id = c.execute(_ADD_MESSAGE, self._message(
-                claim, position, "user", msg.sender_id, msg.sender_name, msg.text, t,
-                platform_message_id=msg.platform_message_id, ingress_seq=msg.seq)).scalar_one()
+            for m in inbound:
+                inbound_id = c.execute(_ADD_MESSAGE, self._message(
+                    claim, m, position, "user", m.sender_id, m.sender_name, m.text, t,
+                    platform_message_id=m.platform_message_id, ingress_seq=m.seq)).scalar_one()
+                position += 1
         except IntegrityError as exc:
             if "platform" in str(exc.orig).lower():
                 raise AlreadyStored(msg.platform_message_id) from None
@@ -395,22 +469,31 @@ class Store:
         if new_generation:
             c.execute(_ADD_EVENT, _event(claim.session_id, generation, NEW_GENERATION, t))
         replies: tuple[PendingReply, ...] = ()
+        stale = False
         if reply:
+            stale = supersede and bool(c.execute(_NEWER, {"sid": claim.session_id, "seq": msg.seq}).scalar())
+            user_sent_at = datetime.fromtimestamp(msg.sent_at, timezone.utc) if msg.sent_at else None
             reply_id = c.execute(_ADD_MESSAGE, self._message(
-                claim, position + 1, "assistant", "agent", "Agent", reply, t, in_reply_to=inbound_id,
-                delivery_status=PENDING)).scalar_one()
-            replies = (PendingReply(reply_id, claim.channel_id, claim.chat_id, claim.chat_kind, reply),)
-        return Settled(replies, _ready(c, claim.session_id, row.last_seq))
+                claim, msg, position, "assistant", "agent", "Agent", reply, t, in_reply_to=inbound_id,
+                delivery_status=SKIPPED if stale else PENDING, user_sent_at=user_sent_at)).scalar_one()
+            if not stale:
+                replies = (PendingReply(reply_id, msg.channel_id, msg.chat_id, msg.chat_kind, reply, msg.thread_id,
+                                        user_sent_at),)
+        return Settled(replies, _ready(c, claim.session_id, row.last_seq), superseded=stale)
 
     @staticmethod
-    def _message(claim: Claim, position: int, role: str, sender_id: str, sender_name: str, text: str, t: datetime,
-                 platform_message_id: str | None = None, ingress_seq: int | None = None,
-                 in_reply_to: int | None = None, delivery_status: str | None = None) -> dict:
-        """A messages row (every column named, so both kinds of message share one compiled INSERT)."""
+    def _message(claim: Claim, route: InboundMessage, position: int, role: str, sender_id: str, sender_name: str,
+                 text: str, t: datetime, platform_message_id: str | None = None, ingress_seq: int | None = None,
+                 in_reply_to: int | None = None, delivery_status: str | None = None,
+                 user_sent_at: datetime | None = None) -> dict:
+        """A messages row (every column named, so both kinds of message share one compiled INSERT). `route` is the
+        inbound message stored, or answered: its channel and chat are the row's (a reply goes back there)."""
         return {"session_id": claim.session_id, "generation": claim.generation, "position": position, "role": role,
-                "sender_id": sender_id, "sender_name": sender_name, "text": text, "channel_id": claim.channel_id,
-                "platform_message_id": platform_message_id, "ingress_seq": ingress_seq, "created_at": t,
-                "in_reply_to": in_reply_to, "delivery_status": delivery_status, "delivery_attempts": 0}
+                "sender_id": sender_id, "sender_name": sender_name, "text": text, "channel_id": route.channel_id,
+                "chat_id": route.chat_id, "chat_kind": route.chat_kind, "thread_id": route.thread_id,
+                "user_sent_at": user_sent_at, "platform_message_id": platform_message_id, "ingress_seq": ingress_seq,
+                "created_at": t, "in_reply_to": in_reply_to, "delivery_status": delivery_status,
+                "delivery_attempts": 0}
 
     @_transactional
     def discard(self, c: Connection, turn: Turn) -> Settled:
@@ -425,18 +508,20 @@ class Store:
 
     @_transactional
     def dead_letter(self, c: Connection, turn: Turn, error: str, attempts: int) -> Settled:
-        """Set a failed message aside (fenced, like a commit) so the session goes on with its next message."""
+        """Set a failed turn's messages aside (fenced, like a commit) so the session goes on with its next message
+        (a burst: each of its messages becomes a dead letter of its own)."""
         msg, t = turn.message, now()
         row = c.execute(_SETTLE_DEAD, {"sid": turn.claim.session_id, "token": turn.claim.token, "seq": msg.seq,
                                        "t": t}).first()
         if row is None:
             raise LeaseLost(msg.session_key)
-        c.execute(_TAKE_ITEM, {"item": turn.item_id})
-        c.execute(self.insert(DeadLetter).values(
-            channel_id=msg.channel_id, session_key=msg.session_key, platform_message_id=msg.platform_message_id,
-            payload=json.dumps(msg.to_dict()), error=error[:4000], attempts=attempts, created_at=t,
-        ).on_conflict_do_update(index_elements=["channel_id", "platform_message_id"],
-                                set_={"error": error[:4000], "attempts": attempts, "created_at": t}))
+        for item_id, m in (*turn.earlier, (turn.item_id, msg)):
+            c.execute(_TAKE_ITEM, {"item": item_id})
+            c.execute(self.insert(DeadLetter).values(
+                channel_id=m.channel_id, session_key=m.session_key, platform_message_id=m.platform_message_id,
+                payload=json.dumps(m.to_dict()), error=error[:4000], attempts=attempts, created_at=t,
+            ).on_conflict_do_update(index_elements=["channel_id", "platform_message_id"],
+                                    set_={"error": error[:4000], "attempts": attempts, "created_at": t}))
         return Settled((), _ready(c, turn.claim.session_id, row.last_seq))
 
     @_transactional
@@ -463,11 +548,12 @@ class Store:
     def pending_replies(self, c: Connection, session_id: int) -> list[PendingReply]:
         """Unsent replies of a session, in order (the outbox; a turn gets them with its claim)."""
         rows = c.execute(
-            select(_messages.c.id, _messages.c.channel_id, _sessions.c.chat_id, _sessions.c.chat_kind, _messages.c.text)
+            select(_messages.c.id, _messages.c.text, *_ROUTE, _sessions.c.chat_id.label("session_chat_id"),
+                   _sessions.c.chat_kind.label("session_chat_kind"))
             .join_from(_messages, _sessions, _sessions.c.id == _messages.c.session_id)
             .where(_messages.c.session_id == session_id, _PENDING).order_by(_messages.c.position)
         ).all()
-        return [PendingReply(*r) for r in rows]
+        return [_pending(r, r.session_chat_id, r.session_chat_kind) for r in rows]
 
     def mark_delivery(self, reply_id: int, delivery: Delivery, retry_for_s: float = 60.0) -> None:
         """Record a send's outcome. Retried in place on a database outage: the reply already left, and a
@@ -479,7 +565,7 @@ class Store:
             try:
                 run_statement(self.url, _MARK_DELIVERY, params)
                 return
-            except (OperationalError, InterfaceError):
+            except DB_UNAVAILABLE:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(wait)
@@ -523,6 +609,38 @@ class Store:
                 return total
 
 
+    def purge_expired(self, channel_id: str, retention_days: float, batch: int = 100) -> tuple[int, int]:
+        """Retention: closed sessions' messages and lifecycle events are deleted, `batch` sessions per transaction;
+        returns (sessions, messages) deleted. Closed: dormant, no activity for `retention_days`, nobody holding the
+        lease, nothing in the inbox. The session row stays (its key, generation and last seq, so the ingress's
+        sequence numbers still line up): a later message resumes it with an empty context."""
+        sessions = deleted = 0
+        while True:
+            t = now()
+            closed = and_(_sessions.c.channel_id == channel_id, _sessions.c.status == DORMANT,
+                          _sessions.c.last_activity_at < t - timedelta(days=retention_days), _FREE,
+                          ~exists().where(_inbox.c.session_id == _sessions.c.id),
+                          or_(exists().where(_messages.c.session_id == _sessions.c.id),
+                              exists().where(_events.c.session_id == _sessions.c.id)))
+
+            def work(c: Connection) -> tuple[int, int, int]:
+                found = c.execute(select(_sessions.c.id).where(closed).limit(batch), {"t": t}).scalars().all()
+                if not found:
+                    return 0, 0, 0
+                # Lock the rows and check again: an accept may have woken one, a claim taken it, since the read.
+                ids = c.execute(update(_sessions).where(_sessions.c.id.in_(found), closed).values(status=DORMANT)
+                                .returning(_sessions.c.id), {"t": t}).scalars().all()
+                if not ids:
+                    return len(found), 0, 0
+                gone = c.execute(delete(_messages).where(_messages.c.session_id.in_(ids))).rowcount
+                c.execute(delete(_events).where(_events.c.session_id.in_(ids)))
+                return len(found), len(ids), gone
+            found, purged, gone = run_transaction(self.url, work)
+            sessions, deleted = sessions + purged, deleted + gone
+            if found < batch:
+                return sessions, deleted
+
+
 @dataclass(frozen=True)
 class SessionSummary:
     key: str
@@ -542,6 +660,7 @@ class TranscriptLine:
     sender_name: str
     text: str
     delivery_status: str | None = None
+    delivery_error: str | None = None  # why a reply was not delivered (failed)
 
 
 def transcript(url: str, session_key: str) -> tuple[SessionSummary, list[TranscriptLine]] | None:
@@ -555,8 +674,8 @@ def transcript(url: str, session_key: str) -> tuple[SessionSummary, list[Transcr
         messages = s.scalars(select(Message).where(Message.session_id == session.id).order_by(Message.position)).all()
         events = s.scalars(select(SessionEvent).where(SessionEvent.session_id == session.id)
                            .order_by(SessionEvent.id)).all()
-    lines = [TranscriptLine(m.created_at, m.generation, m.role, m.sender_name, m.text, m.delivery_status)
-             for m in messages]
+    lines = [TranscriptLine(m.created_at, m.generation, m.role, m.sender_name, m.text, m.delivery_status,
+                            m.delivery_error) for m in messages]
     lines += [TranscriptLine(e.at, e.generation, "event", "", e.event) for e in events]
     # Events sort before messages stored in the same instant (a generation starts before its first message).
     lines.sort(key=lambda line: (line.at, line.kind != "event" or line.text == NEW_GENERATION))

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from datetime import datetime
 
@@ -218,3 +219,69 @@ def test_send_retries_on_429_with_retry_after():
         [msg] = ch.parse(fixture_bytes("discord", "gateway_message_create_dm"))
         delivery = ch.send(msg.chat_id, msg.chat_kind, "done")
     assert delivery.ok and delivery.attempts == 2 and waits == [0.532]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Addressed: mentions of the bot's user id (READY, or options.application_id), replies to it, commands
+
+import asyncio  # noqa: E402
+
+from ingress.discord_gateway import GUILDS, INTENTS, GatewayClient, intents  # noqa: E402
+from shared.config import SessionOptions  # noqa: E402
+
+BOT_ID = "1270000000000000001"  # gateway_ready_excerpt.json: user.id (= application.id)
+BOT_AUTHOR = {"id": BOT_ID, "username": "acme-support", "bot": True, "discriminator": "0"}
+
+
+def known_bot(**kw) -> DiscordChannel:
+    return channel(application_id=BOT_ID, **kw)
+
+
+def test_dms_and_interactions_are_addressed():
+    assert channel().parse(fixture_bytes("discord", "gateway_message_create_dm"))[0].addressed is True
+    assert channel().interaction(fixture_bytes("discord", "interaction_slash_command"))[1][0].addressed is True
+
+
+def test_guild_message_without_mention_is_not_addressed():
+    assert known_bot().parse(fixture_bytes("discord", "gateway_message_create_guild"))[0].addressed is False
+
+
+@pytest.mark.parametrize("fields, addressed", [
+    ({"mentions": [BOT_AUTHOR], "content": f"<@{BOT_ID}> my invoice is wrong"}, True),
+    ({"mentions": [], "content": f"<@!{BOT_ID}> my invoice is wrong"}, True),
+    ({"mentions": [{"id": "402922222222222222", "username": "farid"}], "content": "<@402922222222222222> hi"}, False),
+    ({"referenced_message": {"id": "1", "content": "Hi Eve", "author": BOT_AUTHOR},
+      "message_reference": {"message_id": "1", "channel_id": GUILD_CHANNEL}, "type": 19}, True),
+    ({"referenced_message": {"id": "1", "content": "hm", "author": {"id": "402922222222222222"}},
+      "message_reference": {"message_id": "1"}, "type": 19}, False),
+    ({"referenced_message": None, "message_reference": {"message_id": "1"}, "type": 19}, False),  # deleted
+    ({"content": "!new"}, True),
+    ({"mentions": "garbage"}, False),
+])
+def test_guild_addressing(fields, addressed):
+    assert known_bot().parse_event(event(**fields))[0].addressed is addressed
+
+
+def test_bot_id_comes_from_ready_before_any_message():
+    ch = channel()  # no application_id option
+    mention = event(mentions=[BOT_AUTHOR], content=f"<@{BOT_ID}> hello")
+    assert ch.parse_event(mention)[0].addressed is False  # we do not know who we are yet
+    client = GatewayClient(ch.config, ch, publish=lambda messages: len(messages))
+    asyncio.run(client._handle(None, fixture("discord", "gateway_ready_excerpt")))
+    assert ch.bot_user_id == BOT_ID and client.session_id == "a1b2c3d4e5f60718293a4b5c6d7e8f90"
+    assert ch.parse_event(mention)[0].addressed is True
+
+
+def test_gateway_hands_thread_events_to_the_parser():
+    ch = channel()
+    client = GatewayClient(ch.config, ch, publish=lambda messages: len(messages))
+    thread = {"id": "1290000000000000777", "type": 11, "parent_id": GUILD_CHANNEL, "guild_id": "1280000000000000001"}
+    asyncio.run(client._handle(None, {"op": 0, "s": 5, "t": "THREAD_CREATE", "d": thread}))
+    asyncio.run(client._handle(None, {"op": 0, "s": 6, "t": "THREAD_CREATE", "d": None}))  # malformed: ignored
+    assert ch.thread_parents == {"1290000000000000777": GUILD_CHANNEL} and client.seq == 6
+
+
+def test_gateway_asks_for_thread_events_only_when_threads_merge():
+    on = channel().config
+    off = dataclasses.replace(on, session=SessionOptions(threads=False))
+    assert intents(on) == INTENTS and intents(off) == INTENTS | GUILDS == INTENTS | 1

@@ -209,3 +209,86 @@ def test_send_honours_retry_after_and_blocked_is_final():
     assert [e["event"] for e in logs] == ["outbound.retry"] and "SECRET" not in repr(logs)
     assert not delivery.ok and delivery.attempts == 2 and "blocked" in delivery.error
     assert "SECRET" not in delivery.error
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Addressed: mentions (entities, offsets in UTF-16 units), replies to the bot, commands for it
+
+BOT_USER = {"id": 7012345678, "is_bot": True, "first_name": "Acme Support", "username": "AcmeSupportBot"}
+
+
+def group_update(**fields) -> bytes:
+    doc = fixture("telegram", "group_text")
+    doc["message"].pop("entities")
+    doc["message"].pop("text")
+    doc["message"].update(fields)
+    return json.dumps(doc).encode()
+
+
+def test_private_messages_are_addressed():
+    assert channel().parse(fixture_bytes("telegram", "private_text"))[0].addressed is True
+
+
+def test_group_mention_entity_is_addressed():
+    assert channel().parse(fixture_bytes("telegram", "group_text"))[0].addressed is True  # "@AcmeSupportBot ..."
+    assert channel().parse(fixture_bytes("telegram", "supergroup_text"))[0].addressed is False
+    assert channel().parse(fixture_bytes("telegram", "group_command_new"))[0].addressed is True
+
+
+@pytest.mark.parametrize("text, entities, addressed", [
+    ("@OtherBot hi", [{"offset": 0, "length": 9, "type": "mention"}], False),
+    ("hi @acmesupportbot", [{"offset": 3, "length": 15, "type": "mention"}], True),
+    # 👋 is two UTF-16 units: the entity starts at 3, which is Python index 2
+    ("👋 @AcmeSupportBot where is it?", [{"offset": 3, "length": 15, "type": "mention"}], True),
+    ("👋 @AcmeSupportBot where is it?", [{"offset": 2, "length": 15, "type": "mention"}], False),
+    ("@AcmeSupportBot hi", [], False),  # no entity: Telegram did not see a mention
+    ("@AcmeSupportBotX hi", [{"offset": 0, "length": 16, "type": "mention"}], False),
+    ("/help", [{"offset": 0, "length": 5, "type": "bot_command"}], True),
+    ("/help@AcmeSupportBot", [{"offset": 0, "length": 20, "type": "bot_command"}], True),
+    ("/help@OtherBot", [{"offset": 0, "length": 14, "type": "bot_command"}], False),
+    ("see /help", [{"offset": 4, "length": 5, "type": "bot_command"}], False),
+    ("Support, hi", [{"offset": 0, "length": 7, "type": "text_mention", "user": BOT_USER}], True),
+    ("Dana, hi", [{"offset": 0, "length": 4, "type": "text_mention",
+                   "user": {"id": 1, "is_bot": False, "first_name": "Dana"}}], False),
+])
+def test_group_entities(text, entities, addressed):
+    [msg] = channel().parse(group_update(text=text, entities=entities))
+    assert msg.addressed is addressed
+
+
+def test_text_mention_of_the_bot_by_id_from_the_token():
+    user = {"id": 7012345678, "is_bot": True, "first_name": "Acme Support"}  # no username in this one
+    body = group_update(text="Support, hi", entities=[{"offset": 0, "length": 7, "type": "text_mention", "user": user}])
+    assert channel(bot_token="7012345678:AAH-secret").parse(body)[0].addressed is True
+    assert channel(bot_token="9:AAH-secret").parse(body)[0].addressed is False
+
+
+def test_caption_mention_is_addressed():
+    body = group_update(photo=[{"file_id": "a"}], caption="@AcmeSupportBot broken box",
+                        caption_entities=[{"offset": 0, "length": 15, "type": "mention"}])
+    [msg] = channel().parse(body)
+    assert msg.addressed is True and msg.text == "@AcmeSupportBot broken box"
+
+
+def test_reply_to_the_bots_message_is_addressed():
+    ours = fixture("telegram", "send_message_response")["result"]  # what the bot sent: from = the bot
+    assert channel().parse(group_update(text="yes, that one", reply_to_message=ours))[0].addressed is True
+    dana = fixture("telegram", "group_text")["message"]
+    assert channel().parse(group_update(text="+1", reply_to_message=dana))[0].addressed is False
+    other_bot = ours | {"from": {"id": 5, "is_bot": True, "first_name": "Other", "username": "OtherBot"}}
+    assert channel().parse(group_update(text="hm", reply_to_message=other_bot))[0].addressed is False
+
+
+def test_forum_topic_creation_is_not_a_reply_to_the_bot():
+    created = {"message_id": 5, "from": BOT_USER, "chat": {"id": -1001987654321, "type": "supergroup"},
+               "date": 1764032000, "forum_topic_created": {"name": "Refunds", "icon_color": 7322096}}
+    doc = fixture("telegram", "supergroup_text")
+    doc["message"].update(message_thread_id=5, is_topic_message=True, reply_to_message=created)
+    [msg] = channel().parse(json.dumps(doc).encode())
+    assert msg.addressed is False and msg.thread_id == "5"
+
+
+def test_commands_still_parse_as_before():
+    body = group_update(text="/new@AcmeSupportBot please", entities=[{"offset": 0, "length": 19, "type": "bot_command"}])
+    [msg] = channel().parse(body)
+    assert msg.command == NEW_SESSION and msg.addressed is True

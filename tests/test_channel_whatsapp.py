@@ -246,3 +246,60 @@ def test_rate_limit_codes_are_retried_even_with_http_400(code):
         delivery = ch.send(msg.chat_id, msg.chat_kind, "hello")
     assert delivery.ok and delivery.attempts == 2 and len(waits) == 1
     assert len(server.requests) == 2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Addressed: a group message asks for an answer only when it replies to us, mentions our number or is a command.
+# The Cloud API groups webhook has no mention list; `context` is the reply reference every message may carry.
+
+OUR_NUMBER = "15550783881"  # metadata.display_phone_number in the samples
+
+
+def group_message(**fields) -> bytes:
+    doc = fixture("whatsapp", "group_text")
+    doc["entry"][0]["changes"][0]["value"]["messages"][0].update(fields)
+    return json.dumps(doc).encode()
+
+
+def test_dms_are_always_addressed():
+    assert channel().parse(fixture_bytes("whatsapp", "dm_text"))[0].addressed is True
+    assert channel().parse(fixture_bytes("whatsapp", "dm_reply_context"))[0].addressed is True
+
+
+def test_plain_group_message_is_not_addressed():
+    assert channel().parse(fixture_bytes("whatsapp", "group_text"))[0].addressed is False
+    assert channel().parse(fixture_bytes("whatsapp", "group_unsupported"))[0].addressed is False
+
+
+def test_group_reply_to_our_message_is_addressed():
+    # the same `context` as dm_reply_context.json: from = the author of the message replied to
+    reply = group_message(context={"from": OUR_NUMBER, "id": "wamid.HBgNNTUxMTk4NzY1MDAwMRUCABEYEjQ2QkI1RDM3RDk2QzdGNUE3MQA="})
+    assert channel().parse(reply)[0].addressed is True
+    other = group_message(context={"from": ANA, "id": "wamid.x"})
+    assert channel().parse(other)[0].addressed is False
+
+
+@pytest.mark.parametrize("body, addressed", [
+    (f"@{OUR_NUMBER} are you open on Sunday?", True),
+    (f"are you open, @{OUR_NUMBER}?", True),
+    (f"@+{OUR_NUMBER} hi", True),
+    (f"@{OUR_NUMBER}2 hi", False),  # another number that starts like ours
+    (f"call {OUR_NUMBER}", False),
+    ("/new", True),
+    ("/NEW ", True),
+])
+def test_group_mention_of_our_number_or_command(body, addressed):
+    [msg] = channel().parse(group_message(text={"body": body}))
+    assert msg.addressed is addressed
+
+
+def test_no_display_number_means_only_commands_address():
+    doc = fixture("whatsapp", "group_text")
+    value = doc["entry"][0]["changes"][0]["value"]
+    del value["metadata"]["display_phone_number"]
+    value["messages"][0]["context"] = {"from": OUR_NUMBER, "id": "wamid.x"}
+    assert channel().parse(json.dumps(doc).encode())[0].addressed is False
+
+
+def test_whatsapp_has_no_threads():
+    assert channel().parse(group_message(context={"from": OUR_NUMBER, "id": "w"}))[0].thread_id is None

@@ -37,6 +37,7 @@ agent = "echo"
 api_base = "{base}/lg-wa"
 secrets = {{ app_secret = "LG_WA_APP", verify_token = "LG_WA_VERIFY", access_token = "LG_WA_ACCESS" }}
 options = {{ phone_number_id = "100000000000777", api_version = "v21.0", {NO_PACING} }}
+session = {{ group_reply = "always" }}  # every group message of the load expects its reply
 
 [[channels]]
 id = "lg-tg"
@@ -45,6 +46,7 @@ agent = "echo"
 api_base = "{base}/lg-tg"
 secrets = {{ bot_token = "LG_TG_BOT", secret_token = "LG_TG_SECRET" }}
 options = {{ bot_username = "LoadGenBot", {NO_PACING} }}
+session = {{ group_reply = "always" }}  # every group message of the load expects its reply
 
 [[channels]]
 id = "lg-dc"

@@ -9,9 +9,9 @@ import os
 
 import structlog
 from celery import signals
-from sqlalchemy.exc import InterfaceError, OperationalError
 
 from shared.config import get_settings
+from shared.db import DB_UNAVAILABLE
 from shared.logs import configure_logging
 from shared.messages import InboundMessage
 from shared.partitioning import partition_of, queue_name
@@ -32,12 +32,13 @@ log = structlog.get_logger(__name__)
 
 SWEEP_SECONDS = float(os.environ.get("SWEEP_SECONDS", "10"))
 STALL_GRACE_S = 5.0  # inbox messages or unsent replies this old, with the session's lease free, were stranded
+PURGE_EXPIRED = "chat.purge_expired"  # beat: retention (the ingress never publishes it, so it is named here)
 ORDER_WAIT_S = 30.0  # how long an inbox head waits for an earlier message before it goes on (a logged gap)
 
 
 # The database restarting or failing over is transient: retry the whole turn with backoff. Nothing of a
 # failed attempt is visible (its transactions rolled back) and the store dedupes a turn that did commit.
-DB_TRANSIENT = (OperationalError, InterfaceError)
+DB_TRANSIENT = DB_UNAVAILABLE
 
 
 @app.task(name=HANDLE_INBOUND, acks_late=True, autoretry_for=DB_TRANSIENT, retry_backoff=1, retry_backoff_max=30,
@@ -81,8 +82,23 @@ def mark_dormant() -> int:
     return total
 
 
+@app.task(name=PURGE_EXPIRED, acks_late=True)
+def purge_expired() -> int:
+    """Periodic: retention — closed sessions' messages are deleted after the channel's retention_days, in batches."""
+    store = runner().store
+    sessions = messages = 0
+    for channel in settings.channels.values():
+        if channel.session.retention_days is not None:
+            purged, deleted = store.purge_expired(channel.id, channel.session.retention_days)
+            sessions, messages = sessions + purged, messages + deleted
+    if sessions:
+        log.info("session.purged", sessions=sessions, messages=messages)
+    return sessions
+
+
 app.conf.beat_schedule = {
     "mark-dormant": {"task": MARK_DORMANT, "schedule": SWEEP_SECONDS, "options": {"queue": MAINTENANCE_QUEUE}},
+    "purge-expired": {"task": PURGE_EXPIRED, "schedule": SWEEP_SECONDS, "options": {"queue": MAINTENANCE_QUEUE}},
     "sweep": {"task": SWEEP, "schedule": SWEEP_SECONDS, "options": {"queue": MAINTENANCE_QUEUE}},
 }
 

@@ -37,15 +37,23 @@ class RecordingChannel:
 
     config: ChannelConfig
     sent: list[tuple[str, str]] = field(default_factory=list)
+    threads: list[str | None] = field(default_factory=list)  # the thread_id of each sent reply
     ok: bool = True
 
-    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], None] | None = None) -> Delivery:
+    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], None] | None = None,
+             thread_id: str | None = None) -> Delivery:
         if fence is not None:
             fence()  # like a real channel: a holder that lost the session sends nothing
         self.sent.append((chat_id, text))
+        self.threads.append(thread_id)
         if not self.ok:
             return Delivery(ok=False, error="http 400: refused")
         return Delivery(ok=True, platform_message_ids=(f"sent.{len(self.sent)}",))
+
+    def send_template(self, chat_id: str, chat_kind: str, name: str, language: str,
+                      fence: Callable[[], None] | None = None) -> Delivery:
+        """A WhatsApp message template (outside the customer-service window), recorded as "template:<name>:<lang>"."""
+        return self.send(chat_id, chat_kind, f"template:{name}:{language}", fence)
 
 
 def settings_for(database_url: str, channels: Iterable[ChannelConfig], lease_seconds: float = 5.0) -> Settings:

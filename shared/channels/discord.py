@@ -1,4 +1,4 @@
-"""Discord: gateway MESSAGE_CREATE events and signed HTTP interactions share one session per channel."""
+"""Discord: gateway MESSAGE_CREATE events and signed HTTP interactions share one session per channel (or thread)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from shared.channels.base import (
     gate,
     parser,
     require,
-    session_key,
 )
+from shared import policies
 from shared.config import ChannelConfig
 from shared.errors import ConfigError, InvalidSignature, MalformedPayload
 from shared.messages import DM, GROUP, NEW_SESSION, Delivery, InboundMessage
@@ -30,6 +30,8 @@ TEXT_LIMIT = 2000
 MAX_SKEW = 300.0  # seconds an interaction timestamp may differ from now (replay protection)
 DISCORD_EPOCH_MS = 1420070400000
 NEW_COMMANDS = ("/new", "!new")
+THREAD_TYPES = (10, 11, 12)  # channel types ANNOUNCEMENT_THREAD, PUBLIC_THREAD, PRIVATE_THREAD
+MAX_KNOWN_THREADS = 100_000  # thread -> parent entries kept from gateway events (oldest forgotten first)
 
 
 def _snowflake_time(snowflake: str) -> float:
@@ -51,6 +53,39 @@ class DiscordChannel:
         except ValueError:
             raise ConfigError(f"channel {config.id!r}: secrets.public_key is not a hex Ed25519 key") from None
         self.sender = HttpSender({"Authorization": f"Bot {config.secrets['bot_token']}"})
+        # Who "@us" is: the gateway's READY names the bot user; until then the application id, which a bot's
+        # user id equals.
+        self.bot_user_id: str | None = str(config.options.get("application_id") or "") or None
+        self.thread_parents: dict[str, str] = {}  # thread channel id -> parent channel id, from gateway events
+
+    def observe(self, event: str, d: Any) -> None:
+        """Gateway dispatches that are not user turns but tell the parser something: READY (our user id) and the
+        thread events (which channels are threads, and their parents; sent with the GUILDS intent)."""
+        if not isinstance(d, dict):
+            return
+        if event == "READY":
+            user = d.get("user")
+            if isinstance(user, dict) and isinstance(user.get("id"), str):
+                self.bot_user_id = user["id"]
+        elif event in ("GUILD_CREATE", "THREAD_LIST_SYNC"):
+            for thread in d.get("threads") or []:
+                self._note_thread(thread)
+        elif event in ("THREAD_CREATE", "THREAD_UPDATE"):
+            self._note_thread(d)
+        elif event == "THREAD_DELETE":
+            self.thread_parents.pop(str(d.get("id")), None)
+
+    def _note_thread(self, channel: Any) -> str | None:
+        """Remember a thread's parent (from a channel object); the parent, or None if it is not a thread."""
+        if not isinstance(channel, dict) or channel.get("type") not in THREAD_TYPES:
+            return None
+        thread, parent = channel.get("id"), channel.get("parent_id")
+        if not isinstance(thread, str) or not isinstance(parent, str):
+            return None
+        if thread not in self.thread_parents and len(self.thread_parents) >= MAX_KNOWN_THREADS:
+            self.thread_parents.pop(next(iter(self.thread_parents)))
+        self.thread_parents[thread] = parent
+        return parent
 
     def verify(self, request: WebhookRequest) -> None:
         signature, timestamp = request.header("X-Signature-Ed25519"), request.header("X-Signature-Timestamp")
@@ -88,7 +123,23 @@ class DiscordChannel:
         except ValueError:
             raise MalformedPayload("d.timestamp is not an ISO 8601 time") from None
         is_new = content.strip().lower() in NEW_COMMANDS
-        return [self._message(d, author, text, require(d, "id", str, "d"), sent_at, NEW_SESSION if is_new else None)]
+        message = self._message(d, author, text, require(d, "id", str, "d"), sent_at, NEW_SESSION if is_new else None,
+                                addressed=self._addressed(d, content, command=is_new))
+        return [message]
+
+    def _addressed(self, d: dict[str, Any], content: str, command: bool) -> bool:
+        """A DM; or in a guild: the bot in mentions[] (or <@id> in the content), a reply to the bot's message
+        (referenced_message), or a text command."""
+        kind = GROUP if d.get("guild_id") else DM
+        bot = self.bot_user_id
+        mentions = d.get("mentions") if isinstance(d.get("mentions"), list) else []
+        mentioned = bot is not None and (
+            any(isinstance(m, dict) and m.get("id") == bot for m in mentions)
+            or f"<@{bot}>" in content or f"<@!{bot}>" in content)
+        referenced = d.get("referenced_message")
+        author = referenced.get("author") if isinstance(referenced, dict) else None
+        replied = bot is not None and isinstance(author, dict) and author.get("id") == bot
+        return policies.addressed(kind, mentioned=mentioned, replied_to_bot=replied, command=command)
 
     @parser
     def interaction(self, body: bytes) -> tuple[dict[str, Any], list[InboundMessage]]:
@@ -119,20 +170,27 @@ class DiscordChannel:
             sent_at = _snowflake_time(interaction_id)
         except ValueError:
             raise MalformedPayload("interaction.id is not a snowflake") from None
-        message = self._message(doc, user, text, f"interaction:{interaction_id}", sent_at, command)
+        # An application command is addressed to the bot by construction.
+        message = self._message(doc, user, text, f"interaction:{interaction_id}", sent_at, command, addressed=True)
         return {"type": 4, "data": {"content": reply}}, [message]
 
     def _message(
-        self, d: dict[str, Any], user: dict[str, Any], text: str, msg_id: str, sent_at: float, command: str | None
+        self, d: dict[str, Any], user: dict[str, Any], text: str, msg_id: str, sent_at: float, command: str | None,
+        addressed: bool,
     ) -> InboundMessage:
-        """Gateway messages and interactions in one channel land in the same session."""
+        """Gateway messages and interactions in one channel land in the same session. A thread is a channel of its
+        own (chat_id, where the reply goes); with threads off its session is its parent's when the parent is known
+        (an interaction's `channel`, or the gateway's thread events)."""
         channel_id = require(d, "channel_id", str, "d")
         kind = GROUP if d.get("guild_id") else DM
         user_id = require(user, "id", str, "author")
+        parent = self._note_thread(d.get("channel")) or self.thread_parents.get(channel_id)
+        boundary = parent if parent and not policies.threads_enabled(self.config) else channel_id
+        route = policies.route(self.config, kind, boundary, user_id)
         return InboundMessage(
             channel_id=self.config.id,
             platform="discord",
-            session_key=session_key(self.config.id, kind, channel_id),
+            session_key=route.session_key,
             chat_id=channel_id,
             chat_kind=kind,
             sender_id=user_id,
@@ -141,9 +199,13 @@ class DiscordChannel:
             platform_message_id=msg_id,
             sent_at=sent_at,
             command=command,
+            addressed=addressed,
+            thread_id=channel_id if parent else None,
+            person=route.person,
         )
 
-    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], None] | None = None) -> Delivery:
+    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], None] | None = None,
+             thread_id: str | None = None) -> Delivery:
         url = f"{self.config.api_base}/channels/{chat_id}/messages"
         # The Agent's text must never ping @everyone or roles.
         before = gate(self, chat_id, chat_kind, fence)

@@ -13,8 +13,8 @@ from shared.channels.base import (
     parser,
     require,
     same_secret,
-    session_key,
 )
+from shared import policies
 from shared.config import ChannelConfig
 from shared.errors import InvalidSignature
 from shared.messages import DM, GROUP, NEW_SESSION, Delivery, InboundMessage
@@ -43,6 +43,14 @@ def _placeholder(message: dict[str, Any]) -> str | None:
     return next((f"[{kind}]" for kind in MEDIA_KINDS if kind in message), None)
 
 
+def _utf16(text: Any, offset: Any, length: Any) -> str:
+    """The part of `text` an entity covers: Telegram counts entity offsets and lengths in UTF-16 code units."""
+    if not isinstance(text, str) or not isinstance(offset, int) or not isinstance(length, int) or offset < 0:
+        return ""
+    data = text.encode("utf-16-le", "surrogatepass")
+    return data[2 * offset:2 * (offset + length)].decode("utf-16-le", "ignore")
+
+
 def _sender_name(user: dict[str, Any], fallback: str) -> str:
     full = " ".join(str(user[k]) for k in ("first_name", "last_name") if user.get(k))
     return full or str(user.get("username") or user.get("title") or fallback)
@@ -53,6 +61,8 @@ class TelegramChannel:
         self.config = config
         self.limiter = limiter  # shared outbound pacing; None sends unpaced (tests)
         self.bot_username = str(config.options["bot_username"]).lstrip("@").lower()
+        token_id = config.secrets["bot_token"].partition(":")[0]
+        self.bot_id = token_id if token_id.isdigit() else None  # a bot token starts with the bot's user id
         # The token is part of the path; HttpSender logs only what precedes "/bot".
         self.url = f"{config.api_base}/bot{config.secrets['bot_token']}/sendMessage"
         self.sender = HttpSender({})
@@ -82,11 +92,18 @@ class TelegramChannel:
         user = user if isinstance(user, dict) else {}
         sender_id = str(user.get("id", chat_id))
         date = message.get("date")
+        command = self._command(message)
+        # Forum topics: every message of a topic has is_topic_message and the topic's message_thread_id (replies
+        # in ordinary supergroups may carry a message_thread_id too, without is_topic_message: not a topic).
+        thread = message.get("message_thread_id")
+        topic = str(thread) if kind == GROUP and message.get("is_topic_message") is True and isinstance(
+            thread, int) and not isinstance(thread, bool) else None
+        route = policies.route(self.config, kind, chat_id, sender_id, topic=topic)
         return [
             InboundMessage(
                 channel_id=self.config.id,
                 platform="telegram",
-                session_key=session_key(self.config.id, kind, chat_id),
+                session_key=route.session_key,
                 chat_id=chat_id,
                 chat_kind=kind,
                 sender_id=sender_id,
@@ -94,21 +111,55 @@ class TelegramChannel:
                 text=text,
                 platform_message_id=f"{chat_id}:{message_id}",
                 sent_at=float(date) if isinstance(date, (int, float)) else 0.0,
-                command=NEW_SESSION if self._is_new(message) else None,
+                command=NEW_SESSION if command == "/new" else None,
+                addressed=policies.addressed(kind, mentioned=self._mentions_us(message),
+                                             replied_to_bot=self._replies_to_us(message), command=command is not None),
+                thread_id=topic,
+                person=route.person,
             )
         ]
 
-    def _is_new(self, message: dict[str, Any]) -> bool:
-        """/new, or /new@<our bot> in groups; /new@OtherBot is addressed to someone else."""
+    def _command(self, message: dict[str, Any]) -> str | None:
+        """The command the text starts with ("/new"), lower-case, if it is ours: /cmd, or /cmd@<our bot> in groups;
+        /cmd@OtherBot is addressed to someone else."""
         text, entities = message.get("text"), message.get("entities")
         for entity in entities if isinstance(entities, list) else []:
             if isinstance(entity, dict) and entity.get("type") == "bot_command" and entity.get("offset") == 0:
-                length = entity.get("length")
-                command = text[:length].lower() if isinstance(text, str) and isinstance(length, int) else ""
-                return command in ("/new", f"/new@{self.bot_username}")
+                name, _, bot = _utf16(text, 0, entity.get("length")).lower().partition("@")
+                return name if len(name) > 1 and bot in ("", self.bot_username) else None
+        return None
+
+    def _is_us(self, user: dict[str, Any]) -> bool:
+        username = user.get("username")
+        return (isinstance(username, str) and username.lower() == self.bot_username) or (
+            self.bot_id is not None and str(user.get("id")) == self.bot_id)
+
+    def _mentions_us(self, message: dict[str, Any]) -> bool:
+        """An @username mention of the bot, or a text_mention of it, in the text or the caption."""
+        for text_key, entities_key in (("text", "entities"), ("caption", "caption_entities")):
+            text, entities = message.get(text_key), message.get(entities_key)
+            for entity in entities if isinstance(entities, list) else []:
+                if not isinstance(entity, dict):
+                    continue
+                if entity.get("type") == "mention":
+                    if _utf16(text, entity.get("offset"), entity.get("length")).lower() == f"@{self.bot_username}":
+                        return True
+                elif entity.get("type") == "text_mention" and isinstance(entity.get("user"), dict):
+                    if self._is_us(entity["user"]):
+                        return True
         return False
 
-    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], None] | None = None) -> Delivery:
+    def _replies_to_us(self, message: dict[str, Any]) -> bool:
+        """A reply to one of the bot's messages. In a forum topic every message replies to the topic's creation
+        (a service message), which does not count even when the bot opened the topic."""
+        reply = message.get("reply_to_message")
+        if not isinstance(reply, dict) or "forum_topic_created" in reply:
+            return False
+        author = reply.get("from")
+        return isinstance(author, dict) and author.get("is_bot") is True and self._is_us(author)
+
+    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], None] | None = None,
+             thread_id: str | None = None) -> Delivery:
         target: int | str = int(chat_id) if chat_id.lstrip("-").isdigit() else chat_id
 
         def message_id(body: Any) -> str | None:
@@ -118,6 +169,9 @@ class TelegramChannel:
             except (TypeError, KeyError):
                 return None
 
+        body: dict[str, Any] = {"chat_id": target}
+        if thread_id is not None:  # a forum topic: the reply goes into the topic the message was posted in
+            body["message_thread_id"] = int(thread_id) if thread_id.isdigit() else thread_id
         before = gate(self, chat_id, chat_kind, fence)
         return send_chunks(text, TEXT_LIMIT, lambda chunk: self.sender.post(
-            self.url, {"chat_id": target, "text": chunk}, message_id, before))
+            self.url, body | {"text": chunk}, message_id, before))

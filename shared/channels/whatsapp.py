@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from typing import Any, Callable, Mapping
 
 import requests
@@ -16,8 +17,8 @@ from shared.channels.base import (
     parser,
     require,
     same_secret,
-    session_key,
 )
+from shared import policies
 from shared.config import ChannelConfig
 from shared.errors import InvalidSignature, MalformedPayload
 from shared.messages import DM, GROUP, NEW_SESSION, Delivery, InboundMessage
@@ -53,6 +54,22 @@ def _list(value: dict[str, Any], key: str) -> list[Any]:
     if not isinstance(items, list):
         raise MalformedPayload(f"value.{key} is not a list")
     return items
+
+
+def _digits(value: Any) -> str:
+    return re.sub(r"\D", "", value) if isinstance(value, str) else ""
+
+
+def _addressed_in_group(msg: dict[str, Any], text: str, our_number: str) -> tuple[bool, bool]:
+    """(mentioned, replied to us) for a group message. The groups webhook carries no mention list; a reply names
+    the replied-to message's author in `context.from` (our display number when it was ours), and a client's
+    mention of a number is written "@<number>" into the text (see shared/policies.py)."""
+    if not our_number:
+        return False, False
+    context = msg.get("context")
+    replied = isinstance(context, dict) and _digits(context.get("from")) == our_number
+    mentioned = re.search(rf"@\+?{our_number}(?!\d)", text) is not None
+    return mentioned, replied
 
 
 def _text_of(msg: dict[str, Any]) -> str:
@@ -121,10 +138,11 @@ class WhatsAppChannel:
                     if isinstance(c, dict) and isinstance(c.get("profile"), dict)
                 }
                 # statuses[] are receipts for our own replies, not user turns: nothing to do.
-                messages.extend(self._message(msg, names) for msg in _list(value, "messages"))
+                our_number = _digits(metadata.get("display_phone_number"))
+                messages.extend(self._message(msg, names, our_number) for msg in _list(value, "messages"))
         return messages
 
-    def _message(self, msg: Any, names: Mapping[Any, Any]) -> InboundMessage:
+    def _message(self, msg: Any, names: Mapping[Any, Any], our_number: str) -> InboundMessage:
         msg_id = require(msg, "id", str, "message")
         sender = require(msg, "from", str, "message")
         try:
@@ -135,10 +153,12 @@ class WhatsAppChannel:
         kind, chat_id = (GROUP, str(group_id)) if group_id else (DM, sender)
         text = _text_of(msg)
         is_new = msg.get("type") == "text" and text.strip().lower() == "/new"
+        mentioned, replied = _addressed_in_group(msg, text, our_number) if kind == GROUP else (False, False)
+        route = policies.route(self.config, kind, chat_id, sender)
         return InboundMessage(
             channel_id=self.config.id,
             platform="whatsapp",
-            session_key=session_key(self.config.id, kind, chat_id),
+            session_key=route.session_key,
             chat_id=chat_id,
             chat_kind=kind,
             sender_id=sender,
@@ -147,9 +167,12 @@ class WhatsAppChannel:
             platform_message_id=msg_id,
             sent_at=sent_at,
             command=NEW_SESSION if is_new else None,
+            addressed=policies.addressed(kind, mentioned=mentioned, replied_to_bot=replied, command=is_new),
+            person=route.person,
         )
 
-    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], None] | None = None) -> Delivery:
+    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], None] | None = None,
+             thread_id: str | None = None) -> Delivery:
         recipient = "group" if chat_kind == GROUP else "individual"
         before = gate(self, chat_id, chat_kind, fence)
         return send_chunks(text, TEXT_LIMIT, lambda chunk: self.sender.post(self.url, {
@@ -159,3 +182,16 @@ class WhatsAppChannel:
             "type": "text",
             "text": {"body": chunk},
         }, _message_id, before))
+
+    def send_template(self, chat_id: str, chat_kind: str, name: str, language: str,
+                      fence: Callable[[], None] | None = None) -> Delivery:
+        """Send an approved message template (Cloud API `type: "template"`): what WhatsApp allows outside the
+        24-hour customer-service window, where free-form text is refused (error 131047)."""
+        recipient = "group" if chat_kind == GROUP else "individual"
+        return self.sender.post(self.url, {
+            "messaging_product": "whatsapp",
+            "recipient_type": recipient,
+            "to": chat_id,
+            "type": "template",
+            "template": {"name": name, "language": {"code": language}},
+        }, _message_id, gate(self, chat_id, chat_kind, fence))

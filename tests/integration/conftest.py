@@ -83,7 +83,34 @@ TELEGRAM = {  # channel id -> (bot username, agent, secret env prefix)
     TG_ECHO: (TG_ECHO_BOT, "echo", "IT_TGE"),
 }
 
-NOISE = re.compile(r"Sending due task|chat\.(mark_dormant|sweep_\w+)\[")
+# The session policies' own channels (test_policies.py): WhatsApp channels with [channels.session] options of their
+# own; they share the IT_WA secrets. Channel id -> (phone_number_id, agent, session options as a TOML inline table).
+SLOW_AGENT = "cli.bench_agents:SlowEcho"  # BENCH_AGENT_DELAY_S below: a turn long enough for a burst to arrive
+SLOW_AGENT_S = 1.0
+POLICY_WHATSAPP = {
+    "wa-mention": ("100000000000101", "demo", f'idle_minutes = {IDLE_MINUTES}, group_reply = "mentioned"'),
+    "wa-budget": ("100000000000102", "demo", "history_chars = 60"),
+    "wa-reset": ("100000000000103", "demo", f'idle_minutes = {IDLE_MINUTES}, reset = "idle", reset_idle_hours = 0.001'),
+    "wa-daily": ("100000000000104", "demo", 'reset = "daily", reset_hour = 4, timezone = "America/Sao_Paulo", '
+                                             'reset_notice = "(New day, new conversation.)"'),
+    "wa-collect": ("100000000000105", SLOW_AGENT, 'burst = "collect"'),
+    "wa-latest": ("100000000000106", SLOW_AGENT, 'burst = "latest"'),
+    "wa-retain": ("100000000000107", "echo", f"idle_minutes = {IDLE_MINUTES}, retention_days = 0.00005"),
+    "wa-window": ("100000000000108", "echo", "window_hours = 1"),
+    "wa-template": ("100000000000109", "echo", 'window_hours = 1, window_template = "support_followup", '
+                                               'window_template_language = "pt_BR"'),
+    "wa-person": ("100000000000110", "echo", 'scope = "per-person"'),
+}
+POLICY_TELEGRAM = {  # channel id -> (bot username, agent, session options); they share the IT_TG secrets
+    "tg-person": ("ItPersonBot", "echo", 'scope = "per-person"'),
+}
+PERSON = ("ana-it", "5513000000060", "381000060")  # [[identities]]: a person's WhatsApp number and Telegram user
+for _cid, (_phone, _agent, _) in POLICY_WHATSAPP.items():
+    WHATSAPP[_cid] = (_phone, _agent, "IT_WA")
+for _cid, (_bot, _agent, _) in POLICY_TELEGRAM.items():
+    TELEGRAM[_cid] = (_bot, _agent, "IT_TG")
+
+NOISE = re.compile(r"Sending due task|chat\.(mark_dormant|purge_expired|sweep_\w+)\[")
 _ids = itertools.count(1)
 _RUN = uuid.uuid4().hex[:6]
 
@@ -322,23 +349,28 @@ def discord_interaction(channel: str, user_id: str, name: str, question: str, *,
 
 
 def config_toml(standin: StandInPlatforms, discord_public_key: str) -> str:
-    session = f"session = {{ idle_minutes = {IDLE_MINUTES}, history_limit = 50 }}"
+    # group_reply = "always": these channels' group tests expect an answer to every member's message
+    # (the policies' own channels, POLICY_CHANNELS, set their options per test: test_policies.py).
+    session = f'session = {{ idle_minutes = {IDLE_MINUTES}, history_limit = 50, group_reply = "always" }}'
     out = ["partitions = 16", "lease_seconds = 30", ""]
     for cid, (phone_number_id, agent, p) in WHATSAPP.items():
+        own = f"session = {{ {POLICY_WHATSAPP[cid][2]} }}" if cid in POLICY_WHATSAPP else session
         out += ["[[channels]]", f'id = "{cid}"', 'platform = "whatsapp"', f'agent = "{agent}"',
                 f'api_base = "{standin.base(cid)}"',
                 (f'secrets = {{ app_secret = "{p}_APP_SECRET", verify_token = "{p}_VERIFY_TOKEN", '
                  f'access_token = "{p}_ACCESS_TOKEN" }}'),
-                f'options = {{ phone_number_id = "{phone_number_id}", api_version = "v21.0" }}', session, ""]
+                f'options = {{ phone_number_id = "{phone_number_id}", api_version = "v21.0" }}', own, ""]
     for cid, (bot, agent, p) in TELEGRAM.items():
+        own = f"session = {{ {POLICY_TELEGRAM[cid][2]} }}" if cid in POLICY_TELEGRAM else session
         out += ["[[channels]]", f'id = "{cid}"', 'platform = "telegram"', f'agent = "{agent}"',
                 f'api_base = "{standin.base(cid)}"',
                 f'secrets = {{ bot_token = "{p}_BOT_TOKEN", secret_token = "{p}_SECRET" }}',
-                f'options = {{ bot_username = "{bot}" }}', session, ""]
+                f'options = {{ bot_username = "{bot}" }}', own, ""]
     out += ["[[channels]]", f'id = "{DC}"', 'platform = "discord"', 'agent = "demo"',
             f'api_base = "{standin.base(DC)}"',
             'secrets = { bot_token = "IT_DC_BOT_TOKEN", public_key = "IT_DC_PUBLIC_KEY" }',
             'options = { application_id = "1270000000000000001" }', session, ""]
+    out += ["[[identities]]", f'person = "{PERSON[0]}"', f'whatsapp = "{PERSON[1]}"', f'telegram = "{PERSON[2]}"', ""]
     return "\n".join(out)
 
 
@@ -418,6 +450,7 @@ def stack(pg_database, redis_db, standin, tmp_path_factory, request) -> Stack:
         REDIS_URL=REDIS_URL,
         PARTITIONS=str(PARTITIONS),
         SWEEP_SECONDS="1",
+        BENCH_AGENT_DELAY_S=str(SLOW_AGENT_S),
         LOG_FORMAT="json",
         PYTHONUNBUFFERED="1",
         PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
