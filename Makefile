@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install run demo test unit integration faults lint clean
+.PHONY: install run demo test unit integration browser faults lint clean
 
 install: $(VENV)/.installed
 
@@ -19,11 +19,15 @@ run: install  ## the whole system in one process: SQLite file + in-process broke
 demo: install  ## a scripted conversation across the three platforms, transcripts printed
 	$(BIN)/chatsessions demo
 
-test: install  ## unit and integration tests (needs PostgreSQL and Redis on 127.0.0.1; .ci/run starts them)
+test: install  ## every test: unit, integration, browser, then the fault suite (needs PostgreSQL, Redis, RabbitMQ, chromium; .ci/run provides them)
 	$(BIN)/pytest -q
+	$(BIN)/pytest -q -s -m faults tests/faults
 
 unit: install
-	$(BIN)/pytest -q --ignore=tests/integration
+	$(BIN)/pytest -q --ignore=tests/integration --ignore=tests/browser
+
+browser: install  ## the web chat and session browser in headless Chromium (apt-get install chromium chromium-driver)
+	$(BIN)/pytest -q tests/browser
 
 integration: install
 	$(BIN)/pytest -q tests/integration

@@ -34,7 +34,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     running = embedded.start(args.host, args.port, args.concurrency)
     print(f"chatsessions running at {running.url} (Ctrl-C to stop)")
     for cid, c in settings.channels.items():
-        path = f"/webhooks/{cid}/interactions" if c.platform == "discord" else f"/webhooks/{cid}"
+        path = {"discord": f"/webhooks/{cid}/interactions", "webchat": f"/chat/{cid}"}.get(c.platform, f"/webhooks/{cid}")
         print(f"  {c.platform:9} {cid:20} {running.url}{path}")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

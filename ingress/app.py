@@ -9,6 +9,7 @@ from __future__ import annotations
 import structlog
 from flask import Flask, Response, jsonify, request
 
+from ingress import browser, webchat
 from ingress.publisher import Publisher
 from shared.channels import Channel, WebhookRequest, build_channel
 from shared.config import Settings
@@ -125,4 +126,6 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> Flask:
         publisher.publish(messages)
         return jsonify(response)
 
+    app.register_blueprint(webchat.blueprint(settings, publisher))  # /chat/<channel_id>: the web chat page
+    app.register_blueprint(browser.blueprint(settings))  # /admin: the session browser (only with ADMIN_TOKEN)
     return app

@@ -21,6 +21,10 @@ def build_channel(config: ChannelConfig, limiter: Limiter | None = None) -> Chan
         from shared.channels.discord import DiscordChannel
 
         return DiscordChannel(config, limiter)
+    if config.platform == "webchat":
+        from shared.channels.webchat import WebChatChannel
+
+        return WebChatChannel(config, limiter)
     raise ValueError(f"unknown platform {config.platform!r}")
 
 

@@ -1,0 +1,154 @@
+"""The session browser for support leads: channels, sessions (paged), a session's transcript and a search by
+platform user id — read-only pages over shared/admin.py and shared.store.transcript.
+
+It shows private conversations, so it exists only when ADMIN_TOKEN is set (404 otherwise) and every page
+needs that token: HTTP basic auth (any user name, the token as password) or `Authorization: Bearer <token>`.
+No page shows configuration secrets, options or Agent options; every view is logged.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+import structlog
+from flask import Blueprint, Response, abort, render_template, request, url_for
+
+from shared.admin import export_user, find_sessions, get_session
+from shared.channels.base import same_secret
+from shared.config import Settings
+from shared.models import ACTIVE, DORMANT
+from shared.partitioning import partition_of
+from shared.store import transcript
+
+log = structlog.get_logger(__name__)
+
+PAGE_SIZE = 50
+REALM = 'Basic realm="chatsessions session browser", charset="UTF-8"'
+HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; base-uri 'none'; "
+                               "form-action 'self'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def _presented_token() -> tuple[str | None, str]:
+    """The token the request carries, and how (for the log)."""
+    auth = request.authorization
+    if auth is None:
+        return None, "no credentials"
+    if auth.type == "basic":
+        return auth.password, "basic"
+    if auth.type == "bearer":
+        return auth.token, "bearer"
+    return None, f"unsupported scheme {auth.type!r}"
+
+
+def _time(value: datetime | None) -> str:
+    if value is None:
+        return ""
+    value = value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    return value.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def blueprint(settings: Settings) -> Blueprint:
+    bp = Blueprint("browser", __name__, url_prefix="/admin", template_folder="templates",
+                   static_folder="static/browser", static_url_path="/static")
+    url = settings.database_url
+    # Only what a support lead needs to tell channels apart: never secrets, options or agent_options.
+    channels = [{"id": c.id, "platform": c.platform, "agent": c.agent, "idle_minutes": c.session.idle_minutes}
+                for c in settings.channels.values()]
+    bp.add_app_template_filter(_time, "utc")
+
+    @bp.before_request
+    def authenticate():
+        if not settings.admin_token:
+            abort(404)  # off unless configured: the same answer as any unknown path
+        token, how = _presented_token()
+        if not same_secret(token, settings.admin_token):
+            reason = how if token is None else f"wrong token ({how})"
+            log.warning("browser.denied", reason=reason, path=request.path, remote=request.remote_addr)
+            return Response("authentication required\n", status=401, mimetype="text/plain",
+                            headers={"WWW-Authenticate": REALM, **HEADERS})
+        log.info("browser.viewed", path=request.path, query=request.query_string.decode(errors="replace")[:200],
+                 remote=request.remote_addr)
+        return None
+
+    @bp.after_request
+    def harden(response: Response) -> Response:
+        response.headers.update(HEADERS)
+        return response
+
+    def page_number() -> int:
+        try:
+            return max(1, int(request.args.get("page", "1")))
+        except ValueError:
+            return 1
+
+    @bp.get("/")
+    def index():
+        counts = {c["id"]: find_sessions(url, channel=c["id"], limit=1).total for c in channels}
+        recent = find_sessions(url, limit=10)
+        return render_template("browser/index.html", channels=channels, counts=counts, recent=recent)
+
+    @bp.get("/sessions")
+    def sessions():
+        channel = request.args.get("channel") or None
+        status = request.args.get("status") or None
+        if channel is not None and channel not in settings.channels:
+            abort(404)
+        if status not in (None, ACTIVE, DORMANT):
+            abort(400)
+        found = find_sessions(url, channel=channel, status=status, page=page_number(), limit=PAGE_SIZE)
+        if found.page > found.pages:
+            abort(404)
+
+        def page_url(n: int) -> str:
+            return url_for("browser.sessions", channel=channel, status=status, page=n)
+
+        return render_template("browser/sessions.html", page=found, channel=channel, status=status,
+                               channels=channels, statuses=(ACTIVE, DORMANT), page_url=page_url)
+
+    @bp.get("/sessions/<path:key>")
+    def session(key: str):
+        found = transcript(url, key)
+        if found is None:
+            abort(404)
+        summary, lines = found
+        info = get_session(url, key)
+        generations: list[tuple[int, list[Any]]] = []
+        for line in lines:
+            if not generations or generations[-1][0] != line.generation:
+                generations.append((line.generation, []))
+            generations[-1][1].append(line)
+        return render_template("browser/session.html", summary=summary, info=info, generations=generations,
+                               partition=partition_of(key, settings.partitions))
+
+    @bp.get("/users")
+    def users():
+        user = (request.args.get("user") or "").strip()
+        if len(user) > 200:
+            abort(400)
+        result = export_user(url, user) if user else None
+        groups: dict[str, int] = {}
+        for m in (result or {}).get("group_messages", []):
+            groups[m["session_key"]] = groups.get(m["session_key"], 0) + 1
+        return render_template("browser/users.html", user=user, result=result, groups=groups)
+
+    @bp.app_template_global()
+    def iso_time(value: str | None) -> str:
+        return _time(datetime.fromisoformat(value)) if value else ""
+
+    @bp.errorhandler(404)
+    def not_found(_exc):
+        return Response("not found\n", status=404, mimetype="text/plain")
+
+    @bp.errorhandler(400)
+    def bad_request(_exc):
+        log.warning("ingress.rejected", status=400, reason="bad session browser query", path=request.path)
+        return Response("bad request\n", status=400, mimetype="text/plain")
+
+    return bp

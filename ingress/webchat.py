@@ -1,0 +1,128 @@
+"""The web chat's HTTP side: the page, the visitor's POSTs (through the same Publisher as every webhook) and
+the polling endpoint that reads replies from the reply box. The visitor is a random id in a cookie.
+
+  GET  /chat/<channel>                   the page (sets the visitor cookie if missing)
+  POST /chat/<channel>/messages          {"id": ..., "text": ...} or {"id": ..., "command": "new"}
+  GET  /chat/<channel>/replies?after=C   entries after cursor C (JSON), polled by the page
+
+Status codes: 404 not a web chat channel, 400 bad cookie/body/cursor, 413 text too long, 415 not JSON,
+429 over the channel's messages_per_minute for one visitor (Retry-After), 503 when the broker or the reply
+box is down (the page retries with the same message id: no duplicate).
+"""
+
+from __future__ import annotations
+
+import math
+
+import structlog
+from flask import Blueprint, Response, jsonify, render_template, request
+
+from ingress.publisher import Publisher
+from shared.channels.webchat import TextTooLong, WebChatChannel, new_visitor_id, valid_visitor_id
+from shared.config import Settings
+from shared.errors import MalformedPayload, UnknownChannel
+from shared.ratelimit import LocalLimiter, RedisLimiter
+from shared.replybox import CURSOR, reply_box
+
+log = structlog.get_logger(__name__)
+
+COOKIE = "chatsessions_visitor"
+COOKIE_MAX_AGE = 365 * 24 * 3600
+POLL_MS = 1000  # how often an idle page asks for replies; faster while it waits for one
+PAGE_CSP = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'"
+
+
+def blueprint(settings: Settings, publisher: Publisher) -> Blueprint:
+    bp = Blueprint("webchat", __name__, template_folder="templates", static_folder="static/webchat",
+                   static_url_path="/chat-static")
+    box = reply_box(settings.redis_url)
+    channels = {cid: WebChatChannel(c, box=box) for cid, c in settings.channels.items() if c.platform == "webchat"}
+    limiter = RedisLimiter(settings.redis_url) if settings.redis_url else LocalLimiter()
+
+    def channel_for(channel_id: str) -> WebChatChannel:
+        if channel_id not in channels:
+            raise UnknownChannel(channel_id)
+        return channels[channel_id]
+
+    def reject(status: int, reason: str, channel_id: str) -> Response:
+        log.warning("ingress.rejected", status=status, reason=reason, channel=channel_id, path=request.path)
+        response = jsonify({"error": reason})
+        response.status_code = status
+        return response
+
+    def visitor() -> str | None:
+        value = request.cookies.get(COOKIE)
+        return value if valid_visitor_id(value) else None
+
+    @bp.get("/chat/<channel_id>")
+    def page(channel_id: str):
+        channel = channel_for(channel_id)
+        current = visitor()
+        html = render_template("webchat/page.html", channel_id=channel_id, title=channel.title,
+                               max_chars=channel.max_chars, poll_ms=POLL_MS)
+        response = Response(html, mimetype="text/html")
+        response.headers["Content-Security-Policy"] = PAGE_CSP
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["Referrer-Policy"] = "same-origin"
+        if current is None:  # first visit (or a cookie we did not make): a new visitor, a new session
+            response.set_cookie(COOKIE, new_visitor_id(), max_age=COOKIE_MAX_AGE, httponly=True, samesite="Lax",
+                                secure=request.is_secure, path="/chat/")
+            if request.cookies.get(COOKIE) is not None:
+                log.info("webchat.cookie_replaced", channel=channel_id, reason="malformed visitor cookie")
+        return response
+
+    @bp.post("/chat/<channel_id>/messages")
+    def post_message(channel_id: str):
+        channel = channel_for(channel_id)
+        if not request.is_json:  # also keeps cross-site forms out: they cannot send application/json
+            return reject(415, "Content-Type must be application/json", channel_id)
+        who = visitor()
+        if who is None:
+            return reject(400, "visitor cookie missing or malformed (reload the page)", channel_id)
+        try:
+            wait = limiter.try_take([channel.visitor_bucket(who)])
+        except Exception as exc:  # the limiter's Redis is down: so is the ledger, and publish answers 503
+            log.warning("webchat.limiter_failed", channel=channel_id, error=exc.__class__.__name__)
+            wait = 0.0
+        if wait > 0:
+            response = reject(429, f"more than {channel.per_minute:g} messages a minute", channel_id)
+            response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+            return response
+        try:
+            message = channel.message(who, request.get_data(cache=False))
+        except TextTooLong as exc:
+            return reject(413, str(exc), channel_id)
+        except MalformedPayload as exc:
+            return reject(400, f"malformed message: {exc}", channel_id)
+        new = publisher.publish([message]) == 1  # EnqueueFailed -> 503 (app handler); the page retries
+        if new:
+            client_id = message.platform_message_id.split(":", 1)[1]
+            role, text = ("event", "New conversation") if message.command else ("user", message.text)
+            try:
+                # Stamped with the time before the publish: a fast reply may reach the box first.
+                box.push(channel_id, who, role, text, id=client_id, at=message.sent_at)
+            except Exception as exc:  # enqueued all the same; only a reload would miss this line
+                log.warning("webchat.box_failed", channel=channel_id, error=exc.__class__.__name__)
+        return jsonify({"accepted": True, "duplicate": not new})
+
+    @bp.get("/chat/<channel_id>/replies")
+    def replies(channel_id: str):
+        channel_for(channel_id)
+        who = visitor()
+        if who is None:
+            return reject(400, "visitor cookie missing or malformed (reload the page)", channel_id)
+        after = request.args.get("after") or None
+        if after is not None and not CURSOR.fullmatch(after):
+            return reject(400, "after: not a cursor this server gave", channel_id)
+        try:
+            entries = box.read(channel_id, who, after)
+        except Exception as exc:
+            log.error("webchat.box_unreachable", channel=channel_id, error=exc.__class__.__name__)
+            return Response('{"error": "temporarily unavailable"}\n', status=503, headers={"Retry-After": "2"},
+                            mimetype="application/json")
+        response = jsonify({"entries": [e.to_dict() for e in entries],
+                            "cursor": entries[-1].cursor if entries else after})
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    return bp

@@ -1,0 +1,234 @@
+"""The session browser (/admin) through the real Flask app, over sessions made by the real turn (TurnRunner, the
+demo Agent) on SQLite: off without ADMIN_TOKEN, 401 without the right token, and no secret on any page."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from ingress.app import create_app
+from ingress.ledger import MemoryLedger
+from ingress.publisher import Publisher
+from shared.agents import load_agent
+from shared.config import Settings, load_settings
+from shared.db import engine_for
+from shared.messages import DM, GROUP, NEW_SESSION, InboundMessage
+from shared.migrate import upgrade
+from shared.store import Store
+from workers.testing import RecordingChannel
+from workers.turn import TurnRunner
+
+TOKEN = "admin-token-Jq84kLz0"
+# Distinctive values, so a leak cannot hide behind a common word.
+SECRETS = {
+    "SB_WA_APP_SECRET": "wa-app-secret-R7c2Vx", "SB_WA_VERIFY_TOKEN": "wa-verify-K9d1Qe",
+    "SB_WA_ACCESS_TOKEN": "wa-access-token-P3n8Hs", "SB_TG_BOT_TOKEN": "77:tg-bot-token-W2m5Yu",
+    "SB_TG_SECRET": "tg-secret-token-B6t0Ga",
+}
+CONFIG = """
+partitions = 16
+
+[[channels]]
+id = "wa"
+platform = "whatsapp"
+agent = "demo"
+secrets = { app_secret = "SB_WA_APP_SECRET", verify_token = "SB_WA_VERIFY_TOKEN", access_token = "SB_WA_ACCESS_TOKEN" }
+options = { phone_number_id = "106540352242922" }
+
+[[channels]]
+id = "tg"
+platform = "telegram"
+agent = "demo"
+secrets = { bot_token = "SB_TG_BOT_TOKEN", secret_token = "SB_TG_SECRET" }
+options = { bot_username = "AcmeBot" }
+
+[[channels]]
+id = "web"
+platform = "webchat"
+agent = "demo"
+"""
+ANA = "5511900000001"
+BRUNO = "5511900000002"
+GROUP_ID = "120363000000000777@g.us"
+_ids = itertools.count(1)
+
+
+def settings_for(tmp_path: Path, **env: str) -> Settings:
+    path = tmp_path / "channels.toml"
+    path.write_text(CONFIG)
+    return load_settings({"CHATSESSIONS_CONFIG": str(path), "BROKER_URL": "memory://localhost/",
+                          "DATABASE_URL": f"sqlite:///{tmp_path}/browser.db", **SECRETS, **env})
+
+
+def seed(settings: Settings) -> None:
+    """Sessions made by the real turn: Ana's WhatsApp DM (two generations), a group, a Telegram DM."""
+    url = settings.database_url
+    upgrade(url)
+    store = Store(url)
+    store.sync_channels(settings.channels.values())
+    runner = TurnRunner(settings, store, {cid: RecordingChannel(c) for cid, c in settings.channels.items()},
+                        {cid: load_agent(c.agent) for cid, c in settings.channels.items()},
+                        agent_attempts=1, agent_backoff_s=0)
+    seqs: dict[str, int] = {}
+
+    def say(channel: str, kind: str, chat: str, sender: str, name: str, text: str) -> None:
+        key = f"{channel}:{kind}:{chat}"
+        seqs[key] = seqs.get(key, 0) + 1
+        runner.handle(InboundMessage(
+            channel_id=channel, platform=settings.channel(channel).platform, session_key=key, chat_id=chat,
+            chat_kind=kind, sender_id=sender, sender_name=name, text=text,
+            platform_message_id=f"sb.{next(_ids)}", sent_at=time.time(),
+            command=NEW_SESSION if text == "/new" else None, seq=seqs[key]))
+
+    say("wa", DM, ANA, ANA, "Ana Souza", "my name is Ana <script>alert(1)</script>")
+    say("wa", DM, ANA, ANA, "Ana Souza", "/new")
+    say("wa", DM, ANA, ANA, "Ana Souza", "what is my name?")
+    say("wa", GROUP, GROUP_ID, ANA, "Ana Souza", "my order 48213 is late")
+    say("wa", GROUP, GROUP_ID, BRUNO, "Bruno Lima", "me too")
+    say("tg", DM, "381920001", "381920001", "Chen", "hello")
+    engine_for(url).dispose()
+
+
+@pytest.fixture
+def events() -> Iterator[list[dict[str, Any]]]:
+    saved = structlog.get_config()
+    structlog.configure(cache_logger_on_first_use=False)
+    with capture_logs() as captured:
+        yield captured
+    structlog.configure(**saved)
+
+
+def app_for(settings: Settings) -> Any:
+    return create_app(settings, Publisher(settings, ledger=MemoryLedger())).test_client()
+
+
+@pytest.fixture
+def admin(tmp_path) -> Iterator[Any]:
+    settings = settings_for(tmp_path, ADMIN_TOKEN=TOKEN)
+    seed(settings)
+    yield app_for(settings)
+    engine_for(settings.database_url).dispose()
+
+
+def bearer(token: str = TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+PAGES = ["/admin/", "/admin/sessions", "/admin/sessions?channel=wa", "/admin/sessions?status=active",
+         f"/admin/sessions/wa:dm:{ANA}", f"/admin/sessions/wa:group:{GROUP_ID}", f"/admin/users?user={ANA}",
+         "/admin/users", "/admin/static/browser.css"]
+
+
+def get(client: Any, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, Any]:
+    with client.get(path, headers=headers or {}) as r:
+        return r.status_code, r.get_data(as_text=True), r.headers
+
+
+# -- off unless configured; authentication ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", PAGES)
+def test_off_without_admin_token(tmp_path, path):
+    client = app_for(settings_for(tmp_path))
+    for headers in ({}, bearer(), bearer(""), basic("x", "")):
+        assert get(client, path, headers)[0] == 404
+
+
+@pytest.mark.parametrize("path", PAGES)
+def test_every_page_needs_the_token(admin, events, path):
+    for headers, reason in [({}, "no credentials"), (bearer("wrong"), "wrong token (bearer)"),
+                            (basic("lead", "wrong"), "wrong token (basic)"), (bearer(TOKEN + "x"), "wrong token"),
+                            ({"Authorization": f"Token {TOKEN}"}, "unsupported scheme")]:
+        status, body, response_headers = get(admin, path, headers)
+        assert status == 401, (path, headers)
+        assert response_headers["WWW-Authenticate"].startswith("Basic realm=")
+        assert "Ana" not in body and TOKEN not in body
+        assert any(e["event"] == "browser.denied" and e["reason"].startswith(reason) for e in events), reason
+    assert TOKEN not in repr(events)  # a presented token is never logged
+
+
+@pytest.mark.parametrize("headers", [bearer(), basic("any-user", TOKEN), basic("", TOKEN)])
+def test_the_token_by_bearer_or_basic_auth(admin, headers):
+    status, body, response_headers = get(admin, "/admin/", headers)
+    assert status == 200 and "<h1>Channels</h1>" in body
+    assert response_headers["Cache-Control"] == "no-store"
+    assert "frame-ancestors 'none'" in response_headers["Content-Security-Policy"]
+
+
+def test_the_admin_token_is_read_once_into_settings_and_not_shown(tmp_path):
+    settings = settings_for(tmp_path, ADMIN_TOKEN=TOKEN)
+    assert settings.admin_token == TOKEN and TOKEN not in repr(settings)
+    assert settings_for(tmp_path, ADMIN_TOKEN="").admin_token is None
+
+
+# -- what the pages show ---------------------------------------------------------------------------------------------
+
+def test_channels_and_recent_sessions(admin):
+    _, html, _ = get(admin, "/admin/", bearer())
+    for channel, platform in (("wa", "whatsapp"), ("tg", "telegram"), ("web", "webchat")):
+        assert f'<a href="/admin/sessions?channel={channel}">{channel}</a>' in html
+        assert f"<td>{platform}</td>" in html
+    assert f"wa:dm:{ANA}" in html and f"wa:group:{GROUP_ID}" in html and "tg:dm:381920001" in html
+
+
+def test_sessions_are_paged_and_filtered(admin, monkeypatch):
+    _, html, _ = get(admin, "/admin/sessions", bearer())
+    assert "3 sessions" in html and html.count('<span class="status active">active</span>') == 3
+    _, html, _ = get(admin, "/admin/sessions?channel=tg", bearer())
+    assert "1 session," in html and "tg:dm:381920001" in html and f"wa:dm:{ANA}" not in html
+    monkeypatch.setattr("ingress.browser.PAGE_SIZE", 2)
+    _, first, _ = get(admin, "/admin/sessions", bearer())
+    _, second, _ = get(admin, "/admin/sessions?page=2", bearer())
+    assert "page 1 of 2" in first and 'rel="next" href="/admin/sessions?page=2"' in first
+    assert "page 2 of 2" in second and 'rel="prev"' in second
+    keys = {k for k in (f"wa:dm:{ANA}", f"wa:group:{GROUP_ID}", "tg:dm:381920001") if k in first + second}
+    assert len(keys) == 3
+    assert get(admin, "/admin/sessions?page=9", bearer())[0] == 404
+    assert get(admin, "/admin/sessions?status=bogus", bearer())[0] == 400
+    assert get(admin, "/admin/sessions?channel=nope", bearer())[0] == 404
+
+
+def test_transcript_shows_generations_events_and_escapes_text(admin):
+    status, html, _ = get(admin, f"/admin/sessions/wa:dm:{ANA}", bearer())
+    assert status == 200
+    assert "Generation 1" in html and "Generation 2 (current)" in html
+    g1, g2 = html.split('id="g1"')[1].split('id="g2"')
+    assert "created" in g1 and "my name is Ana &lt;script&gt;alert(1)&lt;/script&gt;" in g1
+    assert "<script>" not in html
+    assert "new_session" in g2 and "what is my name?" in g2 and "You haven&#39;t told me your name yet." in g2
+    assert g2.index("new_session") < g2.index("what is my name?")
+    assert '<span class="delivery sent">sent</span>' in html
+    _, group, _ = get(admin, f"/admin/sessions/wa:group:{GROUP_ID}", bearer())
+    assert "Ana Souza" in group and "Bruno Lima" in group
+    assert get(admin, "/admin/sessions/wa:dm:nobody", bearer())[0] == 404
+
+
+def test_search_by_user_id(admin):
+    _, html, _ = get(admin, f"/admin/users?user={ANA}", bearer())
+    assert f'href="/admin/sessions/wa:dm:{ANA}"' in html
+    assert f'href="/admin/sessions/wa:group:{GROUP_ID}"' in html  # a group Ana wrote in
+    assert "tg:dm:381920001" not in html
+    _, html, _ = get(admin, "/admin/users?user=0000", bearer())
+    assert html.count("None.") == 2
+    assert get(admin, "/admin/users?user=" + "9" * 201, bearer())[0] == 400
+
+
+def test_no_secret_on_any_page(admin):
+    for path in PAGES:
+        status, body, headers = get(admin, path, bearer())
+        assert status == 200, path
+        shown = body + str(headers)
+        leaked = [name for name, value in SECRETS.items() if value in shown]
+        assert not leaked and TOKEN not in shown, (path, leaked)
+        assert "106540352242922" not in shown  # no channel options either

@@ -1,0 +1,435 @@
+"""The web chat channel through the real Flask app and a real Publisher (kombu's in-process memory broker, a
+MemoryLedger), the real turn (TurnRunner on SQLite, the demo Agent) and both reply boxes (in-process and a real
+Redis). The browser end of it runs in Chromium: tests/browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import structlog
+from structlog.testing import capture_logs
+
+from ingress.app import create_app
+from ingress.ledger import MemoryLedger
+from ingress.publisher import Publisher
+from ingress.webchat import COOKIE
+from shared.agents import load_agent
+from shared.channels import build_channel
+from shared.channels.base import WebhookRequest, session_key
+from shared.channels.webchat import WebChatChannel, new_visitor_id
+from shared.config import Settings, load_settings
+from shared.db import engine_for
+from shared.errors import ConfigError, InvalidSignature
+from shared.messages import DM, NEW_SESSION, InboundMessage
+from shared.migrate import upgrade
+from shared.partitioning import partition_of, queue_name
+from shared.admin import get_session
+from shared.replybox import MemoryReplyBox, RedisReplyBox, box_key, reply_box
+from shared.store import LeaseLost, Store, transcript
+from workers.turn import NEW_SESSION_REPLY, TurnRunner
+
+WEB = "web"
+REDIS_URL = os.environ.get("WEBCHAT_REDIS_URL", "redis://127.0.0.1:6379/15")  # keys are unique and deleted
+
+CONFIG = f"""
+partitions = 16
+
+[[channels]]
+id = "{WEB}"
+platform = "webchat"
+agent = "demo"
+options = {{ title = "Acme <b>support</b>", max_chars = 50 }}
+
+[[channels]]
+id = "tg"
+platform = "telegram"
+agent = "echo"
+secrets = {{ bot_token = "WC_TG_BOT_TOKEN", secret_token = "WC_TG_SECRET" }}
+options = {{ bot_username = "AcmeBot" }}
+"""
+
+
+def settings_for(tmp_path: Path, config: str = CONFIG) -> Settings:
+    path = tmp_path / "channels.toml"
+    path.write_text(config)
+    return load_settings({"CHATSESSIONS_CONFIG": str(path), "BROKER_URL": "memory://localhost/",
+                          "DATABASE_URL": f"sqlite:///{tmp_path}/web.db",
+                          "WC_TG_BOT_TOKEN": "1:tg-token-Xq7", "WC_TG_SECRET": "tg-secret-Mz2"})
+
+
+def drain(publisher: Publisher, channel_id: str = WEB) -> list[tuple[str, dict[str, Any]]]:
+    """Take this channel's tasks off the in-process broker's partition queues: (queue, message dict)."""
+    found = []
+    with publisher.app.connection_for_write() as conn:
+        channel = conn.default_channel
+        for queue in [q.name for q in publisher.app.conf.task_queues]:
+            keep = []
+            while channel._size(queue):
+                raw = channel._get(queue)
+                args, _kwargs, _embed = channel.message_to_python(raw).decode()
+                if args and args[0].get("channel_id") == channel_id:
+                    found.append((queue, args[0]))
+                else:
+                    keep.append(raw)
+            for raw in keep:  # another test's message (the memory broker is process-wide): put it back
+                channel._put(queue, raw)
+    return found
+
+
+@pytest.fixture
+def events() -> Iterator[list[dict[str, Any]]]:
+    saved = structlog.get_config()
+    structlog.configure(cache_logger_on_first_use=False)
+    with capture_logs() as captured:
+        yield captured
+    structlog.configure(**saved)
+
+
+class Web:
+    """A Flask test client per visitor over one app, and the app's publisher."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.publisher = Publisher(settings, ledger=MemoryLedger())
+        self.app = create_app(settings, self.publisher)
+        drain(self.publisher)
+
+    def visitor(self) -> tuple[Any, str]:
+        client = self.app.test_client()
+        page = client.get(f"/chat/{WEB}")
+        assert page.status_code == 200
+        cookie = client.get_cookie(COOKIE, path="/chat/")
+        assert cookie is not None
+        return client, cookie.value
+
+
+@pytest.fixture
+def web(tmp_path) -> Web:
+    return Web(settings_for(tmp_path))
+
+
+def post(client: Any, body: Any, **kw: Any):
+    return client.post(f"/chat/{WEB}/messages", data=json.dumps(body), content_type="application/json", **kw)
+
+
+def rejected(events: list[dict[str, Any]], status: int) -> list[str]:
+    return [e["reason"] for e in events if e["event"] == "ingress.rejected" and e["status"] == status]
+
+
+# -- the page --------------------------------------------------------------------------------------------------------
+
+def test_page_gives_each_browser_its_own_visitor_cookie(web):
+    client = web.app.test_client()
+    page = client.get(f"/chat/{WEB}")
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    cookie = page.headers["Set-Cookie"]
+    assert f"{COOKIE}=" in cookie and "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Path=/chat/" in cookie
+    assert "default-src 'self'" in page.headers["Content-Security-Policy"]
+    html = page.get_data(as_text=True)
+    assert "<title>Acme &lt;b&gt;support&lt;/b&gt;</title>" in html  # the configured title, escaped
+    assert 'id="new"' in html and "New conversation" in html and "/chat-static/webchat.js" in html
+    assert "<script>" not in html  # no inline script: the CSP forbids it
+    # Same browser again: the cookie is kept. Another browser: another visitor.
+    assert "Set-Cookie" not in client.get(f"/chat/{WEB}").headers
+    _, other = web.visitor()
+    assert other != client.get_cookie(COOKIE, path="/chat/").value
+    with web.app.test_client().get("/chat-static/webchat.js") as script:
+        assert script.status_code == 200
+
+
+def test_a_malformed_cookie_is_replaced_on_the_page(web, events):
+    client = web.app.test_client()
+    client.set_cookie(COOKIE, "short", path="/chat/")
+    page = client.get(f"/chat/{WEB}")
+    assert f"{COOKIE}=" in page.headers["Set-Cookie"]
+    assert client.get_cookie(COOKIE, path="/chat/").value != "short"
+    assert any(e["event"] == "webchat.cookie_replaced" for e in events)
+
+
+@pytest.mark.parametrize("path", ["/chat/tg", "/chat/nope", "/chat/tg/replies"])
+def test_only_webchat_channels_have_a_page(web, path):
+    assert web.app.test_client().get(path).status_code == 404
+
+
+def test_the_webhook_route_refuses_webchat_channels(web):
+    r = web.app.test_client().post(f"/webhooks/{WEB}", data=b"{}", content_type="application/json")
+    assert r.status_code == 401
+    assert drain(web.publisher) == []
+
+
+# -- posting ---------------------------------------------------------------------------------------------------------
+
+def test_a_message_is_published_on_its_sessions_partition(web):
+    client, visitor = web.visitor()
+    r = post(client, {"id": "msg-00000001", "text": "  Hi, my order 48213 is late  "})
+    assert r.status_code == 200 and r.json == {"accepted": True, "duplicate": False}
+    [(queue, message)] = drain(web.publisher)
+    key = session_key(WEB, DM, visitor)
+    assert queue == queue_name(partition_of(key, web.settings.partitions))
+    m = InboundMessage.from_dict(message)
+    assert (m.platform, m.session_key, m.chat_id, m.chat_kind, m.sender_id) == ("webchat", key, visitor, DM, visitor)
+    assert m.text == "Hi, my order 48213 is late" and m.command is None
+    assert m.platform_message_id == f"{visitor}:msg-00000001" and m.seq == 1
+
+
+def test_a_retried_post_is_deduplicated_and_seq_counts_per_session(web):
+    client, visitor = web.visitor()
+    other, _ = web.visitor()
+    for _ in range(3):  # the page retries with the same id
+        assert post(client, {"id": "same-id-123", "text": "hello"}).status_code == 200
+    assert post(client, {"id": "same-id-123", "text": "hello"}).json["duplicate"] is True
+    assert post(client, {"id": "next-id-456", "text": "again"}).json["duplicate"] is False
+    # Another visitor may use the same client id: ids are scoped by visitor.
+    assert post(other, {"id": "same-id-123", "text": "hello"}).json["duplicate"] is False
+    published = [m for _, m in drain(web.publisher)]
+    mine = [m for m in published if m["chat_id"] == visitor]
+    assert [(m["text"], m["seq"]) for m in mine] == [("hello", 1), ("again", 2)]
+    assert len(published) == 3
+    # The box shows each accepted message once.
+    entries = client.get(f"/chat/{WEB}/replies").json["entries"]
+    assert [(e["role"], e["text"], e["id"]) for e in entries] == [("user", "hello", "same-id-123"),
+                                                                    ("user", "again", "next-id-456")]
+
+
+@pytest.mark.parametrize("body", [{"id": "new-conv-01", "command": "new"}, {"id": "new-conv-02", "text": "/new"}])
+def test_new_conversation_is_the_new_session_command(web, body):
+    client, _ = web.visitor()
+    assert post(client, body).status_code == 200
+    [(_, message)] = drain(web.publisher)
+    assert message["command"] == NEW_SESSION and message["text"] == "/new"
+    [entry] = client.get(f"/chat/{WEB}/replies").json["entries"]
+    assert (entry["role"], entry["text"]) == ("event", "New conversation")
+
+
+@pytest.mark.parametrize("body, status, reason", [
+    ({"id": "abcdefgh", "text": "   "}, 400, "text is empty"),
+    ({"id": "abcdefgh"}, 400, "text missing"),
+    ({"id": "abcdefgh", "text": 42}, 400, "text missing or not a string"),
+    ({"id": "abc", "text": "hi"}, 400, "id missing or malformed"),
+    ({"id": "bad id with spaces", "text": "hi"}, 400, "id missing or malformed"),
+    ({"text": "hi"}, 400, "id missing or malformed"),
+    ({"id": "abcdefgh", "command": "erase"}, 400, "unknown command"),
+    (["not", "an", "object"], 400, "not a JSON object"),
+    ({"id": "abcdefgh", "text": "x" * 51}, 413, "text longer than 50 characters"),
+    ({"id": "abcdefgh", "text": "\ud800"}, 400, "not valid Unicode"),
+])
+def test_bad_messages_get_a_4xx_and_a_logged_reason(web, events, body, status, reason):
+    client, _ = web.visitor()
+    r = post(client, body)
+    assert r.status_code == status and reason in r.json["error"]
+    assert any(reason in logged for logged in rejected(events, status)), events
+    assert drain(web.publisher) == []
+
+
+def test_bad_requests_are_refused_before_anything_is_published(web, events):
+    client, _ = web.visitor()
+    r = client.post(f"/chat/{WEB}/messages", data="id=abcdefgh&text=hi",
+                    content_type="application/x-www-form-urlencoded")  # what a cross-site form could send
+    assert r.status_code == 415
+    r = client.post(f"/chat/{WEB}/messages", data=b"{not json", content_type="application/json")
+    assert r.status_code == 400 and "not JSON" in r.json["error"]
+    stranger = web.app.test_client()  # never loaded the page: no cookie
+    assert post(stranger, {"id": "abcdefgh", "text": "hi"}).status_code == 400
+    forged = web.app.test_client()
+    forged.set_cookie(COOKIE, "../../etc/passwd-not-an-id", path="/chat/")
+    assert post(forged, {"id": "abcdefgh", "text": "hi"}).status_code == 400
+    assert forged.get(f"/chat/{WEB}/replies").status_code == 400
+    assert client.get(f"/chat/{WEB}/replies?after=0;DROP").status_code == 400
+    assert post(client, {"id": "abcdefgh", "text": "x" * 2_000_000}).status_code == 413  # over the body limit
+    assert len(rejected(events, 400)) == 5 and rejected(events, 415) and rejected(events, 413)
+    assert any("visitor cookie missing or malformed" in r for r in rejected(events, 400))
+    assert drain(web.publisher) == []
+
+
+def test_a_broker_outage_is_a_503_and_the_retry_is_not_a_duplicate(web, monkeypatch):
+    client, _ = web.visitor()
+
+    def down(*_a: Any, **_kw: Any) -> None:
+        raise ConnectionError("broker down")
+
+    monkeypatch.setattr(web.publisher.app, "send_task", down)
+    assert post(client, {"id": "retry-me-1", "text": "hello"}).status_code == 503
+    monkeypatch.undo()
+    r = post(client, {"id": "retry-me-1", "text": "hello"})
+    assert r.status_code == 200 and r.json["duplicate"] is False
+    assert [m["seq"] for _, m in drain(web.publisher)] == [1]
+
+
+def test_a_visitor_posting_too_fast_gets_429_with_retry_after(tmp_path, events):
+    web = Web(settings_for(tmp_path, CONFIG.replace("max_chars = 50", "max_chars = 50, messages_per_minute = 2")))
+    client, _ = web.visitor()
+    other, _ = web.visitor()
+    assert [post(client, {"id": f"fast-{n:04d}", "text": "hi"}).status_code for n in range(2)] == [200, 200]
+    r = post(client, {"id": "fast-0002", "text": "hi"})
+    assert r.status_code == 429 and "more than 2 messages a minute" in r.json["error"]
+    assert 1 <= int(r.headers["Retry-After"]) <= 30
+    assert rejected(events, 429)
+    assert post(other, {"id": "fast-0000", "text": "hi"}).status_code == 200  # per visitor
+    assert len(drain(web.publisher)) == 3
+    with pytest.raises(ConfigError, match="messages_per_minute"):
+        build_channel(settings_for(tmp_path, CONFIG.replace("max_chars = 50", "messages_per_minute = 0"))
+                      .channel(WEB))
+
+
+# -- replies: the real turn, through the box -------------------------------------------------------------------------
+
+def runner_for(settings: Settings, box: Any) -> TurnRunner:
+    upgrade(settings.database_url)
+    store = Store(settings.database_url)
+    store.sync_channels(settings.channels.values())
+    channels = {cid: (WebChatChannel(c, box=box) if c.platform == "webchat" else build_channel(c))
+                for cid, c in settings.channels.items()}
+    return TurnRunner(settings=settings, store=store, channels=channels,
+                      agents={cid: load_agent(c.agent) for cid, c in settings.channels.items()},
+                      agent_attempts=1, agent_backoff_s=0)
+
+
+def test_two_visitors_each_get_only_their_own_replies_and_new_conversation_forgets(web):
+    runner = runner_for(web.settings, reply_box(None))  # the app's box too: no REDIS_URL, the in-process one
+    try:
+        ana, ana_id = web.visitor()
+        bruno, bruno_id = web.visitor()
+
+        def say(client: Any, text: str | None = None) -> None:
+            body = {"id": uuid.uuid4().hex, **({"text": text} if text else {"command": "new"})}
+            assert post(client, body).status_code == 200
+            for _, message in drain(web.publisher):
+                runner.handle(InboundMessage.from_dict(message))
+
+        say(ana, "my name is Ana")
+        say(bruno, "my name is Bruno")
+        say(ana, "what is my name?")
+        say(bruno, "what is my name?")
+
+        def agent_lines(client: Any, after: str | None = None) -> list[str]:
+            query = f"?after={after}" if after else ""
+            return [e["text"] for e in client.get(f"/chat/{WEB}/replies{query}").json["entries"]
+                    if e["role"] == "agent"]
+
+        assert agent_lines(ana)[-1] == "Your name is Ana." and not any("Bruno" in t for t in agent_lines(ana))
+        assert agent_lines(bruno)[-1] == "Your name is Bruno." and not any("Ana" in t for t in agent_lines(bruno))
+
+        cursor = ana.get(f"/chat/{WEB}/replies").json["cursor"]
+        say(ana, None)  # "New conversation"
+        say(ana, "what is my name?")
+        assert agent_lines(ana, cursor) == [NEW_SESSION_REPLY, "You haven't told me your name yet."]
+        assert ana.get(f"/chat/{WEB}/replies?after={cursor}").json["entries"][0]["role"] == "event"
+        assert agent_lines(bruno)[-1] == "Your name is Bruno."  # untouched
+        # The store agrees: Ana's session is in generation 2, Bruno's in 1, every reply marked sent.
+        url = web.settings.database_url
+        assert get_session(url, session_key(WEB, DM, ana_id)).generation == 2
+        assert get_session(url, session_key(WEB, DM, bruno_id)).generation == 1
+        _, lines = transcript(url, session_key(WEB, DM, ana_id))
+        assert {line.delivery_status for line in lines if line.kind == "assistant"} == {"sent"}
+    finally:
+        engine_for(web.settings.database_url).dispose()
+
+
+def test_send_runs_the_fence_right_before_delivering(tmp_path):
+    box = MemoryReplyBox()
+    channel = WebChatChannel(load_channel(tmp_path), box=box)
+    visitor = new_visitor_id()
+    calls: list[int] = []
+
+    def fence() -> None:
+        calls.append(len(box.read(WEB, visitor)))  # nothing delivered yet when the fence runs
+
+    delivery = channel.send(visitor, DM, "hello", fence=fence)
+    assert delivery.ok and calls == [0] and [e.text for e in box.read(WEB, visitor)] == ["hello"]
+    assert delivery.platform_message_ids == (box.read(WEB, visitor)[0].cursor,)
+
+    def lost() -> None:
+        raise LeaseLost("stale holder")
+
+    with pytest.raises(LeaseLost):
+        channel.send(visitor, DM, "must not arrive", fence=lost)
+    assert [e.text for e in box.read(WEB, visitor)] == ["hello"]
+    assert channel.send(visitor, DM, "no fence").ok  # fence is optional
+
+
+def test_send_reports_a_box_outage_as_a_failed_delivery(tmp_path, monkeypatch, events):
+    monkeypatch.setattr("shared.channels.webchat.SEND_BACKOFF_S", 0)
+
+    class Down:
+        def push(self, *_a: Any, **_kw: Any) -> str:
+            raise ConnectionError("redis down")
+
+    fences: list[str] = []
+    delivery = WebChatChannel(load_channel(tmp_path), box=Down()).send(new_visitor_id(), DM, "hi",
+                                                                        fence=lambda: fences.append("x"))
+    assert not delivery.ok and "redis down" in delivery.error and delivery.attempts == 3
+    assert len(fences) == 3  # checked again before every attempt
+    assert len([e for e in events if e["event"] == "webchat.box_failed"]) == 3
+
+
+def load_channel(tmp_path: Path):
+    return settings_for(tmp_path).channel(WEB)
+
+
+def test_channel_interface_and_options(tmp_path):
+    config = load_channel(tmp_path)
+    channel = build_channel(config)
+    assert isinstance(channel, WebChatChannel) and channel.title == "Acme <b>support</b>" and channel.max_chars == 50
+    with pytest.raises(InvalidSignature):
+        channel.verify(WebhookRequest("POST", {}))
+    bad = CONFIG.replace("max_chars = 50", "max_chars = 0")
+    with pytest.raises(ConfigError, match="max_chars"):
+        build_channel(settings_for(tmp_path, bad).channel(WEB))
+    assert not settings_for(tmp_path).channel(WEB).secrets
+
+
+# -- the reply boxes -------------------------------------------------------------------------------------------------
+
+@pytest.fixture(params=["memory", "redis"])
+def box(request) -> Iterator[Any]:
+    if request.param == "memory":
+        yield MemoryReplyBox()
+        return
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"Redis at {REDIS_URL} is not reachable (start it, see .ci/run): {exc}")
+    real = RedisReplyBox(REDIS_URL, ttl_s=60, max_entries=20)
+    yield real
+    client.delete(*(k for k in client.scan_iter(f"webchat:{WEB}-*")))
+    client.close()
+
+
+def test_reply_box_reads_after_a_cursor_per_chat(box):
+    channel = f"{WEB}-{uuid.uuid4().hex[:8]}"
+    a, b = new_visitor_id(), new_visitor_id()
+    first = box.push(channel, a, "user", "one", id="id-one-1")
+    box.push(channel, b, "user", "other chat")
+    box.push(channel, a, "agent", "two")
+    entries = box.read(channel, a)
+    assert [(e.role, e.text, e.id) for e in entries] == [("user", "one", "id-one-1"), ("agent", "two", None)]
+    assert [e.text for e in box.read(channel, a, first)] == ["two"]
+    assert box.read(channel, a, entries[-1].cursor) == []
+    assert [e.text for e in box.read(channel, b)] == ["other chat"]
+    assert box.read(channel, new_visitor_id()) == []
+    box.push(channel, b, "user", "stamped", at=1234.5)  # the ingress stamps a visitor's line before publishing
+    assert box.read(channel, b)[-1].at == 1234.5 and box.read(channel, b)[0].at > 1234.5
+
+
+def test_redis_reply_box_is_capped_and_expires():
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5)
+    box = RedisReplyBox(REDIS_URL, ttl_s=30, max_entries=5)
+    channel, visitor = f"{WEB}-{uuid.uuid4().hex[:8]}", new_visitor_id()
+    try:
+        for n in range(300):
+            box.push(channel, visitor, "agent", f"reply {n}")
+        key = box_key(channel, visitor)
+        assert 0 < client.ttl(key) <= 30
+        assert client.xlen(key) < 300  # trimmed (approximately, as Redis does it cheaply)
+        assert box.read(channel, visitor)[-1].text == "reply 299"
+    finally:
+        client.delete(box_key(channel, visitor))
+        client.close()
