@@ -92,14 +92,14 @@ class Progress:
         self.stream.flush()
 
 
-def _redis(url: str):
-    import redis
+def _redis(url: str, master_name: str | None = None):
+    from shared.redis_client import redis_client
 
-    return redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
+    return redis_client(url, master_name, socket_connect_timeout=3, socket_timeout=10)
 
 
 def _is_redis(url: str | None) -> bool:
-    return bool(url) and url.split("://", 1)[0] in ("redis", "rediss")
+    return bool(url) and url.split("://", 1)[0] in ("redis", "rediss", "sentinel")
 
 
 def _celery(settings: Settings):
@@ -215,10 +215,11 @@ def _erase_preview(args: argparse.Namespace, settings: Settings) -> admin.EraseR
     if settings.redis_url:
         try:
             return admin.erase_user(settings.database_url, args.user, channel=args.channel, dry_run=True,
-                                    redis_client=_redis(settings.redis_url))
+                                    redis_client=_redis(settings.redis_url), identity=settings.identity_of(args.user))
         except RedisError:
             pass
-    return admin.erase_user(settings.database_url, args.user, channel=args.channel, dry_run=True)
+    return admin.erase_user(settings.database_url, args.user, channel=args.channel, dry_run=True,
+                            identity=settings.identity_of(args.user))
 
 
 def _sessions_erase(args: argparse.Namespace, settings: Settings) -> int:
@@ -245,7 +246,8 @@ def _sessions_erase(args: argparse.Namespace, settings: Settings) -> int:
         if input("erase all of it? this cannot be undone [y/N] ").strip().lower() not in ("y", "yes"):
             print("nothing erased")
             return FAILED
-    report = admin.erase_user(url, args.user, channel=args.channel, progress=Progress(f"erasing {args.user}"))
+    report = admin.erase_user(url, args.user, channel=args.channel, progress=Progress(f"erasing {args.user}"),
+                              identity=settings.identity_of(args.user))
     redis_error = None
     if settings.redis_url and report.sessions:
         from redis import RedisError
@@ -267,7 +269,8 @@ def _sessions_erase(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _sessions_export(args: argparse.Namespace, settings: Settings) -> int:
-    doc = admin.export_user(settings.database_url, args.user, channel=args.channel)
+    doc = admin.export_user(settings.database_url, args.user, channel=args.channel,
+                            identity=settings.identity_of(args.user))
     text = json.dumps(doc, indent=2, ensure_ascii=False)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
@@ -289,7 +292,7 @@ def _broker_view(settings: Settings):
     if not _is_redis(settings.broker_url):
         return None, None
     ledger = _redis(settings.redis_url) if settings.redis_url and settings.redis_url != settings.broker_url else None
-    view = admin.BrokerView(_redis(settings.broker_url), settings.partitions, ledger)
+    view = admin.BrokerView(_redis(settings.broker_url, settings.redis_sentinel_master), settings.partitions, ledger)
     return view, lambda: _consumers(settings, 1.0)
 
 
@@ -436,13 +439,16 @@ def _check_database(url: str, timeout: float) -> str:
     from sqlalchemy.engine import make_url
     from sqlalchemy.pool import NullPool
 
+    from shared.db import driver_options
     from shared.migrate import alembic_config
 
     parsed = make_url(url)
     sqlite_file = parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
     if sqlite_file and not os.path.exists(parsed.database):  # connecting would create an empty file
         raise RuntimeError(f"{url}: no database file: run `chatsessions db upgrade`")
-    connect_args = {"connect_timeout": max(1, int(timeout))} if url.startswith("postgresql") else {}
+    connect_args = {}
+    if url.startswith("postgresql"):
+        connect_args = {"connect_timeout": max(1, int(timeout))} | driver_options(url)
     engine = create_engine(url, poolclass=NullPool, connect_args=connect_args)
     try:
         with engine.connect() as conn:
@@ -470,9 +476,9 @@ def _check_broker(settings: Settings, timeout: float) -> str:
 def _check_redis(url: str | None, timeout: float) -> str:
     if not url:
         return "none (in-process ledger: `chatsessions run` only)"
-    import redis
+    from shared.redis_client import redis_client
 
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    client = redis_client(url, socket_connect_timeout=timeout, socket_timeout=timeout)
     try:
         client.ping()
         version = client.info("server").get("redis_version", "?")
@@ -523,6 +529,8 @@ def _check_platform(channel: Any, timeout: float) -> str:
         doc = _http_get(f"{base}/users/@me", {"Authorization": f"Bot {secrets['bot_token']}"}, timeout,
                         f"{base}/users/@me")
         return f"bot {doc.get('username', '?')} ({doc.get('id', '?')})"
+    if channel.platform == "webchat":
+        return "served by the ingress at /chat/" + channel.id + " (no platform API)"
     raise RuntimeError(f"no API check for platform {channel.platform!r}")
 
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 import threading
 from typing import Protocol
 
-import redis
-
 from shared.errors import ChatSessionsError
+from shared.redis_client import redis_client
 
 DEDUPE_TTL_S = 7 * 24 * 3600  # Meta retries for up to 7 days
 PENDING_TTL_S = 30  # a claim whose publish never confirmed (the ingress died, Redis went away) lapses
@@ -54,7 +53,7 @@ return 0
 
 class RedisLedger:
     def __init__(self, url: str):
-        self.redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=30)
+        self.redis = redis_client(url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=30)
         self._claim = self.redis.register_script(_CLAIM)
         self._return_seq = self.redis.register_script(
             "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DECR', KEYS[1]) end return -1")

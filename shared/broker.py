@@ -7,6 +7,9 @@ Two gaps in kombu's Redis transport, both hit when Redis goes away while workers
 - A message is popped (BRPOP) and only then recorded as unacked; if Redis goes away in between, kombu drops the
   message it already holds. Here the worker runs it anyway: its first step stores it in the session's inbox,
   so only a worker that also dies before that commit can lose it.
+
+`SentinelTransport` is the same for `sentinel://` broker URLs (Redis Sentinel, kombu's sentinel transport): the
+channel asks the sentinels for the master and, after a failover, for the new one.
 """
 
 from __future__ import annotations
@@ -41,4 +44,23 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """kombu's Sentinel-managed channel (master_name from the transport options) with the hardening above."""
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+
+
 TRANSPORT = f"{__name__}:Transport"
+SENTINEL_TRANSPORT = f"{__name__}:SentinelTransport"
+
+
+def use_for_sentinel_urls() -> None:
+    """Make `sentinel://` mean SentinelTransport in this process. Celery's `broker_transport` only sets the first
+    connection's transport: when a reconnect fails, kombu moves to the next `;`-separated URL with
+    `Connection.switch`, which takes the transport from the URL's scheme again (kombu's own sentinel transport, i.e.
+    without the hardening, during exactly the failover it was needed for)."""
+    from kombu.transport import TRANSPORT_ALIASES
+
+    TRANSPORT_ALIASES["sentinel"] = SENTINEL_TRANSPORT

@@ -16,8 +16,11 @@ from typing import Callable, Iterator, TypeVar
 
 import structlog
 from sqlalchemy import Connection, Engine, Executable, create_engine, event
-from sqlalchemy.exc import DBAPIError, InvalidatePoolError
+from sqlalchemy.exc import DBAPIError, InterfaceError, InvalidatePoolError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+# The database is down or the connection died: transient, worth retrying (a failed transaction left nothing).
+DB_UNAVAILABLE = (OperationalError, InterfaceError)
 
 log = structlog.get_logger(__name__)
 

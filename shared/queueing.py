@@ -6,23 +6,41 @@ The ingress publishes by task name, so it never imports the workers' code.
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from shared import broker
 from shared.config import Settings
 from shared.partitioning import queue_name
+from shared.redis_client import sentinel_kwargs
 
 HANDLE_INBOUND = "chat.handle_inbound"
 MARK_DORMANT = "chat.mark_dormant"
 DRAIN_SESSION = "chat.drain_session"
 SWEEP = "chat.sweep"
 MAINTENANCE_QUEUE = "maintenance"
+QUORUM_EXCHANGE = "chatsessions"  # BROKER_QUEUE_TYPE=quorum: the topic exchange every queue is bound to
+
+
+def task_queues(settings: Settings) -> list[Queue]:
+    """The partition queues and the maintenance queue.
+
+    Classic (the default): plain queues on the default exchange, as before. Quorum (RabbitMQ, BROKER_QUEUE_TYPE):
+    replicated quorum queues, bound by their name to a topic exchange, because a retry's countdown (a turn that hit
+    a database outage) then goes through RabbitMQ's native delayed delivery (Celery >= 5.5) instead of being held
+    by the worker: with quorum queues the prefetch count is per consumer and static (no global QoS), so an ETA
+    task held in memory would take a prefetch slot until it is due.
+    """
+    names = [queue_name(p) for p in range(settings.partitions)] + [MAINTENANCE_QUEUE]
+    if settings.broker_queue_type == "quorum":
+        exchange = Exchange(QUORUM_EXCHANGE, type="topic")
+        return [Queue(n, exchange, routing_key=n, queue_arguments={"x-queue-type": "quorum"}) for n in names]
+    return [Queue(n) for n in names]
 
 
 def make_celery(settings: Settings) -> Celery:
     app = Celery("chatsessions", broker=settings.broker_url, set_as_current=False)
     app.conf.update(
-        task_queues=[Queue(queue_name(p)) for p in range(settings.partitions)] + [Queue(MAINTENANCE_QUEUE)],
+        task_queues=task_queues(settings),
         task_default_queue=MAINTENANCE_QUEUE,
         task_serializer="json",
         accept_content=["json"],
@@ -51,6 +69,23 @@ def make_celery(settings: Settings) -> Celery:
     )
     if settings.broker_url.startswith(("redis://", "rediss://")):
         app.conf.broker_transport = broker.TRANSPORT  # survives a Redis restart (see shared/broker.py)
+    elif settings.broker_url.startswith("sentinel://"):  # Redis Sentinel: the same hardening, master from sentinels
+        broker.use_for_sentinel_urls()
+        app.conf.broker_transport = broker.SENTINEL_TRANSPORT
+        app.conf.broker_transport_options.update(master_name=settings.redis_sentinel_master,
+                                                 sentinel_kwargs=sentinel_kwargs())
+    if settings.broker_queue_type == "quorum":
+        app.conf.update(
+            task_default_exchange=QUORUM_EXCHANGE,
+            task_default_exchange_type="topic",
+            task_default_routing_key=MAINTENANCE_QUEUE,
+            task_default_queue_type="quorum",
+            task_create_missing_queue_type="quorum",
+            worker_detect_quorum_queues=True,  # per-consumer prefetch: quorum queues refuse global QoS
+        )
+        # Publisher confirms: the publish returns once a majority of the queue's replicas has the message, so the
+        # ingress's 200 means replicated (a nack or a lost connection raises: 503, the platform retries).
+        app.conf.broker_transport_options["confirm_publish"] = True
     if settings.embedded:
         # The in-process broker is polled; poll often so the all-in-one process feels instant.
         app.conf.broker_transport_options["polling_interval"] = 0.05

@@ -13,10 +13,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-import redis
-
 from shared.config import ChannelConfig
 from shared.messages import GROUP
+from shared.redis_client import redis_client
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,7 @@ return '0'
 
 class RedisLimiter:
     def __init__(self, url: str):
-        self.redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        self.redis = redis_client(url, socket_timeout=2, socket_connect_timeout=2)
         self.script = self.redis.register_script(_TAKE)
 
     def try_take(self, buckets: list[Bucket]) -> float:

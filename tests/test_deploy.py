@@ -5,6 +5,7 @@ Docker and a cluster are not needed: the files are checked by parsing them."""
 
 from __future__ import annotations
 
+import configparser
 import re
 import shlex
 import tomllib
@@ -14,7 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from shared.config import load_settings
 from shared.partitioning import parse_partitions
+from shared.queueing import task_queues
+from shared.redis_client import parse_sentinel_url
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -109,12 +113,14 @@ def _by_kind(kind: str, docs: list[dict]) -> dict[str, dict]:
     return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
 
 
-def k8s_env(workload: dict) -> set[str]:
-    """Every environment variable name the container gets: env entries, ConfigMap keys and Secret keys."""
+def k8s_env(workload: dict, docs: list[dict] | None = None, secret_docs: list[dict] | None = None) -> set[str]:
+    """Every environment variable name the container gets: env entries, ConfigMap keys and Secret keys (of the base
+    manifests and their example Secrets, or of `docs` and `secret_docs`)."""
     c = container(workload)
     names = {e["name"] for e in c.get("env", [])}
-    maps = _by_kind("ConfigMap", k8s_documents())
-    secrets = _by_kind("Secret", k8s_documents() + k8s_examples())
+    docs = k8s_documents() if docs is None else docs
+    maps = _by_kind("ConfigMap", docs)
+    secrets = _by_kind("Secret", docs + (k8s_examples() if secret_docs is None else secret_docs))
     for source in c.get("envFrom", []):
         if "configMapRef" in source:
             names |= set(maps[source["configMapRef"]["name"]]["data"])
@@ -390,3 +396,184 @@ def test_compose_services_wait_for_the_migration():
     for name, s in compose_app_services().items():
         if name != "release":
             assert s["depends_on"]["release"]["condition"] == "service_completed_successfully", name
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Several hosts: deploy/k8s/examples/scaling (four pools, RabbitMQ quorum queues, Redis Sentinel, PgBouncer), applied
+# over the base manifests minus their worker pools (deploy/README.md, "Several hosts"). Checked the same way.
+
+SCALING = DEPLOY / "k8s" / "examples" / "scaling"
+CONNECTIONS_PER_PROCESS = 40  # shared/db.py: SQLAlchemy pool_size 20 + max_overflow 20
+URL_VARS = ("DATABASE_URL", "BROKER_URL", "REDIS_URL")
+
+
+def _load(paths) -> list[dict]:
+    docs = []
+    for path in sorted(paths):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def scaling_example() -> list[dict]:
+    return _load(SCALING.glob("*.yaml"))
+
+
+def scaling_secrets() -> list[dict]:
+    return _load((SCALING / "secrets").glob("*.yaml"))
+
+
+def scaling_deployment() -> list[dict]:
+    """What runs: the base manifests without their worker pools and without what the example replaces (same kind and
+    name, e.g. the ConfigMap chatsessions-env), plus the example's manifests."""
+    example = scaling_example()
+    replaced = {(d["kind"], d["metadata"]["name"]) for d in example}
+    base = [d for d in k8s_documents() if (d["kind"], d["metadata"]["name"]) not in replaced
+            and not (d["kind"] in WORKLOADS and _is_worker(k8s_command(d)))]
+    return base + example
+
+
+def scaling_workloads() -> list[dict]:
+    """The chatsessions processes (our image); PgBouncer is the example's other workload."""
+    return [d for d in scaling_deployment()
+            if d["kind"] in WORKLOADS and container(d)["image"].split(":")[0] == "chatsessions"]
+
+
+def scaling_env(workload: dict) -> set[str]:
+    return k8s_env(workload, scaling_deployment(), scaling_secrets())
+
+
+def _option(command: list[str], flag: str) -> str:
+    return command[command.index(flag) + 1]
+
+
+def _with_options(command: list[str], **values: str) -> list[str]:
+    out = list(command)
+    for flag, value in values.items():
+        out[out.index(f"--{flag}") + 1] = value
+    return out
+
+
+def test_the_scaling_example_runs_the_procfile_commands():
+    procfile_commands = procfile()
+    seen = set()
+    for w in scaling_workloads():
+        name = w["metadata"]["name"]
+        process = w["metadata"].get("annotations", {}).get(PROCESS_ANNOTATION)
+        assert process in procfile_commands, f"{name}: {PROCESS_ANNOTATION} must name a Procfile process"
+        seen.add(process)
+        command = k8s_command(w)
+        expected = procfile_commands[process]
+        if _is_worker(command):  # a pool: the Procfile's command with its own partition set and pool name
+            expected = _with_options(expected, partitions=_option(command, "--partitions"),
+                                     name=_option(command, "--name"))
+        assert normalize(command) == normalize(expected), name
+        missing = variables(command) - scaling_env(w)
+        assert not missing, f"{name}: {sorted(missing)} used in the command but not in the container's env"
+    assert seen == set(procfile_commands), f"Procfile processes without a workload: {set(procfile_commands) - seen}"
+
+
+def test_every_partition_is_owned_exactly_once_in_the_scaling_example():
+    workers = [(k8s_command(w), k8s_replicas(w)) for w in scaling_workloads() if _is_worker(k8s_command(w))]
+    _check_ownership("deploy/k8s/examples/scaling", workers)
+    assert len(workers) >= 4, "the example splits the partitions over at least four pools"
+    names = [_option(c, "--name") for c, _ in workers]
+    assert len(set(names)) == len(names), f"two pools with the same node name: {names}"
+    p = partitions()
+    assert int(_by_kind("ConfigMap", scaling_deployment())["chatsessions-env"]["data"]["PARTITIONS"]) == p
+
+
+def test_pool_names_are_unique_everywhere():
+    for where, commands in (("Procfile", list(procfile().values())),
+                            ("compose", [s["command"] for s in compose_app_services().values()]),
+                            ("k8s", [k8s_command(w) for w in k8s_workloads().values()])):
+        names = [_option(c, "--name") for c in commands if _is_worker(c)]
+        assert len(set(names)) == len(names), (where, names)
+
+
+def test_the_scaling_example_gives_every_process_the_configuration_it_needs():
+    required = {"CHATSESSIONS_CONFIG", "DATABASE_URL", "BROKER_URL", "REDIS_URL", "PARTITIONS",
+                "BROKER_QUEUE_TYPE", "REDIS_SENTINEL_MASTER"} | channel_secrets()
+    base_env = k8s_env(k8s_workloads()["web"]) - {"PORT"}
+    for w in scaling_workloads():
+        env = scaling_env(w)
+        assert required <= env, (w["metadata"]["name"], sorted(required - env))
+        assert base_env <= env, (w["metadata"]["name"], sorted(base_env - env))  # nothing of the base's is lost
+    known = known_to_the_code() | channel_secrets() | {v for c in procfile().values() for v in variables(c)}
+    readme = (DEPLOY / "README.md").read_text()
+    for w in scaling_workloads():
+        for name in scaling_env(w):
+            assert name in known or name.startswith(EXTERNAL_PREFIXES), f"set in the example, read by nothing: {name}"
+            assert f"`{name}`" in readme, f"not documented in deploy/README.md: {name}"
+
+
+def test_the_scaling_example_configuration_passes_the_apps_own_validation():
+    """The example's ConfigMap and Secret, as one process sees them, loaded by shared/config.py."""
+    env = dict(_by_kind("ConfigMap", scaling_deployment())["chatsessions-env"]["data"])
+    env |= _by_kind("Secret", scaling_secrets())["chatsessions-secrets"]["stringData"]
+    env["CHATSESSIONS_CONFIG"] = str(DEPLOY / "channels.toml")
+    settings = load_settings(env)
+    assert settings.broker_url.startswith("amqp://") and settings.broker_queue_type == "quorum"
+    target = parse_sentinel_url(settings.redis_url)
+    assert len(target.sentinels) >= 3 and target.master_name == env["REDIS_SENTINEL_MASTER"]
+    assert all(q.queue_arguments == {"x-queue-type": "quorum"} for q in task_queues(settings))
+
+
+def test_the_scaling_example_keeps_secrets_in_secrets():
+    secret = channel_secrets() | {"FLOWER_BASIC_AUTH"} | set(URL_VARS)
+    for d in scaling_example():
+        assert d["kind"] != "Secret", f"a Secret with values is applied with the example: {d['metadata']['name']}"
+        if d["kind"] == "ConfigMap":
+            leaked = secret & set(d.get("data", {}))
+            assert not leaked, f"ConfigMap {d['metadata']['name']} holds {sorted(leaked)} (URLs carry passwords)"
+    for w in scaling_workloads():
+        for e in container(w).get("env", []):
+            assert e["name"] not in secret or "secretKeyRef" in e.get("valueFrom", {}), e
+    secrets = _by_kind("Secret", scaling_secrets())
+    for d in scaling_deployment():
+        for volume in d.get("spec", {}).get("template", {}).get("spec", {}).get("volumes", []):
+            if "secret" in volume:
+                assert volume["secret"]["secretName"] in secrets, volume
+
+
+def test_the_scaling_example_pools_are_workers_like_the_base():
+    lease = channels_file()["lease_seconds"]
+    for w in scaling_workloads():
+        pod = w["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, w["metadata"]["name"]
+        assert {"configMapRef": {"name": "chatsessions-env"}} in container(w)["envFrom"]
+        if _is_worker(k8s_command(w)):
+            c = container(w)
+            assert c["livenessProbe"]["exec"]["command"][:2] == ["chatsessions", "worker-alive"]
+            assert "WORKER_HEARTBEAT_FILE" in scaling_env(w)
+            assert pod["terminationGracePeriodSeconds"] > lease
+            assert w["spec"]["replicas"] == 1
+
+
+def pgbouncer_ini() -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read_string((DEPLOY / "pgbouncer.ini").read_text())
+    return parser
+
+
+def test_pgbouncer_config_is_the_shipped_file_and_fits_the_example():
+    example = scaling_deployment()
+    assert _by_kind("ConfigMap", example)["chatsessions-pgbouncer"]["data"]["pgbouncer.ini"] == \
+        (DEPLOY / "pgbouncer.ini").read_text()
+    ini = pgbouncer_ini()["pgbouncer"]
+    assert ini["pool_mode"] == "transaction"
+    database_url = _by_kind("Secret", scaling_secrets())["chatsessions-secrets"]["stringData"]["DATABASE_URL"]
+    # psycopg prepares statements (up to 100 per connection): PgBouncer must track them, or the URL turn them off.
+    assert int(ini.get("max_prepared_statements", "0")) >= 100 or "prepare_threshold=none" in database_url
+    service = _by_kind("Service", example)["pgbouncer"]
+    host_port = database_url.split("@", 1)[1].split("/", 1)[0]
+    assert host_port == f"{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    assert service["spec"]["ports"][0]["port"] == int(ini["listen_port"])
+    # Every chatsessions process may hold CONNECTIONS_PER_PROCESS client connections; each PgBouncer replica must
+    # accept all of them (a client may land on any replica).
+    processes = 0
+    for w in scaling_workloads():
+        command = k8s_command(w)
+        per_pod = int(_option(command, "--workers")) if "--workers" in command else 1
+        processes += k8s_replicas(w) * per_pod
+    assert int(ini["max_client_conn"]) >= processes * CONNECTIONS_PER_PROCESS, (ini["max_client_conn"], processes)
+    assert int(ini["default_pool_size"]) <= int(ini["max_db_connections"])

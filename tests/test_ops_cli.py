@@ -699,3 +699,30 @@ def test_partitions_and_liveness_with_real_workers(postgres_url, broker, tmp_pat
     assert not beats["a"].exists()  # removed at shutdown: a stopped worker is not alive
     dead = cli_process({"WORKER_HEARTBEAT_FILE": str(beats["a"])}, "worker-alive")
     assert dead.returncode == 1 and dead.stdout.startswith("dead")
+
+
+def test_export_and_erase_by_person_cover_every_linked_id(env, capsys):
+    env.config.write_text(config_toml() + '\n[[identities]]\nperson = "ana"\nwhatsapp = "5511"\ntelegram = "7788"\n')
+    settings = env.settings()
+    chats = Chats(settings)
+    chats.say("wa", "5511", "my order 48213 has not arrived")
+    chats.say("tg", "7788", "it is Ana again, on telegram")
+    chats.say("wa", "5522", "my order 77120 is late", name="Bruno")
+    code, out, _ = run(capsys, "sessions", "export", "--user", "ana")
+    assert code == 0
+    keys = sorted(s["session"]["key"] for s in json.loads(out)["direct_sessions"])
+    assert keys == ["tg:dm:7788", "wa:dm:5511"]
+    code, report = run_json(capsys, "sessions", "erase", "--user", "7788", "--yes")  # any linked id names her
+    assert code == 0 and sorted(report["sessions"]) == ["tg:dm:7788", "wa:dm:5511"]
+    with transaction(env.url) as s:
+        assert s.scalars(select(ChatSession.key)).all() == ["wa:dm:5522"]
+
+
+def test_erase_also_deletes_a_web_chat_visitors_reply_box(env, capsys):
+    from shared.replybox import box_key
+
+    _two_users(env)
+    env.redis.xadd(box_key("wa", "5511"), {"text": "echo: my order 48213 has not arrived"})
+    code, report = run_json(capsys, "sessions", "erase", "--user", "5511", "--yes")
+    assert code == 0 and report["redis_keys"] == 3  # two counters and the reply box
+    assert not env.redis.exists(box_key("wa", "5511"))
