@@ -244,7 +244,7 @@ class Bench:
             else:
                 out += [f'secrets = {{ bot_token = "BENCH_{p}_BOT", public_key = "BENCH_DC_PUBLIC_KEY" }}',
                         f'options = {{ application_id = "1270000000000000001", {RATE_LIMITS} }}']
-            out += ["session = { idle_minutes = 30, history_limit = 50 }", ""]
+            out += ['session = { idle_minutes = 30, history_limit = 50, group_reply = "always" }', ""]  # every message answered
         return "\n".join(out)
 
     def secrets(self) -> dict[str, str]:

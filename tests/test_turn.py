@@ -28,9 +28,11 @@ from workers.testing import RecordingChannel, settings_for
 from workers.turn import TurnRunner
 
 
-def make_runner(url: str, agent=None) -> TurnRunner:
+def make_runner(url: str, agent=None, **session) -> TurnRunner:
+    """A runner with one WhatsApp channel "wa"; `session` sets its [channels.session] options."""
+    options = {"idle_minutes": 30, "history_limit": 50, "group_reply": "always"} | session
     config = ChannelConfig(id="wa", platform="whatsapp", agent="demo", api_base="http://unused", secrets={},
-                           options={}, session=SessionOptions(idle_minutes=30, history_limit=50))
+                           options={}, session=SessionOptions(**options))
     store = Store(url)
     store.sync_channels([config])
     return TurnRunner(settings_for(url, [config]), store, {"wa": RecordingChannel(config)}, {"wa": agent or DemoAgent()})
@@ -40,12 +42,13 @@ _ids = iter(range(10**6))
 
 
 def msg(text: str, user: str = "5511", seq: int = 1, kind: str = DM, chat: str | None = None, name: str = "Ana",
-        command: str | None = None, pid: str | None = None) -> InboundMessage:
+        command: str | None = None, pid: str | None = None, addressed: bool = True,
+        sent_at: float | None = None) -> InboundMessage:
     chat = chat or user
     return InboundMessage(
         channel_id="wa", platform="whatsapp", session_key=f"wa:{kind}:{chat}", chat_id=chat, chat_kind=kind,
         sender_id=user, sender_name=name, text=text, platform_message_id=pid or f"wamid.{next(_ids)}",
-        sent_at=time.time(), command=command, seq=seq,
+        sent_at=time.time() if sent_at is None else sent_at, command=command, seq=seq, addressed=addressed,
     )
 
 
@@ -374,3 +377,41 @@ def test_a_holder_paused_inside_the_renewal_does_not_send(database_url):
     with pytest.raises(LeaseLost):
         r._dispatch(claim, settled.replies)
     assert sent(r) == []
+
+
+def test_a_reply_sent_while_the_database_was_down_is_not_sent_again_by_the_next_holder(database_url):
+    from sqlalchemy.exc import OperationalError
+
+    from shared.deliveries import MemoryJournal
+
+    journal = MemoryJournal()  # production: RedisJournal, shared by every worker
+    first = make_runner(database_url, EchoAgent())
+    first.journal = journal
+    recorded = first.store.mark_delivery
+
+    def database_down(reply_id, delivery, retry_for_s=60.0):
+        raise OperationalError("UPDATE messages", {}, Exception("the database is restarting"))
+
+    first.store.mark_delivery = database_down  # the sender gives up (or dies) before the database is back
+    with pytest.raises(OperationalError):
+        first.handle(msg("hello", seq=1))
+    assert sent(first) == [("5511", "echo: hello")]
+    first.store.mark_delivery = recorded
+
+    successor = make_runner(database_url, EchoAgent())
+    successor.journal = journal
+    [session_id] = [s for s in _session_ids(database_url)]
+    successor.drain(session_id)
+    assert sent(successor) == []  # the journal said it went out: recorded, not resent
+    assert transcript(database_url, "wa:dm:5511")[1][-1].delivery_status == "sent"
+
+    unaware = make_runner(database_url, EchoAgent())  # control: without the note, the reply would go out twice
+    with transaction(database_url) as s:
+        s.execute(update(Message).where(Message.role == "assistant").values(delivery_status="pending"))
+    unaware.drain(session_id)
+    assert sent(unaware) == [("5511", "echo: hello")]
+
+
+def _session_ids(url: str) -> list[int]:
+    with transaction(url) as s:
+        return list(s.scalars(select(ChatSession.id)))

@@ -7,6 +7,7 @@ import functools
 from shared.agents import load_agent
 from shared.channels import build_channel
 from shared.config import get_settings
+from shared.deliveries import MemoryJournal, RedisJournal
 from shared.ratelimit import LocalLimiter, RedisLimiter
 from shared.store import Store
 from workers.turn import TurnRunner
@@ -24,4 +25,5 @@ def runner() -> TurnRunner:
         store=store,
         channels={cid: build_channel(c, limiter) for cid, c in settings.channels.items()},
         agents={cid: load_agent(c.agent, c.agent_options) for cid, c in settings.channels.items()},
+        journal=RedisJournal(settings.redis_url) if settings.redis_url else MemoryJournal(),
     )

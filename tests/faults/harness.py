@@ -598,6 +598,9 @@ def parse_partitions(spec: str) -> set[int]:
     return set(parse(spec, PARTITIONS))
 
 
+ANSWER_ALL = 'session = { group_reply = "always" }'  # every group message of the traffic expects its reply
+
+
 def config_toml(standin: StandInPlatforms) -> str:
     """Echo channels on the three platforms and a WhatsApp channel with the poison Agent; pacing out of the way."""
     out = ["partitions = 16", f"lease_seconds = {LEASE_SECONDS}", ""]
@@ -607,13 +610,13 @@ def config_toml(standin: StandInPlatforms) -> str:
                 f'api_base = "{standin.base(cid)}"',
                 (f'secrets = {{ app_secret = "{p}_APP_SECRET", verify_token = "{p}_VERIFY_TOKEN", '
                  f'access_token = "{p}_ACCESS_TOKEN" }}'),
-                f'options = {{ phone_number_id = "{phone_id}", api_version = "v21.0", {RATE_LIMITS} }}', ""]
+                f'options = {{ phone_number_id = "{phone_id}", api_version = "v21.0", {RATE_LIMITS} }}', ANSWER_ALL, ""]
     out += ["[[channels]]", f'id = "{TG}"', 'platform = "telegram"', 'agent = "echo"',
             f'api_base = "{standin.base(TG)}"',
             'secrets = { bot_token = "FAULT_TG_BOT_TOKEN", secret_token = "FAULT_TG_SECRET" }',
-            f'options = {{ bot_username = "{TG_BOT}", {RATE_LIMITS} }}', ""]
+            f'options = {{ bot_username = "{TG_BOT}", {RATE_LIMITS} }}', ANSWER_ALL, ""]
     out += ["[[channels]]", f'id = "{DC}"', 'platform = "discord"', 'agent = "echo"',
             f'api_base = "{standin.base(DC)}"',
             'secrets = { bot_token = "FAULT_DC_BOT_TOKEN", public_key = "FAULT_DC_PUBLIC_KEY" }',
-            f'options = {{ application_id = "{DC_APPLICATION}", {RATE_LIMITS} }}', ""]
+            f'options = {{ application_id = "{DC_APPLICATION}", {RATE_LIMITS} }}', ANSWER_ALL, ""]
     return "\n".join(out)
