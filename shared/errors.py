@@ -25,5 +25,10 @@ class EnqueueFailed(ChatSessionsError):
     """The broker did not accept a message; the platform must retry (HTTP 503)."""
 
 
+class LeaseLost(ChatSessionsError):
+    """The fencing token changed (another holder took the session over), or this holder's last fencing check is
+    too old to trust (it was paused): it must stop, and must not send."""
+
+
 class DeliveryFailed(ChatSessionsError):
     """A platform refused a reply for good (not retryable)."""

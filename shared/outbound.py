@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 from typing import Any, Callable
 
 import requests
 import structlog
 
+from shared.errors import LeaseLost
 from shared.messages import Delivery
 
 log = structlog.get_logger(__name__)
@@ -58,6 +60,20 @@ def retry_after(response: requests.Response) -> float | None:
     return None
 
 
+_fenced = threading.local()  # this thread's current request: the monotonic time its fencing check stops counting
+
+
+class FencedAdapter(requests.adapters.HTTPAdapter):
+    """The last check before a request goes on the wire: the sender's fencing check must still count. A sender
+    stopped (SIGSTOP, a long GC pause) between that check and here finds it expired when it resumes."""
+
+    def send(self, request, *args, **kwargs):
+        until = getattr(_fenced, "until", None)
+        if until is not None and time.monotonic() > until:
+            raise LeaseLost("the fencing check expired before the request was sent (the sender was paused)")
+        return super().send(request, *args, **kwargs)
+
+
 class HttpSender:
     """POSTs JSON with retries on network errors, 429 and 5xx; other 4xx are final unless `retryable` says so.
 
@@ -72,20 +88,21 @@ class HttpSender:
     ):
         self.session = requests.Session()
         self.session.headers.update(headers)
-        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=64)
+        adapter = FencedAdapter(pool_connections=4, pool_maxsize=64)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.sleep = sleep
         self.retryable = retryable
 
     def post(self, url: str, payload: dict[str, Any], id_of: Callable[[Any], str | None],
-             before_attempt: Callable[[], None] | None = None) -> Delivery:
+             before_attempt: Callable[[], float | None] | None = None) -> Delivery:
         """Send one request; id_of extracts the platform's message id from the JSON answer. `before_attempt`
-        (pacing, then the fencing check) runs before every attempt, retries included; what it raises escapes."""
+        (pacing, then the fencing check) runs before every attempt, retries included; what it raises escapes.
+        It returns the monotonic time until which its check counts (None: no fence), checked again by the
+        adapter right before the request goes on the wire."""
         error = "not attempted"
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            if before_attempt is not None:
-                before_attempt()
+            _fenced.until = before_attempt() if before_attempt is not None else None
             try:
                 response = self.session.post(url, json=payload, timeout=TIMEOUT)
             except requests.RequestException as exc:

@@ -50,7 +50,7 @@ from sqlalchemy.exc import IntegrityError
 
 from shared.config import ChannelConfig
 from shared.db import DB_UNAVAILABLE, engine_for, run_statement, run_transaction, transaction
-from shared.errors import ChatSessionsError
+from shared.errors import ChatSessionsError, LeaseLost  # noqa: F401 - LeaseLost is part of the store's surface
 from shared.messages import Delivery, InboundMessage
 from shared.models import (
     ACTIVE,
@@ -76,10 +76,6 @@ T = TypeVar("T")
 
 class LeaseBusy(ChatSessionsError):
     """Another holder owns the session's lease; it drains the session's inbox, this caller need not."""
-
-
-class LeaseLost(ChatSessionsError):
-    """The fencing token changed: another holder took the session over; this holder must stop."""
 
 
 class AlreadyStored(ChatSessionsError):

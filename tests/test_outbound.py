@@ -131,3 +131,18 @@ def test_combine():
     failed = Delivery(ok=False, error="http 400: no", attempts=1)
     assert combine([ok1, ok2]) == Delivery(ok=True, platform_message_ids=("a", "b"), attempts=3)
     assert combine([ok1, failed]) == Delivery(ok=False, platform_message_ids=("a",), error="http 400: no", attempts=2)
+
+
+def test_a_sender_paused_after_its_fencing_check_sends_nothing():
+    import time
+
+    from shared.errors import LeaseLost
+
+    with StandIn(default=Reply(body={"id": "m1"})) as server:
+        sender = HttpSender({})
+        # The check passed and counts until a moment ago: the sender was stopped before the request left.
+        with pytest.raises(LeaseLost):
+            sender.post(server.base + "/send", {"a": 1}, id_of, before_attempt=lambda: time.monotonic() - 0.001)
+        assert server.requests == []
+        fresh = sender.post(server.base + "/send", {"a": 2}, id_of, before_attempt=lambda: time.monotonic() + 30)
+        assert fresh.ok and [r.body for r in server.requests] == [{"a": 2}]

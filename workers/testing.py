@@ -40,7 +40,7 @@ class RecordingChannel:
     threads: list[str | None] = field(default_factory=list)  # the thread_id of each sent reply
     ok: bool = True
 
-    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], None] | None = None,
+    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], float | None] | None = None,
              thread_id: str | None = None) -> Delivery:
         if fence is not None:
             fence()  # like a real channel: a holder that lost the session sends nothing
@@ -51,7 +51,7 @@ class RecordingChannel:
         return Delivery(ok=True, platform_message_ids=(f"sent.{len(self.sent)}",))
 
     def send_template(self, chat_id: str, chat_kind: str, name: str, language: str,
-                      fence: Callable[[], None] | None = None) -> Delivery:
+                      fence: Callable[[], float | None] | None = None) -> Delivery:
         """A WhatsApp message template (outside the customer-service window), recorded as "template:<name>:<lang>"."""
         return self.send(chat_id, chat_kind, f"template:{name}:{language}", fence)
 

@@ -247,11 +247,13 @@ class TurnRunner:
             log.warning("turn.journal_unreachable", reply_id=reply_id, error=exc.__class__.__name__)
             return None
 
-    def _fence(self, claim: Claim) -> None:
+    def _fence(self, claim: Claim) -> float:
         """Renew the lease, or LeaseLost: a stale holder must not send. The channel calls this after its pacing
-        wait, immediately before each request. A pause inside the renewal itself (the process stopped after the
-        database answered) is caught by the local clock: past half the lease, the renewal no longer counts."""
-        started = time.monotonic()
+        wait, immediately before each request; returns the monotonic time until which the renewal counts (half the
+        lease), which the HTTP adapter checks again as the request goes on the wire. So a holder paused anywhere
+        between here and there — or inside the renewal, after the database answered — sends nothing."""
+        until = time.monotonic() + self.settings.lease_seconds / 2
         self.store.renew(claim, self.settings.lease_seconds)
-        if time.monotonic() - started > self.settings.lease_seconds / 2:
+        if time.monotonic() > until:
             raise LeaseLost(f"{claim.session_id}: paused while renewing the lease")
+        return until

@@ -38,7 +38,7 @@ class Channel(Protocol):
     def parse(self, body: bytes) -> list[InboundMessage]:
         """The user messages in a verified body (possibly none); MalformedPayload if the shape is wrong."""
 
-    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], None] | None = None,
+    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], float | None] | None = None,
              thread_id: str | None = None) -> Delivery:
         """Send a reply to a chat (InboundMessage.chat_id/chat_kind), split to the platform's length limit.
 
@@ -50,18 +50,18 @@ class Channel(Protocol):
 
 
 def gate(channel: Any, chat_id: str, chat_kind: str,
-         fence: Callable[[], None] | None) -> Callable[[], None] | None:
+         fence: Callable[[], float | None] | None) -> Callable[[], float | None] | None:
     """What runs before each request to one chat: the shared pacing wait, then the fencing check (last, so
-    no wait falls between the check and the request). None when there is neither."""
+    no wait falls between the check and the request); returns what the fence returns (the monotonic time until
+    which its check counts). None when there is neither."""
     buckets = buckets_for(channel.config, chat_id, chat_kind) if channel.limiter is not None else None
     if buckets is None and fence is None:
         return None
 
-    def before() -> None:
+    def before() -> float | None:
         if buckets is not None:
             pace(channel.limiter, buckets)
-        if fence is not None:
-            fence()
+        return fence() if fence is not None else None
 
     return before
 

@@ -204,7 +204,7 @@ class DiscordChannel:
             person=route.person,
         )
 
-    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], None] | None = None,
+    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], float | None] | None = None,
              thread_id: str | None = None) -> Delivery:
         url = f"{self.config.api_base}/channels/{chat_id}/messages"
         # The Agent's text must never ping @everyone or roles.

@@ -158,7 +158,7 @@ class TelegramChannel:
         author = reply.get("from")
         return isinstance(author, dict) and author.get("is_bot") is True and self._is_us(author)
 
-    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], None] | None = None,
+    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], float | None] | None = None,
              thread_id: str | None = None) -> Delivery:
         target: int | str = int(chat_id) if chat_id.lstrip("-").isdigit() else chat_id
 

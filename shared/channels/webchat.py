@@ -119,7 +119,7 @@ class WebChatChannel:
             command=NEW_SESSION if text.lower() == "/new" else None,
         )
 
-    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], None] | None = None,
+    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], float | None] | None = None,
              thread_id: str | None = None) -> Delivery:
         """Leave the reply in the visitor's box; `fence` (the lease check) runs right before each attempt."""
         error = None

@@ -171,7 +171,7 @@ class WhatsAppChannel:
             person=route.person,
         )
 
-    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], None] | None = None,
+    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], float | None] | None = None,
              thread_id: str | None = None) -> Delivery:
         recipient = "group" if chat_kind == GROUP else "individual"
         before = gate(self, chat_id, chat_kind, fence)
@@ -184,7 +184,7 @@ class WhatsAppChannel:
         }, _message_id, before))
 
     def send_template(self, chat_id: str, chat_kind: str, name: str, language: str,
-                      fence: Callable[[], None] | None = None) -> Delivery:
+                      fence: Callable[[], float | None] | None = None) -> Delivery:
         """Send an approved message template (Cloud API `type: "template"`): what WhatsApp allows outside the
         24-hour customer-service window, where free-form text is refused (error 131047)."""
         recipient = "group" if chat_kind == GROUP else "individual"
