@@ -12,7 +12,6 @@ selenium-manager never runs (and never downloads anything): it is made to fail i
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,20 +22,8 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.selenium_manager import SeleniumManager
 
-from integration.conftest import (  # the integration stack: fixtures and helpers
-    REPO,
-    SECRETS,
-    VENV_BIN,
-    Proc,
-    Stack,
-    _free_port,
-    _stop,
-    _wait_consuming,
-    _wait_ready,
-    config_toml,
-    pg_database,
-    standin,
-)
+import integration.conftest as integration_conftest  # the integration stack: fixtures and helpers
+from integration.conftest import Stack, pg_database, running_stack, standin
 
 __all__ = ["pg_database", "standin"]  # fixtures, re-exported for this directory
 
@@ -50,7 +37,6 @@ ADMIN_TOKEN = "browser-admin-token-4Fq9Lw"
 WEB = "web"  # the web chat channel (demo Agent)
 WEB_TITLE = "Acme support"
 
-_STACK: Stack | None = None
 
 
 def webchat_toml() -> str:
@@ -76,53 +62,13 @@ def browser_redis() -> Iterator[redis.Redis]:
 
 
 @pytest.fixture(scope="module")
-def stack(pg_database, browser_redis, standin, tmp_path_factory, request) -> Iterator[Stack]:
-    """The integration stack's processes (same commands, same readiness checks) with the web chat channel."""
-    global _STACK
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
+def stack(pg_database, browser_redis, standin, tmp_path_factory) -> Iterator[Stack]:
+    """The integration stack's processes (same commands, same readiness checks) with the web chat channel and the
+    session browser turned on."""
     work = tmp_path_factory.mktemp("browser-stack")
-    discord_key = Ed25519PrivateKey.generate()
-    public_key = discord_key.public_key().public_bytes_raw().hex()
-    config = work / "channels.toml"
-    config.write_text(config_toml(standin, public_key) + "\n" + webchat_toml())
-    database_url = pg_database.replace("postgresql://", "postgresql+psycopg://", 1)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("LEASE_SECONDS", "VISIBILITY_TIMEOUT", "WORKER_CONCURRENCY", "LOG_LEVEL", "BIND")}
-    env.update(SECRETS)
-    env.update(IT_DC_PUBLIC_KEY=public_key, CHATSESSIONS_CONFIG=str(config), DATABASE_URL=database_url,
-               BROKER_URL=REDIS_URL, REDIS_URL=REDIS_URL, PARTITIONS="16", SWEEP_SECONDS="1", LOG_FORMAT="json",
-               PYTHONUNBUFFERED="1", ADMIN_TOKEN=ADMIN_TOKEN,
-               PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    stack = Stack(url="", env=env, database_url=database_url, pg_url=pg_database, redis=browser_redis,
-                  standin=standin, discord_key=discord_key, log_dir=work)
-    upgrade = stack.cli("db", "upgrade", timeout=120)
-    if upgrade.returncode != 0:
-        pytest.fail(f"`chatsessions db upgrade` failed:\n{upgrade.stdout}\n{upgrade.stderr}", pytrace=False)
-    port = _free_port()
-    stack.url = f"http://127.0.0.1:{port}"
-    commands = {
-        "ingress": ["ingress", "--bind", f"127.0.0.1:{port}", "--workers", "2"],
-        "worker-a": ["worker", "--partitions", "0-7", "--concurrency", "8", "--name", "browser-a@%h"],
-        "worker-b": ["worker", "--partitions", "8-15", "--concurrency", "8", "--name", "browser-b@%h"],
-        "beat": ["beat", "--schedule", str(work / "beat-schedule")],
-    }
-    _STACK = stack
-    try:
-        for name, args in commands.items():
-            log_path = work / f"{name}.log"
-            log_file = open(log_path, "wb")  # noqa: SIM115 - closed in _stop, after the process exits
-            popen = subprocess.Popen([str(VENV_BIN / "chatsessions"), *args], env=env, cwd=REPO,
-                                     stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            stack.procs.append(Proc(name, popen, log_path, log_file))
-        _wait_ready(stack)
-        _wait_consuming(stack)
-        yield stack
-    finally:
-        killed = _stop(stack.procs)
-        _STACK = None
-        if killed:
-            print(f"\nbrowser stack: {killed} ignored SIGTERM and were killed; logs in {work}", file=sys.stderr)
+    with running_stack(work, pg_database, browser_redis, standin, extra_config=webchat_toml(),
+                       redis_url=REDIS_URL, extra_env={"ADMIN_TOKEN": ADMIN_TOKEN}, name="browser") as running:
+        yield running
 
 
 @pytest.fixture(autouse=True)
@@ -136,8 +82,9 @@ def _stack_alive(stack):
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if report.failed and _STACK is not None and _STACK.procs:
-        report.sections.append(("chatsessions process logs (tails)", _STACK.tails(60)))
+    running = integration_conftest._STACK
+    if report.failed and running is not None and running.procs:
+        report.sections.append(("chatsessions process logs (tails)", running.tails(60)))
 
 
 # --------------------------------------------------------------------------------------------------------------------

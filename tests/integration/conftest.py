@@ -13,6 +13,7 @@ file under the session's tmp dir; a failing test gets the tail of every log appe
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -429,14 +430,18 @@ def standin():
     platforms.stop()
 
 
-@pytest.fixture(scope="session")
-def stack(pg_database, redis_db, standin, tmp_path_factory, request) -> Stack:
+@contextlib.contextmanager
+def running_stack(work: Path, pg_database: str, redis_client: redis.Redis, standin: StandInPlatforms, *,
+                  redis_url: str = REDIS_URL, extra_config: str = "", extra_env: dict[str, str] | None = None,
+                  name: str = "integration") -> Iterator[Stack]:
+    """The real processes — gunicorn ingress, two worker pools splitting the partitions, beat — on a fresh
+    config with the stand-in platforms, migrated, ready and consuming; stopped (SIGTERM, then SIGKILL) at exit.
+    The browser tests run the same stack with the web chat channel added (`extra_config`)."""
     global _STACK
-    work = tmp_path_factory.mktemp("integration")
     discord_key = Ed25519PrivateKey.generate()
     public_key = discord_key.public_key().public_bytes_raw().hex()
     config = work / "channels.toml"
-    config.write_text(config_toml(standin, public_key))
+    config.write_text(config_toml(standin, public_key) + ("\n" + extra_config if extra_config else ""))
     database_url = pg_database.replace("postgresql://", "postgresql+psycopg://", 1)
 
     env = {k: v for k, v in os.environ.items()
@@ -446,16 +451,17 @@ def stack(pg_database, redis_db, standin, tmp_path_factory, request) -> Stack:
         IT_DC_PUBLIC_KEY=public_key,
         CHATSESSIONS_CONFIG=str(config),
         DATABASE_URL=database_url,
-        BROKER_URL=REDIS_URL,
-        REDIS_URL=REDIS_URL,
+        BROKER_URL=redis_url,
+        REDIS_URL=redis_url,
         PARTITIONS=str(PARTITIONS),
         SWEEP_SECONDS="1",
         BENCH_AGENT_DELAY_S=str(SLOW_AGENT_S),
         LOG_FORMAT="json",
         PYTHONUNBUFFERED="1",
         PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        **(extra_env or {}),
     )
-    stack = Stack(url="", env=env, database_url=database_url, pg_url=pg_database, redis=redis_db,
+    stack = Stack(url="", env=env, database_url=database_url, pg_url=pg_database, redis=redis_client,
                   standin=standin, discord_key=discord_key, log_dir=work)
 
     upgrade = stack.cli("db", "upgrade", timeout=120)
@@ -467,18 +473,18 @@ def stack(pg_database, redis_db, standin, tmp_path_factory, request) -> Stack:
     stack.url = f"http://127.0.0.1:{port}"
     commands = {
         "ingress": ["ingress", "--bind", f"127.0.0.1:{port}", "--workers", "2"],
-        "worker-a": ["worker", "--partitions", "0-7", "--concurrency", "8", "--name", "a@%h"],
-        "worker-b": ["worker", "--partitions", "8-15", "--concurrency", "8", "--name", "b@%h"],
+        "worker-a": ["worker", "--partitions", "0-7", "--concurrency", "8", "--name", f"{name}-a@%h"],
+        "worker-b": ["worker", "--partitions", "8-15", "--concurrency", "8", "--name", f"{name}-b@%h"],
         "beat": ["beat", "--schedule", str(work / "beat-schedule")],
     }
     _STACK = stack
     try:
-        for name, args in commands.items():
-            log_path = work / f"{name}.log"
+        for proc_name, args in commands.items():
+            log_path = work / f"{proc_name}.log"
             log_file = open(log_path, "wb")  # noqa: SIM115 - closed in _stop, after the process exits
             popen = subprocess.Popen([str(VENV_BIN / "chatsessions"), *args], env=env, cwd=REPO,
                                      stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            stack.procs.append(Proc(name, popen, log_path, log_file))
+            stack.procs.append(Proc(proc_name, popen, log_path, log_file))
         _wait_ready(stack)
         _wait_consuming(stack)
         yield stack
@@ -486,9 +492,16 @@ def stack(pg_database, redis_db, standin, tmp_path_factory, request) -> Stack:
         killed = _stop(stack.procs)
         _STACK = None
         if killed:
-            print(f"\nintegration: {killed} ignored SIGTERM for 25 s and were killed; logs in {work}", file=sys.stderr)
-        if request.session.testsfailed:
-            print(f"\nintegration process logs: {work}", file=sys.stderr)
+            print(f"\n{name}: {killed} ignored SIGTERM for 25 s and were killed; logs in {work}", file=sys.stderr)
+
+
+@pytest.fixture(scope="session")
+def stack(pg_database, redis_db, standin, tmp_path_factory, request) -> Iterator[Stack]:
+    work = tmp_path_factory.mktemp("integration")
+    with running_stack(work, pg_database, redis_db, standin) as running:
+        yield running
+    if request.session.testsfailed:
+        print(f"\nintegration process logs: {work}", file=sys.stderr)
 
 
 def _wait_ready(stack: Stack) -> None:
