@@ -154,6 +154,12 @@ def kill_worker_scenario(stack: FaultStack, fault: str) -> None:
     assert_clean(report)
 
 
+# The faults that do not restart Redis run with either broker (RabbitMQ: a dedicated vhost; Redis stays the ledger).
+EVERY_BROKER = pytest.mark.parametrize("broker", ["redis", "amqp"], ids=["redis", "rabbitmq"])
+SUFFIX = {"redis": "", "amqp": "-amqp"}
+LABEL = {"redis": "", "amqp": " (rabbitmq)"}
+
+
 def test_a_worker_sigkill_then_restart(make_stack):
     stack = make_stack("a-sigkill")
     kill_worker_scenario(stack, "a. worker SIGKILL + restart (redis)")
@@ -185,8 +191,9 @@ def turns_caught(log: str, paused_at: float, resumed_at: float) -> int:
     return sum(1 for tid, at in received.items() if at < paused_at and finished.get(tid, resumed_at) >= resumed_at)
 
 
-def test_b_sigstop_past_lease_then_sigcont(make_stack):
-    stack = make_stack("b-sigstop", pools={"pool-a": "0-15", "pool-b": "0-15"})
+@EVERY_BROKER
+def test_b_sigstop_past_lease_then_sigcont(make_stack, broker):
+    stack = make_stack("b-sigstop" + SUFFIX[broker], broker=broker, pools={"pool-a": "0-15", "pool-b": "0-15"})
     # Slow sessions (the Agent thinks a second per turn) make sure the pause catches turns in the middle.
     traffic = traffic_for(stack, slow_sessions=max(4, SESSIONS // 8))
     start_and_reach(traffic)
@@ -205,7 +212,8 @@ def test_b_sigstop_past_lease_then_sigcont(make_stack):
         AFTER the pause (past its fencing check) is never excused."""
         return len(arrivals) == 2 and arrivals[0] <= paused_at and arrivals[1] >= paused_at + LEASE_SECONDS
 
-    report = finish(stack, traffic, "b. SIGSTOP past lease + SIGCONT", fault_end, excuse_dup=in_duplicate_window)
+    report = finish(stack, traffic, "b. SIGSTOP past lease + SIGCONT" + LABEL[broker], fault_end,
+                    excuse_dup=in_duplicate_window)
     if report.dup_excused:
         report.notes.append(f"{len(report.dup_excused)} replies sent twice in the README's duplicate window (*: "
                             "sent just before the pause, not yet marked sent)")
@@ -263,12 +271,13 @@ def test_d_redis_restart_without_persistence(make_stack):
 # (e) the database goes away for ~5 s
 
 
-def test_e_database_outage(make_stack):
-    stack = make_stack("e-db-outage")
+@EVERY_BROKER
+def test_e_database_outage(make_stack, broker):
+    stack = make_stack("e-db-outage" + SUFFIX[broker], broker=broker)
     traffic = traffic_for(stack)
     start_and_reach(traffic)
     down_at, up_at = stack.db_outage(5.0)
-    report = finish(stack, traffic, "e. database outage 5s", up_at)
+    report = finish(stack, traffic, "e. database outage 5s" + LABEL[broker], up_at)
     report.notes.append(f"database refused connections for {up_at - down_at:.1f}s; turn retries in logs: "
                         f"{log_count(stack, 'Retry in')}")
     assert_clean(report)
@@ -301,14 +310,15 @@ def test_j2_duplicate_webhooks_rabbitmq(make_stack):
 # (g) rebalance: one pool for all partitions replaced by two pools while traffic flows
 
 
-def test_g_rebalance_pools(make_stack):
-    stack = make_stack("g-rebalance", pools={"pool-all": "0-15"})
+@EVERY_BROKER
+def test_g_rebalance_pools(make_stack, broker):
+    stack = make_stack("g-rebalance" + SUFFIX[broker], broker=broker, pools={"pool-all": "0-15"})
     traffic = traffic_for(stack)
     start_and_reach(traffic)
     started = time.time()
     took = stack.swap_pools("pool-all", {"pool-lo": "0-7", "pool-hi": "8-15"})
     fault_end = time.time()
-    report = finish(stack, traffic, "g. rebalance 0-15 -> 0-7 + 8-15", fault_end)
+    report = finish(stack, traffic, "g. rebalance 0-15 -> 0-7 + 8-15" + LABEL[broker], fault_end)
     report.notes.append(f"old pool drained in {took}s, new pools consuming {fault_end - started:.1f}s after SIGTERM")
     if took is None:
         report.problems.append("the old pool did not exit on SIGTERM within 60s")
@@ -325,12 +335,13 @@ def dead_letters(stack: FaultStack) -> list[dict]:
     return json.loads(listed.stdout)
 
 
-def test_h_poison_messages_dead_lettered_and_replayed(make_stack):
-    stack = make_stack("h-poison")
+@EVERY_BROKER
+def test_h_poison_messages_dead_lettered_and_replayed(make_stack, broker):
+    stack = make_stack("h-poison" + SUFFIX[broker], broker=broker)
     poison_sessions = max(2, SESSIONS // 20)
     traffic = traffic_for(stack, poison_sessions=poison_sessions)
     traffic.start()
-    report = finish(stack, traffic, "h. poison messages + replay", None)
+    report = finish(stack, traffic, "h. poison messages + replay" + LABEL[broker], None)
     poison = {s.platform_message_id: s for s in traffic.accepted() if s.poison}
     letters = dead_letters(stack)
     listed = {d["platform_message_id"] for d in letters}
@@ -365,15 +376,16 @@ def test_h_poison_messages_dead_lettered_and_replayed(make_stack):
 # (i) graceful shutdown of a worker mid-traffic
 
 
-def test_i_graceful_worker_shutdown(make_stack):
-    stack = make_stack("i-sigterm")
+@EVERY_BROKER
+def test_i_graceful_worker_shutdown(make_stack, broker):
+    stack = make_stack("i-sigterm" + SUFFIX[broker], broker=broker)
     traffic = traffic_for(stack)
     start_and_reach(traffic)
     took = stack.terminate("pool-a", timeout=SHUTDOWN_BOUND_S + 25)
     rc = stack.proc("pool-a").popen.returncode
     stack.restart_worker("pool-a")
     fault_end = time.time()
-    report = finish(stack, traffic, "i. worker SIGTERM (graceful) + replacement", fault_end)
+    report = finish(stack, traffic, "i. worker SIGTERM (graceful) + replacement" + LABEL[broker], fault_end)
     report.notes.append(f"pool-a exited {took if took is None else round(took, 1)}s after SIGTERM, rc={rc}")
     if took is None or took > SHUTDOWN_BOUND_S:
         report.problems.append(f"warm shutdown took {took}s (bound {SHUTDOWN_BOUND_S}s)")
@@ -387,8 +399,9 @@ def test_i_graceful_worker_shutdown(make_stack):
 # (k) graceful shutdown of the ingress mid-traffic
 
 
-def test_k_graceful_ingress_shutdown(make_stack):
-    stack = make_stack("k-ingress-sigterm")
+@EVERY_BROKER
+def test_k_graceful_ingress_shutdown(make_stack, broker):
+    stack = make_stack("k-ingress-sigterm" + SUFFIX[broker], broker=broker)
     traffic = traffic_for(stack)
     start_and_reach(traffic)
     port = int(stack.proc("ingress").url.rsplit(":", 1)[1])  # type: ignore[attr-defined]
@@ -397,7 +410,7 @@ def test_k_graceful_ingress_shutdown(make_stack):
     stack.start_ingress("ingress", port=port)  # the replacement; meanwhile the platforms' retries met a closed port
     stack.wait_ingress_ready("ingress")
     fault_end = time.time()
-    report = finish(stack, traffic, "k. ingress SIGTERM (graceful) + replacement", fault_end)
+    report = finish(stack, traffic, "k. ingress SIGTERM (graceful) + replacement" + LABEL[broker], fault_end)
     refused = sum(1 for s in traffic.sent for a in s.answers if a in ("conn", "timeout"))
     report.notes.append(f"ingress exited {took if took is None else round(took, 1)}s after SIGTERM, rc={rc}; "
                         f"connection errors while it was down: {refused}")
