@@ -22,10 +22,16 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.selenium_manager import SeleniumManager
 
-import integration.conftest as integration_conftest  # the integration stack: fixtures and helpers
-from integration.conftest import Stack, pg_database, running_stack, standin
+from integration.conftest import (  # the integration stack: fixtures, helpers, and its process checks and log tails
+    Stack,
+    _stack_alive,
+    pg_database,
+    pytest_runtest_makereport,
+    running_stack,
+    standin,
+)
 
-__all__ = ["pg_database", "standin"]  # fixtures, re-exported for this directory
+__all__ = ["_stack_alive", "pg_database", "pytest_runtest_makereport", "standin"]  # re-exported for this directory
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -69,22 +75,6 @@ def stack(pg_database, browser_redis, standin, tmp_path_factory) -> Iterator[Sta
     with running_stack(work, pg_database, browser_redis, standin, extra_config=webchat_toml(),
                        redis_url=REDIS_URL, extra_env={"ADMIN_TOKEN": ADMIN_TOKEN}, name="browser") as running:
         yield running
-
-
-@pytest.fixture(autouse=True)
-def _stack_alive(stack):
-    stack.assert_alive()
-    yield
-    stack.assert_alive()
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    running = integration_conftest._STACK
-    if report.failed and running is not None and running.procs:
-        report.sections.append(("chatsessions process logs (tails)", running.tails(60)))
 
 
 # --------------------------------------------------------------------------------------------------------------------
