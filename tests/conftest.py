@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -13,10 +15,10 @@ from shared.migrate import upgrade
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 
 
-@pytest.fixture(scope="session")
-def postgres_url():
-    """A fresh PostgreSQL database for this test run; fails (never skips) when PostgreSQL is down."""
-    name = f"chatsessions_unit_{uuid.uuid4().hex[:8]}"
+@contextlib.contextmanager
+def fresh_database(prefix: str) -> Iterator[str]:
+    """A new, migrated PostgreSQL database, dropped afterwards; fails (never skips) when PostgreSQL is down."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     try:
         with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
@@ -28,6 +30,13 @@ def postgres_url():
     engine_for(url).dispose()
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A fresh PostgreSQL database for this test run."""
+    with fresh_database("chatsessions_unit") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -22,18 +22,16 @@ import time
 import uuid
 from pathlib import Path
 
-import psycopg
 import pytest
 import redis
 
 from cli.standins.platforms import StandInPlatforms
+from conftest import fresh_database
 from ingress.ledger import RedisLedger
 from ingress.publisher import Publisher
 from shared.config import load_settings
-from shared.db import engine_for
 from shared.errors import ConfigError
 from shared.messages import DM, InboundMessage
-from shared.migrate import upgrade
 from shared.partitioning import partition_of, queue_name
 from shared.queueing import HANDLE_INBOUND, MAINTENANCE_QUEUE, make_celery, task_queues
 from shared.ratelimit import Bucket, RedisLimiter
@@ -42,7 +40,6 @@ from shared.redis_client import parse_sentinel_url, redis_client, with_master
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = REPO / ".venv" / "bin"
 AMQP_BASE = os.environ.get("HA_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672")
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"  # as tests/conftest.py
 PARTITIONS = 4
 MASTER = "chatsessions-ha"
 REPLY_TIMEOUT = 120.0  # a worker starting on a busy 2-core machine
@@ -129,18 +126,8 @@ def procs(tmp_path):
 @pytest.fixture(scope="module")
 def ha_database():
     """A database of this module's own (the workers here store turns; the shared unit-test database stays clean)."""
-    name = f"chatsessions_ha_{uuid.uuid4().hex[:8]}"
-    try:
-        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is not reachable (start it, see .ci/run): {exc}")
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    upgrade(url)
-    yield url
-    engine_for(url).dispose()
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database("chatsessions_ha") as url:
+        yield url
 
 
 @pytest.fixture
