@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install run demo test unit integration browser faults lint clean
+.PHONY: install run demo test setup unit integration browser faults lint clean
 
 install: $(VENV)/.installed
 
@@ -19,20 +19,23 @@ run: install  ## the whole system in one process: SQLite file + in-process broke
 demo: install  ## a scripted conversation across the three platforms, transcripts printed
 	$(BIN)/chatsessions demo
 
-test: install  ## every test: unit, integration, browser, then the fault suite (needs PostgreSQL, Redis, RabbitMQ, chromium; .ci/run provides them)
+test: install setup  ## every test: unit, integration, browser, then the fault suite (~12 min)
 	$(BIN)/pytest -q
 	$(BIN)/pytest -q -s -m faults tests/faults
+
+setup:  ## start PostgreSQL, Redis and RabbitMQ if down; install chromium, chromedriver and pgbouncer if missing (root)
+	tests/setup.sh
 
 unit: install
 	$(BIN)/pytest -q --ignore=tests/integration --ignore=tests/browser
 
-browser: install  ## the web chat and session browser in headless Chromium (apt-get install chromium chromium-driver)
+browser: install setup  ## the web chat and session browser in headless Chromium
 	$(BIN)/pytest -q tests/browser
 
-integration: install
+integration: install setup
 	$(BIN)/pytest -q tests/integration
 
-faults: install  ## the fault suite: kills, pauses, restarts real processes under traffic (~8 min)
+faults: install setup  ## the fault suite: kills, pauses, restarts real processes under traffic (~8 min)
 	$(BIN)/pytest -q -s -m faults tests/faults
 
 clean:

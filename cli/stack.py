@@ -174,7 +174,7 @@ class Stack:
             with psycopg.connect(self.pg_admin, autocommit=True, connect_timeout=5) as conn:
                 conn.execute(f'CREATE DATABASE "{self.db_name}"')
         except psycopg.OperationalError as exc:
-            raise StackError(f"PostgreSQL at {self.pg_admin} is not reachable (start it, e.g. .ci/run): {exc}") from None
+            raise StackError(f"PostgreSQL at {self.pg_admin} is not reachable (start it: make setup): {exc}") from None
         self._db_created = True
         self._start_redis()
         if self.config_text is not None:

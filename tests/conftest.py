@@ -23,7 +23,7 @@ def fresh_database(prefix: str) -> Iterator[str]:
         with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
     except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is not reachable (start it, see .ci/run): {exc}")
+        pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is not reachable (start it, make setup): {exc}")
     url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
     upgrade(url)
     yield url

@@ -72,7 +72,7 @@ def run(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     except FileNotFoundError:
-        pytest.fail(f"{argv[0]} is not installed: this test needs it (see .ci/run)")
+        pytest.fail(f"{argv[0]} is not installed: this test needs it (make setup)")
     if done.returncode != 0:
         pytest.fail(f"{' '.join(argv)} failed: {done.stdout}{done.stderr}")
     return done
@@ -91,7 +91,7 @@ class Processes:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.tmp,
                                     start_new_session=True)
         except FileNotFoundError:
-            pytest.fail(f"{argv[0]} is not installed: this test needs it (see .ci/run)")
+            pytest.fail(f"{argv[0]} is not installed: this test needs it (make setup)")
         finally:
             log.close()
         self.procs[name] = proc

@@ -86,7 +86,7 @@ def broker():
     try:
         client.ping()
     except redis.RedisError as exc:
-        pytest.fail(f"Redis at {REDIS_URL} is not reachable (start it, see .ci/run): {exc}")
+        pytest.fail(f"Redis at {REDIS_URL} is not reachable (start it, make setup): {exc}")
     yield client
     client.flushdb()
     client.close()

@@ -6,7 +6,7 @@ another server connection, where the name is unknown or already taken by another
 `DATABASE_URL=…?prepare_threshold=none` turns them off (shared/db.py gives psycopg the typed value; SQLAlchemy alone
 would pass the text "none" and every query would raise TypeError).
 
-The last two tests run a real `pgbouncer` (fails if it is not installed: apt-get install pgbouncer; .ci/run does).
+The last two tests run a real `pgbouncer` (fails if it is not installed; make setup installs it).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def test_psycopg_prepares_repeated_statements_unless_told_not_to(postgres_url):
 
 def pgbouncer_version() -> tuple[int, ...]:
     if shutil.which("pgbouncer") is None:
-        pytest.fail("pgbouncer is not installed (apt-get install pgbouncer; .ci/run installs it)")
+        pytest.fail("pgbouncer is not installed (make setup installs it)")
     out = subprocess.run(["pgbouncer", "--version"], capture_output=True, text=True, timeout=10).stdout
     return tuple(int(n) for n in re.search(r"PgBouncer (\d+)\.(\d+)", out).groups())
 

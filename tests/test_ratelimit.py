@@ -49,7 +49,7 @@ def redis_limiter():
     try:
         redis.Redis.from_url(url).ping()
     except redis.ConnectionError as exc:
-        pytest.fail(f"Redis at 127.0.0.1:6379 is not reachable (start it, see .ci/run): {exc}")
+        pytest.fail(f"Redis at 127.0.0.1:6379 is not reachable (start it, make setup): {exc}")
     return RedisLimiter(url)
 
 

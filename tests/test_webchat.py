@@ -396,7 +396,7 @@ def box(request) -> Iterator[Any]:
     try:
         client.ping()
     except redis.RedisError as exc:
-        pytest.fail(f"Redis at {REDIS_URL} is not reachable (start it, see .ci/run): {exc}")
+        pytest.fail(f"Redis at {REDIS_URL} is not reachable (start it, make setup): {exc}")
     real = RedisReplyBox(REDIS_URL, ttl_s=60, max_entries=20)
     yield real
     client.delete(*(k for k in client.scan_iter(f"webchat:{WEB}-*")))

@@ -4,7 +4,7 @@ PostgreSQL and Redis — whose fixtures and helpers are imported from there, not
 
 The stack differs in two settings only, so it gets its own Redis database (BROWSER_REDIS_URL, default
 redis://127.0.0.1:6379/10) and lives for this directory's module only: a web chat channel ("web", demo Agent)
-and ADMIN_TOKEN, which turns the session browser on. Chromium missing is a FAILURE, never a skip: .ci/run
+and ADMIN_TOKEN, which turns the session browser on. Chromium missing is a FAILURE, never a skip: `make setup`
 installs it (`apt-get install -y chromium chromium-driver`). Selenium is given the driver path, so
 selenium-manager never runs (and never downloads anything): it is made to fail if anything calls it.
 """
@@ -93,7 +93,7 @@ def chromium(tmp_path_factory) -> Iterator[Callable[..., webdriver.Chrome]]:
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).is_file()]
     if missing:
         pytest.fail(f"browser tests need {missing} (Debian: apt-get install -y chromium chromium-driver; "
-                    ".ci/run does it)", pytrace=False)
+                    "make setup does it)", pytrace=False)
     saved = SeleniumManager.binary_paths
     SeleniumManager.binary_paths = _no_selenium_manager
     drivers: list[webdriver.Chrome] = []
