@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -184,6 +185,7 @@ class Stack:
         self.env.update(DATABASE_URL=self.database_url, BROKER_URL=self.redis_url, REDIS_URL=self.redis_url,
                         PARTITIONS=str(self.partitions), PYTHONUNBUFFERED="1")
         self.env.setdefault("LOG_FORMAT", "json")
+        self.env.setdefault("SECRET_KEY", secrets.token_urlsafe(32))
         done = self.cli("db", "upgrade", timeout=120)
         if done.returncode != 0:
             raise StackError(f"`chatsessions db upgrade` failed (rc={done.returncode}):\n{done.stdout}\n{done.stderr}")

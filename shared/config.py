@@ -266,6 +266,8 @@ class Settings:
     identities: Mapping[str, Identity] = field(default_factory=dict, repr=False)  # [[identities]] by person
     broker_queue_type: str = "classic"  # BROKER_QUEUE_TYPE: classic | quorum (RabbitMQ quorum queues; amqp:// only)
     redis_sentinel_master: str | None = None  # REDIS_SENTINEL_MASTER: the master of sentinel:// URLs (docs/scaling.md)
+    # SECRET_KEY: keys the pseudonyms of personal ids in logs and signs web chat visitor ids (shared/signing.py)
+    secret_key: str = field(default="", repr=False)
 
     def person_of(self, platform: str, user_id: str) -> str | None:
         """The person a platform user is linked to in [[identities]], if any."""
@@ -303,6 +305,23 @@ def _number(env: Mapping[str, str], name: str, default: float, kind=float) -> An
     if value <= 0:
         raise ConfigError(f"{name} must be positive, got {raw!r}")
     return value
+
+
+# The embedded process's key when SECRET_KEY is unset: public, so only for `chatsessions run` on one's own machine.
+DEV_SECRET_KEY = "chatsessions-development-key-never-use-in-production"
+SECRET_KEY_MIN_CHARS = 32
+
+
+def _secret_key(env: Mapping[str, str], embedded: bool) -> str:
+    key = env.get("SECRET_KEY") or ""
+    if not key:
+        if embedded:
+            return DEV_SECRET_KEY
+        raise ConfigError("SECRET_KEY is required: a random string of at least 32 characters, the same for every "
+                          "ingress and worker (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    if len(key) < SECRET_KEY_MIN_CHARS:
+        raise ConfigError(f"SECRET_KEY must be at least {SECRET_KEY_MIN_CHARS} characters, got {len(key)}")
+    return key
 
 
 BROKER_QUEUE_TYPES = ("classic", "quorum")
@@ -436,6 +455,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         identities=identities,
         broker_queue_type=broker_queue_type,
         redis_sentinel_master=sentinel_master,
+        secret_key=_secret_key(env, broker_url.startswith("memory://")),
     )
 
 

@@ -56,7 +56,7 @@ api_base = "{{api_base}}"
 secrets = {{{{ bot_token = "HA_TG_TOKEN", secret_token = "HA_TG_SECRET" }}}}
 options = {{{{ bot_username = "HaBot", rate_limits = {{{{ account_per_s = 1000, account_burst = 1000, chat_per_s = 1000, chat_burst = 1000 }}}} }}}}
 """
-SECRETS = {"HA_TG_TOKEN": "111:ha-token", "HA_TG_SECRET": "ha-secret"}
+SECRETS = {"HA_TG_TOKEN": "111:ha-token", "HA_TG_SECRET": "ha-secret", "SECRET_KEY": "test-secret-key-0123456789abcdefghijklmnop"}
 
 
 # -- Helpers ---------------------------------------------------------------------------------------------------------

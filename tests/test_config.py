@@ -1,9 +1,9 @@
 import pytest
 
-from shared.config import load_settings
+from shared.config import DEV_SECRET_KEY, load_settings
 from shared.errors import ConfigError, UnknownChannel
 
-SECRETS = {"WA_SECRET": "s", "WA_VERIFY": "v", "WA_TOKEN": "t"}
+SECRETS = {"WA_SECRET": "s", "WA_VERIFY": "v", "WA_TOKEN": "t", "SECRET_KEY": "test-secret-key-0123456789abcdefghijklmnop"}
 
 
 def write(tmp_path, body: str) -> dict:
@@ -71,6 +71,18 @@ def test_non_redis_broker_needs_redis_for_the_ledger(tmp_path):
     with pytest.raises(ConfigError, match="REDIS_URL is required"):
         load_settings(env)
     assert load_settings({**env, "REDIS_URL": "redis://127.0.0.1:6379/0"}).redis_url == "redis://127.0.0.1:6379/0"
+
+
+def test_secret_key_is_required_outside_the_embedded_process_and_must_be_long(tmp_path):
+    env = {**write(tmp_path, WA), "BROKER_URL": "redis://127.0.0.1:6379/0"}
+    assert load_settings(env).secret_key == SECRETS["SECRET_KEY"]
+    with pytest.raises(ConfigError, match="SECRET_KEY is required"):
+        load_settings({**env, "SECRET_KEY": ""})
+    with pytest.raises(ConfigError, match="at least 32 characters"):
+        load_settings({**env, "SECRET_KEY": "short"})
+    embedded = load_settings({**write(tmp_path, WA), "SECRET_KEY": ""})
+    assert embedded.embedded and embedded.secret_key == DEV_SECRET_KEY  # `chatsessions run` on one's own machine
+    assert SECRETS["SECRET_KEY"] not in repr(load_settings(env))
 
 
 def test_missing_file(tmp_path):

@@ -193,7 +193,8 @@ def test_each_process_gets_the_same_environment_in_compose_and_kubernetes():
 
 
 def test_every_process_gets_the_configuration_it_needs():
-    required = {"CHATSESSIONS_CONFIG", "DATABASE_URL", "BROKER_URL", "REDIS_URL", "PARTITIONS"} | channel_secrets()
+    required = {"CHATSESSIONS_CONFIG", "DATABASE_URL", "BROKER_URL", "REDIS_URL", "PARTITIONS",
+                "SECRET_KEY"} | channel_secrets()
     for name, service in compose_app_services().items():
         assert required <= set(service["environment"]), (name, sorted(required - set(service["environment"])))
     for name, w in k8s_workloads().items():
@@ -225,7 +226,7 @@ def test_the_configuration_documented_in_the_readme_is_what_deploy_sets():
 
 
 def test_secrets_come_from_secret_references_only():
-    secret = channel_secrets() | {"DATABASE_URL", "FLOWER_BASIC_AUTH"}
+    secret = channel_secrets() | {"DATABASE_URL", "FLOWER_BASIC_AUTH", "SECRET_KEY"}
     for name, service in compose_app_services().items():
         for var, value in service["environment"].items():
             if var in secret - {"DATABASE_URL"}:

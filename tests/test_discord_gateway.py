@@ -300,7 +300,7 @@ options = {{ bot_username = "TestBot" }}
     env = {k: v for k, v in os.environ.items() if k not in ("BROKER_URL", "REDIS_URL")}
     # A real broker: the gateway process refuses the in-process one (nothing would consume it).
     env.update(CHATSESSIONS_CONFIG=str(config), TEST_GW_BOT_TOKEN=TOKEN, TEST_GW_PUBLIC_KEY=PUBLIC_KEY,
-               BROKER_URL="redis://127.0.0.1:6379/14")
+               BROKER_URL="redis://127.0.0.1:6379/14", SECRET_KEY="test-secret-key-0123456789abcdefghijklmnop")
     return env
 
 

@@ -38,6 +38,7 @@ REDIS_URL = os.environ.get("OPS_REDIS_URL", "redis://127.0.0.1:6379/12")  # this
 PARTITIONS = 16
 
 SECRETS = {
+    "SECRET_KEY": "test-secret-key-0123456789abcdefghijklmnop",
     "OPS_WA_APP_SECRET": "wa-app-secret", "OPS_WA_VERIFY_TOKEN": "wa-verify", "OPS_WA_ACCESS_TOKEN": "wa-access",
     "OPS_TG_BOT_TOKEN": "424242:tg-bot-token", "OPS_TG_SECRET": "tg-secret",
     "OPS_DC_BOT_TOKEN": "dc-bot-token",

@@ -67,6 +67,7 @@ POISON_AGENT = "tests.faults.agents:PoisonEcho"
 RATE_LIMITS = "rate_limits = { account_per_s = 1000, account_burst = 1000, chat_per_s = 1000, chat_burst = 1000 }"
 
 SECRETS = {
+    "SECRET_KEY": "test-secret-key-0123456789abcdefghijklmnop",
     "FAULT_WA_APP_SECRET": "fault-wa-app-secret", "FAULT_WA_VERIFY_TOKEN": "fault-wa-verify",
     "FAULT_WA_ACCESS_TOKEN": "fault-wa-access",
     "FAULT_PO_APP_SECRET": "fault-poison-app-secret", "FAULT_PO_VERIFY_TOKEN": "fault-poison-verify",

@@ -64,6 +64,7 @@ TG_ECHO_BOT = "ItEchoBot"
 IDLE_MINUTES = 0.02  # 1.2 s: sessions go dormant quickly, the sweep runs every SWEEP_SECONDS=1
 
 SECRETS = {
+    "SECRET_KEY": "test-secret-key-0123456789abcdefghijklmnop",
     "IT_WA_APP_SECRET": "wa-app-secret", "IT_WA_VERIFY_TOKEN": "wa-verify-token", "IT_WA_ACCESS_TOKEN": "wa-access",
     "IT_WA2_APP_SECRET": "wa2-app-secret", "IT_WA2_VERIFY_TOKEN": "wa2-verify-token",
     "IT_WA2_ACCESS_TOKEN": "wa2-access",
