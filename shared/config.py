@@ -15,6 +15,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from shared.errors import ConfigError, UnknownChannel
 
 DEFAULT_CONFIG = Path(__file__).with_name("default_channels.toml")
+# A channel id begins every session key: with 40, the longest key any valid platform ids can make (a per-member key
+# in a topic: 40 + 100-character ids) stays within the 300 characters of sessions.key.
+CHANNEL_ID_LIMIT = 40
 
 PLATFORMS: dict[str, dict[str, Any]] = {
     "whatsapp": {
@@ -381,6 +384,8 @@ def _channel(raw: dict[str, Any], env: Mapping[str, str], path: Path) -> Channel
             raise ConfigError(f"{where}: options.{name} is required for {platform}")
     if ":" in raw["id"]:
         raise ConfigError(f"{where}: a channel id cannot contain ':' (it separates the parts of session keys)")
+    if len(raw["id"]) > CHANNEL_ID_LIMIT:
+        raise ConfigError(f"{where}: a channel id may have at most {CHANNEL_ID_LIMIT} characters")
     if raw["id"] == PERSON_KEY_PREFIX:
         raise ConfigError(f"{where}: the channel id {PERSON_KEY_PREFIX!r} is reserved "
                           f"(per-person session keys start with '{PERSON_KEY_PREFIX}:')")

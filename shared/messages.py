@@ -12,6 +12,17 @@ DM = "dm"
 GROUP = "group"
 NEW_SESSION = "new"
 
+# How long the ingress remembers a platform message id (Meta retries for up to 7 days). A signed message older than
+# this is a captured webhook sent again, not a retry: it is refused, so it cannot bring back a conversation that was
+# erased or purged meanwhile (whose ids the database no longer holds).
+REPLAY_WINDOW_S = 7 * 24 * 3600
+
+# The longest value each field may hold: the sizes of the columns they are stored in (shared/models.py). Adapters
+# check each platform's id format; this is the last guard, so no message can fail in the store for its size.
+ID_LIMITS = {"channel_id": 100, "session_key": 300, "chat_id": 100, "sender_id": 100, "platform_message_id": 200,
+             "thread_id": 100, "person": 100}
+NAME_LIMIT = 200
+
 
 @dataclass(frozen=True, slots=True)
 class InboundMessage:
@@ -49,6 +60,16 @@ class InboundMessage:
                     value.encode("utf-8")
             except UnicodeEncodeError:
                 raise MalformedPayload(f"{name} is not valid Unicode (an unpaired surrogate)") from None
+        for name, limit in ID_LIMITS.items():
+            value = getattr(self, name)
+            if value is not None and (len(value) > limit or "\x00" in value):
+                raise MalformedPayload(f"{name} longer than {limit} characters or holding a NUL")
+        # PostgreSQL text cannot hold NUL; it means nothing in a chat message or a name.
+        for name in ("text", "sender_name"):
+            if "\x00" in getattr(self, name):
+                object.__setattr__(self, name, getattr(self, name).replace("\x00", "\ufffd"))
+        if len(self.sender_name) > NAME_LIMIT:
+            object.__setattr__(self, "sender_name", self.sender_name[:NAME_LIMIT - 1] + "…")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -507,6 +507,7 @@ class Store:
         """Set a failed turn's messages aside (fenced, like a commit) so the session goes on with its next message
         (a burst: each of its messages becomes a dead letter of its own)."""
         msg, t = turn.message, now()
+        error = error.replace("\x00", "\ufffd")[:4000]  # an error may quote the value PostgreSQL refused
         row = c.execute(_SETTLE_DEAD, {"sid": turn.claim.session_id, "token": turn.claim.token, "seq": msg.seq,
                                        "t": t}).first()
         if row is None:
@@ -515,9 +516,9 @@ class Store:
             c.execute(_TAKE_ITEM, {"item": item_id})
             c.execute(self.insert(DeadLetter).values(
                 channel_id=m.channel_id, session_key=m.session_key, platform_message_id=m.platform_message_id,
-                payload=json.dumps(m.to_dict()), error=error[:4000], attempts=attempts, created_at=t,
+                payload=json.dumps(m.to_dict()), error=error, attempts=attempts, created_at=t,
             ).on_conflict_do_update(index_elements=["channel_id", "platform_message_id"],
-                                    set_={"error": error[:4000], "attempts": attempts, "created_at": t}))
+                                    set_={"error": error, "attempts": attempts, "created_at": t}))
         return Settled((), _ready(c, turn.claim.session_id, row.last_seq))
 
     @_transactional

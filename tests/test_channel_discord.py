@@ -15,7 +15,7 @@ from shared.messages import DM, GROUP, NEW_SESSION
 
 GUILD_CHANNEL = "1290000000000000001"
 DM_CHANNEL = "1290000000000000099"
-NOW = 1764032000.0
+NOW = 1795569700.0  # 2026-11-25 01:15 UTC, just after the gateway fixtures
 KEY = Ed25519PrivateKey.generate()
 PUBLIC_HEX = KEY.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
 
@@ -59,6 +59,20 @@ def test_dm_message():
     [msg] = channel().parse(fixture_bytes("discord", "gateway_message_create_dm"))
     assert msg.session_key == f"discord-main:{DM}:{DM_CHANNEL}"
     assert (msg.chat_id, msg.chat_kind, msg.sender_name) == (DM_CHANNEL, DM, "Farid")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("channel_id", "../../users/@me"), ("channel_id", "1" * 21), ("id", "12:34"), ("id", 1311000000000000001),
+    ("author", {"id": "x" * 300, "username": "long"}),
+])
+def test_ids_that_are_not_snowflakes_are_malformed(field, value):
+    with pytest.raises(MalformedPayload, match="valid id"):
+        channel().parse_event(event(**{field: value}))
+
+
+@pytest.mark.parametrize("timestamp", ["9999-12-31T23:59:59+00:00", "2027-01-01T00:00:00+00:00"])
+def test_a_send_time_in_the_future_is_the_receive_time(timestamp):
+    assert channel().parse_event(event(timestamp=timestamp))[0].sent_at == NOW
 
 
 def test_session_is_per_channel_not_per_author():

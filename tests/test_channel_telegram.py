@@ -2,11 +2,13 @@ import json
 
 import pytest
 from structlog.testing import capture_logs
-from channel_helpers import Reply, StandIn, fixture, fixture_bytes, make_config, no_sleep
+from channel_helpers import FIXTURE_NOW, Reply, StandIn, fixture, fixture_bytes, make_config, no_sleep
 
 from shared.channels import build_channel
 from shared.channels.base import WebhookRequest
 from shared.channels.telegram import TelegramChannel
+from shared.channels.base import Replayed
+from shared.messages import REPLAY_WINDOW_S
 from shared.errors import InvalidSignature, MalformedPayload
 from shared.messages import DM, GROUP, NEW_SESSION
 
@@ -15,8 +17,8 @@ GROUP_CHAT = "-4012345678"
 SUPERGROUP_CHAT = "-1001987654321"
 
 
-def channel(**kw) -> TelegramChannel:
-    return TelegramChannel(make_config("telegram", **kw))
+def channel(now: float = FIXTURE_NOW, **kw) -> TelegramChannel:
+    return TelegramChannel(make_config("telegram", **kw), now=lambda: now)
 
 
 def with_message(**fields) -> bytes:
@@ -292,3 +294,41 @@ def test_commands_still_parse_as_before():
     body = group_update(text="/new@AcmeSupportBot please", entities=[{"offset": 0, "length": 19, "type": "bot_command"}])
     [msg] = channel().parse(body)
     assert msg.command == NEW_SESSION and msg.addressed is True
+
+
+@pytest.mark.parametrize("date", [float("nan"), float("inf"), "soon", None, True, 4e12])
+def test_a_send_time_that_cannot_be_believed_is_the_receive_time(date):
+    [msg] = channel().parse(with_message(text="when?", date=date) if date is not None else with_message(text="x"))
+    assert msg.sent_at == (1764032600.0 if date is None else FIXTURE_NOW)  # None: the fixture's own date
+
+
+def test_json_nan_and_huge_numbers_reach_the_parser_as_floats():
+    body = with_message(text="when?").replace(b'"date": 1764032600', b'"date": 1e400')
+    assert b"1e400" in body
+    assert channel().parse(body)[0].sent_at == FIXTURE_NOW
+
+
+def test_an_update_older_than_the_replay_window_is_refused():
+    with pytest.raises(Replayed):
+        channel().parse(with_message(text="old", date=int(FIXTURE_NOW - REPLAY_WINDOW_S - 60)))
+
+
+@pytest.mark.parametrize("path, value", [
+    (("chat", "id"), 10 ** 30), (("chat", "id"), "381920001"), (("from", "id"), "x:y"), (("from", "id"), True),
+    (("from", "id"), 2 ** 70), (("message_id",), 1.5), (("message_id",), -(2 ** 64)),
+])
+def test_ids_that_are_not_64_bit_integers_are_malformed(path, value):
+    doc = fixture("telegram", "private_text")
+    target = doc["message"]
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    with pytest.raises(MalformedPayload, match="integer id"):
+        channel().parse(json.dumps(doc).encode())
+
+
+def test_a_topic_id_must_be_an_integer():
+    doc = fixture("telegram", "supergroup_text")
+    doc["message"].update(is_topic_message=True, message_thread_id="7:8")
+    with pytest.raises(MalformedPayload, match="message_thread_id"):
+        channel().parse(json.dumps(doc).encode())

@@ -85,6 +85,11 @@ def test_secret_key_is_required_outside_the_embedded_process_and_must_be_long(tm
     assert SECRETS["SECRET_KEY"] not in repr(load_settings(env))
 
 
+def test_a_channel_id_is_short(tmp_path):
+    with pytest.raises(ConfigError, match="at most 40 characters"):
+        load_settings(write(tmp_path, WA.replace('id = "wa"', 'id = "' + "w" * 41 + '"')))
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_settings({"CHATSESSIONS_CONFIG": str(tmp_path / "none.toml")})

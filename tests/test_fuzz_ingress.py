@@ -20,6 +20,8 @@ import copy
 import hashlib
 import hmac
 import json
+import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,12 +38,13 @@ from cli.standins import payloads as p
 from ingress.app import create_app
 from ingress.ledger import MemoryLedger
 from ingress.publisher import Publisher
+from shared.channels.base import SNOWFLAKE
 from shared.channels.discord import DiscordChannel
 from shared.channels.telegram import TelegramChannel
 from shared.channels.whatsapp import WhatsAppChannel
 from shared.config import load_settings
 from shared.errors import MalformedPayload
-from shared.messages import DM, GROUP, NEW_SESSION, InboundMessage
+from shared.messages import DM, GROUP, ID_LIMITS, NAME_LIMIT, NEW_SESSION, REPLAY_WINDOW_S, InboundMessage
 
 FUZZ = settings(
     max_examples=200,
@@ -169,11 +172,18 @@ def _interaction_variants() -> list[Any]:
     return [fixture("discord", "interaction_ping"), ask, new_dm]
 
 
+def fresh(doc: Any) -> Any:
+    """A fixture as if sent just now: parsers refuse messages older than the replay window."""
+    text = json.dumps(doc)
+    text = re.sub(r'"timestamp": "17640\d+"', f'"timestamp": "{int(time.time())}"', text)
+    return json.loads(re.sub(r'"date": 17640\d+', f'"date": {int(time.time())}', text))
+
+
 SAMPLES: dict[str, list[Any]] = {
-    "whatsapp": [fixture("whatsapp", name) for name in (
+    "whatsapp": [fresh(fixture("whatsapp", name)) for name in (
         "dm_text", "dm_reply_context", "group_text", "group_unsupported", "image_with_caption", "status_delivered")]
     + [p.whatsapp_text(PHONE_ID, "5511987650001", "Ana", "/new", "wamid.X", group_id="HBgLMTY1")],
-    "telegram": [fixture("telegram", name) for name in (
+    "telegram": [fresh(fixture("telegram", name)) for name in (
         "private_text", "private_command_new", "group_text", "group_command_new", "supergroup_text",
         "edited_message")],
     "discord": [fixture("discord", name) for name in (
@@ -248,7 +258,18 @@ def assert_well_formed(message: Any, channel_id: str, platform: str) -> None:
     assert message.chat_kind in (DM, GROUP)
     assert message.session_key == f"{channel_id}:{message.chat_kind}:{message.chat_id}"
     assert message.session_key.startswith(f"{channel_id}:")
-    assert isinstance(message.sent_at, float)
+    for name, limit in ID_LIMITS.items():  # every id fits its column, and holds nothing PostgreSQL refuses
+        value = getattr(message, name)
+        assert value is None or (len(value) <= limit and "\x00" not in value), (name, value)
+    assert len(message.sender_name) <= NAME_LIMIT and "\x00" not in message.text + message.sender_name
+    if platform == "discord":
+        assert SNOWFLAKE.fullmatch(message.chat_id) and SNOWFLAKE.fullmatch(message.sender_id), message
+    else:
+        assert re.fullmatch(r"-?[0-9]{1,20}", message.sender_id), message  # a phone number, a Telegram user
+    # A send time the store and the policies can use: finite, not in the future, not older than a replay.
+    assert isinstance(message.sent_at, float) and math.isfinite(message.sent_at), message
+    assert message.sent_at <= time.time() + 300 and (platform == "discord" or
+                                                      message.sent_at >= time.time() - REPLAY_WINDOW_S), message
     assert message.command in (None, NEW_SESSION)
 
 

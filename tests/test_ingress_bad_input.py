@@ -29,7 +29,7 @@ from ingress.ledger import MemoryLedger
 from ingress.publisher import Publisher
 from shared.config import Settings, load_settings
 from shared.logs import REDACTED, configure_logging
-from shared.messages import InboundMessage
+from shared.messages import REPLAY_WINDOW_S, InboundMessage
 
 WA, TG, DC = "acme-wa", "acme-tg", "acme-dc"
 PHONE_ID = "106540352242922"  # the fixtures' phone_number_id
@@ -44,6 +44,7 @@ SECRETS = {
     "T_TG_BOT_TOKEN": "123456789:tg-bot-token-Hn8wJ2",
     "T_TG_SECRET_TOKEN": "tg-secret-token-Zp41Lq",
     "T_DC_BOT_TOKEN": "dc-bot-token-Lr3vX9",
+    "SECRET_KEY": "secret-key-Pq9Xw2-0123456789abcdefghij",
 }
 APP_SECRET = SECRETS["T_WA_APP_SECRET"]
 VERIFY_TOKEN = SECRETS["T_WA_VERIFY_TOKEN"]
@@ -284,6 +285,41 @@ def test_whatsapp_json_of_the_wrong_shape_is_400(stack, doc, reason):
     assert stack.enqueued() == 0
 
 
+NESTED = b"[" * 50_000 + b"]" * 50_000  # valid JSON that Python's parser cannot descend into (RecursionError)
+
+
+@pytest.mark.parametrize("post", [post_wa, post_dc], ids=["whatsapp", "discord"])
+def test_json_nested_too_deeply_is_400_not_500(stack, post):
+    """A 500 is retried by the platform for days; nothing will ever parse this body."""
+    response = post(stack, NESTED)
+    assert response.status_code == 400
+    assert stack.rejected(400)["reason"] == "malformed payload: body is nested too deeply"
+
+
+def test_whatsapp_message_older_than_the_replay_window_is_400_and_not_enqueued(stack):
+    """A captured webhook, correctly signed, sent again after its id left the dedupe ledger."""
+    old = time.time() - REPLAY_WINDOW_S - 3600
+    response = post_wa(stack, p.encode(p.whatsapp_text(PHONE_ID, "5511987650001", "Ana", "again", "wamid.OLD",
+                                                       timestamp=old)))
+    assert response.status_code == 400
+    assert "older than the replay window" in stack.rejected(400)["reason"]
+    assert stack.enqueued() == 0
+
+
+def test_telegram_update_older_than_the_replay_window_is_dropped_with_200(stack):
+    body = p.encode(p.telegram_text(381920001, "private", 381920001, "Chen", "again", 312, 902114002,
+                                    date=time.time() - REPLAY_WINDOW_S - 3600))
+    response = post_tg(stack, body)
+    assert response.status_code == 200 and response.data == b"dropped\n"
+    assert "older than the replay window" in stack.logs.named("ingress.dropped")[0]["reason"]
+    assert stack.enqueued() == 0
+
+
+def test_telegram_json_nested_too_deeply_is_dropped_with_200(stack):
+    assert post_tg(stack, NESTED).data == b"dropped\n"
+    assert stack.logs.named("ingress.dropped")[0]["reason"] == "body is nested too deeply"
+
+
 @pytest.mark.parametrize("doc, reason", [
     ({"type": 2, "id": "1311000000000000101", "data": {"name": "ask"}, "user": {"id": "1"}},
      "/ask needs a 'question' option"),
@@ -484,7 +520,7 @@ def test_get_on_the_interactions_route_is_405(stack):
     (b'{"update_id": "902114001", "message": {}}', "update.update_id missing or not int"),
     (b'{"update_id": 902114001, "message": "hi"}', "update.message missing or not dict"),
     (b'{"update_id": 902114001, "message": {"message_id": 311, "chat": {"id": "381920001"}}}',
-     "message.chat.id missing or not int"),
+     "message.chat.id is not a 64-bit integer id"),
 ], ids=["not-json", "update-id-string", "message-not-object", "chat-id-string"])
 def test_telegram_malformed_update_with_the_right_secret_is_dropped_with_200(stack, body, reason):
     """Telegram queues updates per chat: a non-2xx would block every later update of that chat."""

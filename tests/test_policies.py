@@ -7,7 +7,7 @@ import dataclasses
 import json
 
 import pytest
-from channel_helpers import fixture, fixture_bytes, make_config
+from channel_helpers import FIXTURE_NOW, fixture, fixture_bytes, make_config
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared import policies
@@ -38,7 +38,7 @@ def config(platform: str, **session):
 
 def adapter(platform: str, **session):
     cls = {"whatsapp": WhatsAppChannel, "telegram": TelegramChannel, "discord": DiscordChannel}[platform]
-    return cls(config(platform, **session))
+    return cls(config(platform, **session), now=lambda: FIXTURE_NOW)
 
 
 def telegram_topic() -> bytes:
@@ -184,15 +184,17 @@ def test_discord_unknown_thread_stays_its_own_session():
 
 def test_discord_thread_events_are_remembered_and_forgotten():
     ch = adapter("discord", threads=False)
-    ch.observe("GUILD_CREATE", {"id": "g", "threads": [{"id": "t1", "type": 11, "parent_id": "c1"},
-                                                        {"id": "c2", "type": 0}]})
-    ch.observe("THREAD_LIST_SYNC", {"guild_id": "g", "threads": [{"id": "t2", "type": 12, "parent_id": "c1"}]})
-    ch.observe("THREAD_UPDATE", {"id": "t3", "type": 10, "parent_id": "c3"})
-    assert ch.thread_parents == {"t1": "c1", "t2": "c1", "t3": "c3"}
-    ch.observe("THREAD_DELETE", {"id": "t1", "type": 11, "parent_id": "c1"})
+    t1, t2, t3, c1, c2, c3 = "9001", "9002", "9003", "8001", "8002", "8003"
+    ch.observe("GUILD_CREATE", {"id": "g", "threads": [{"id": t1, "type": 11, "parent_id": c1},
+                                                        {"id": c2, "type": 0}]})
+    ch.observe("THREAD_LIST_SYNC", {"guild_id": "g", "threads": [{"id": t2, "type": 12, "parent_id": c1}]})
+    ch.observe("THREAD_UPDATE", {"id": t3, "type": 10, "parent_id": c3})
+    assert ch.thread_parents == {t1: c1, t2: c1, t3: c3}
+    ch.observe("THREAD_DELETE", {"id": t1, "type": 11, "parent_id": c1})
     ch.observe("THREAD_CREATE", "garbage")
-    ch.observe("THREAD_CREATE", {"id": 5, "type": 11, "parent_id": "c1"})
-    assert ch.thread_parents == {"t2": "c1", "t3": "c3"}
+    ch.observe("THREAD_CREATE", {"id": 5, "type": 11, "parent_id": c1})
+    ch.observe("THREAD_CREATE", {"id": "7:member:1", "type": 11, "parent_id": c1})  # not a snowflake: not kept
+    assert ch.thread_parents == {t2: c1, t3: c3}
 
 
 def test_one_person_one_dm_session_across_platforms(tmp_path):
@@ -237,17 +239,17 @@ telegram = 381920001
 discord = "402922222222222222"
 """)
     settings = load_settings({"CHATSESSIONS_CONFIG": str(path), "S": "1:s", "DC_KEY": PUBLIC_HEX})
-    wa = WhatsAppChannel(settings.channel("wa")).parse(fixture_bytes("whatsapp", "dm_text"))[0]
-    tg = TelegramChannel(settings.channel("tg")).parse(fixture_bytes("telegram", "private_text"))[0]
-    dc = DiscordChannel(settings.channel("dc")).parse(fixture_bytes("discord", "gateway_message_create_dm"))[0]
+    wa = WhatsAppChannel(settings.channel("wa"), now=lambda: FIXTURE_NOW).parse(fixture_bytes("whatsapp", "dm_text"))[0]
+    tg = TelegramChannel(settings.channel("tg"), now=lambda: FIXTURE_NOW).parse(fixture_bytes("telegram", "private_text"))[0]
+    dc = DiscordChannel(settings.channel("dc"), now=lambda: FIXTURE_NOW).parse(fixture_bytes("discord", "gateway_message_create_dm"))[0]
     assert wa.session_key == tg.session_key == dc.session_key == policies.person_key("ana") == "person:ana:dm"
     assert {m.person for m in (wa, tg, dc)} == {"ana"}
     assert [(m.channel_id, m.chat_id) for m in (wa, tg, dc)] == [
         ("wa", WA_DM_USER), ("tg", TG_DM_USER), ("dc", DC_DM_CHANNEL)]  # each reply goes back where it came from
     # A channel without the scope keeps its own DM session; a group message from Ana stays in the group's.
-    other = TelegramChannel(settings.channel("tg-default")).parse(fixture_bytes("telegram", "private_text"))[0]
+    other = TelegramChannel(settings.channel("tg-default"), now=lambda: FIXTURE_NOW).parse(fixture_bytes("telegram", "private_text"))[0]
     assert other.session_key == f"tg-default:dm:{TG_DM_USER}" and other.person == "ana"
-    group = TelegramChannel(settings.channel("tg")).parse(fixture_bytes("telegram", "supergroup_text"))[0]
+    group = TelegramChannel(settings.channel("tg"), now=lambda: FIXTURE_NOW).parse(fixture_bytes("telegram", "supergroup_text"))[0]
     assert group.session_key == f"tg:group:{TG_SUPERGROUP}" and group.person == "ana"
 
 
@@ -270,7 +272,7 @@ def test_an_id_with_the_separator_is_malformed_not_a_forged_key():
         policies.group_key("wa", "G:member:S")
     doc = fixture("whatsapp", "group_text")
     doc["entry"][0]["changes"][0]["value"]["messages"][0]["group_id"] = "G:member:5511987650002"
-    with pytest.raises(MalformedPayload, match="contains ':'"):
+    with pytest.raises(MalformedPayload, match="group_id is not a valid id"):
         adapter("whatsapp").parse(json.dumps(doc).encode())
     d = fixture("discord", "gateway_message_create_guild")["d"] | {"author": {"id": "1:2", "username": "x"}}
     with pytest.raises(MalformedPayload):

@@ -261,6 +261,21 @@ def test_a_replayed_dead_letter_that_fails_again_stays_visible(database_url):
     assert again.message == poison and again.created_at > read.created_at
 
 
+@pytest.mark.parametrize("sent_at", [float("inf"), float("nan"), 1e400, -1e300])
+def test_a_message_the_store_cannot_take_is_dead_lettered_and_the_session_goes_on(database_url, sent_at):
+    """A send time no datetime can hold once failed the turn's commit for ever: the message stayed at the inbox head,
+    and every sweep ran the Agent again. Now it is set aside at once and the next message is answered."""
+    r = make_runner(database_url, EchoAgent())
+    bad = msg("when?", seq=1, sent_at=sent_at)
+    assert r.handle(bad) == "dead_lettered"
+    assert r.store.stalled(grace_s=0, order_wait_s=0) == []  # nothing left for the sweeper to run again
+    assert r.handle(msg("hello", seq=2)) == "replied"
+    assert sent(r) == [("5511", "echo: hello")]
+    [letter] = dead_letters(database_url)
+    assert letter.platform_message_id == bad.platform_message_id and letter.attempts == 1
+    assert letter.error.startswith("not retryable: ") and letter.message.text == "when?"
+
+
 def test_unexpected_failure_releases_the_lease_and_keeps_the_message(database_url):
     r = make_runner(database_url, EchoAgent())
     channel = r.channels["wa"]

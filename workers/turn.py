@@ -116,7 +116,21 @@ class TurnRunner:
 
     def _run(self, turn: Turn) -> tuple[str, Settled]:
         """Run one turn and store its outcome; returns what became of the message and how the session was left.
-        A turn is one message, or with burst = "collect" | "latest" the ready messages taken together (one reply)."""
+        A turn is one message, or with burst = "collect" | "latest" the ready messages taken together (one reply).
+
+        Only a lost lease and an unavailable database escape (the task retries those). Any other error is one a retry
+        cannot fix — a message the store cannot take, a value a policy cannot read — so the message becomes a dead
+        letter at once and the session goes on; left at the inbox head, it would be run again at every sweep."""
+        try:
+            return self._take_turn(turn)
+        except (LeaseLost, *DB_UNAVAILABLE):
+            raise
+        except Exception as exc:  # noqa: BLE001 - not transient: set the message aside, never block the session
+            error = f"not retryable: {exc.__class__.__name__}: {exc}"
+            log.error("turn.failed", error=error[:500])
+            return "dead_lettered", self.store.dead_letter(turn, error, attempts=1)
+
+    def _take_turn(self, turn: Turn) -> tuple[str, Settled]:
         msg, options = turn.message, self._options(turn.message)
         if turn.stored:
             return "duplicate", self.store.discard(turn)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import functools
 import hmac
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol, TypeVar
 
 from shared.config import ChannelConfig
 from shared.errors import MalformedPayload
-from shared.messages import Delivery, InboundMessage
+from shared.messages import REPLAY_WINDOW_S, Delivery, InboundMessage
 from shared.ratelimit import buckets_for, pace
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -87,6 +89,47 @@ def load_json(body: bytes) -> Any:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise MalformedPayload("body is not JSON") from None
+    except RecursionError:  # thousands of nested [ or {: no platform sends that
+        raise MalformedPayload("body is nested too deeply") from None
+
+
+class Replayed(MalformedPayload):
+    """A correctly signed message older than the replay window (shared/messages.py): a captured webhook sent again."""
+
+
+MAX_FUTURE_S = 300.0  # a send time this far ahead of our clock is not believed (clock skew is smaller)
+SNOWFLAKE = re.compile(r"[0-9]{1,20}")  # Discord ids: unsigned 64-bit integers as decimal strings
+
+
+def sent_time(value: Any, now: float, replay_window: float | None = REPLAY_WINDOW_S) -> float:
+    """The platform's send time of a message (epoch seconds, a number or a numeric string), as far as it can be
+    believed: anything missing, not finite or in the future stands for the receive time `now` — a send time flows
+    into the store and the session policies, where a NaN or 1e400 could never be stored. Replayed if it is older
+    than `replay_window` (None: for input that cannot be replayed, such as Discord's gateway)."""
+    try:
+        at = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return now
+    if isinstance(value, bool) or not math.isfinite(at) or at > now + MAX_FUTURE_S:
+        return now
+    if replay_window is not None and at < now - replay_window:
+        raise Replayed(f"message sent {(now - at) / 86400:.0f} days ago, older than the replay window")
+    return at
+
+
+def matching(value: Any, pattern: re.Pattern[str], where: str) -> str:
+    """An id of the platform's documented format; MalformedPayload otherwise (ids go into session keys, Redis keys,
+    URL paths and columns of fixed size)."""
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise MalformedPayload(f"{where} is not a valid id")
+    return value
+
+
+def integer_id(value: Any, where: str) -> str:
+    """A Telegram id (a 64-bit integer; JSON allows any size) as text; MalformedPayload otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not -2**63 <= value < 2**63:
+        raise MalformedPayload(f"{where} is not a 64-bit integer id")
+    return str(value)
 
 
 def require(obj: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:

@@ -11,11 +11,14 @@ from cryptography.exceptions import InvalidSignature as BadEd25519
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from shared.channels.base import (
+    SNOWFLAKE,
     WebhookRequest,
     load_json,
     gate,
+    matching,
     parser,
     require,
+    sent_time,
 )
 from shared import policies
 from shared.config import ChannelConfig
@@ -80,7 +83,8 @@ class DiscordChannel:
         if not isinstance(channel, dict) or channel.get("type") not in THREAD_TYPES:
             return None
         thread, parent = channel.get("id"), channel.get("parent_id")
-        if not isinstance(thread, str) or not isinstance(parent, str):
+        if not isinstance(thread, str) or not isinstance(parent, str) or not (
+                SNOWFLAKE.fullmatch(thread) and SNOWFLAKE.fullmatch(parent)):
             return None
         if thread not in self.thread_parents and len(self.thread_parents) >= MAX_KNOWN_THREADS:
             self.thread_parents.pop(next(iter(self.thread_parents)))
@@ -119,12 +123,13 @@ class DiscordChannel:
             return []
         text = "\n".join([content, *(f"[attachment: {a.get('filename', 'file')}]" for a in attachments)]).strip()
         try:
-            sent_at = datetime.fromisoformat(require(d, "timestamp", str, "d")).timestamp()
+            written = datetime.fromisoformat(require(d, "timestamp", str, "d")).timestamp()
         except ValueError:
             raise MalformedPayload("d.timestamp is not an ISO 8601 time") from None
+        sent_at = sent_time(written, self.now(), replay_window=None)  # the gateway is live: nothing to replay
         is_new = content.strip().lower() in NEW_COMMANDS
-        message = self._message(d, author, text, require(d, "id", str, "d"), sent_at, NEW_SESSION if is_new else None,
-                                addressed=self._addressed(d, content, command=is_new))
+        message = self._message(d, author, text, matching(d.get("id"), SNOWFLAKE, "d.id"), sent_at,
+                                NEW_SESSION if is_new else None, addressed=self._addressed(d, content, command=is_new))
         return [message]
 
     def _addressed(self, d: dict[str, Any], content: str, command: bool) -> bool:
@@ -151,7 +156,7 @@ class DiscordChannel:
         if kind != 2:
             raise MalformedPayload(f"unsupported interaction type {kind!r}")
         data = require(doc, "data", dict, "interaction")
-        interaction_id = require(doc, "id", str, "interaction")
+        interaction_id = matching(doc.get("id"), SNOWFLAKE, "interaction.id")
         member = doc.get("member") if isinstance(doc.get("member"), dict) else {}
         user = member.get("user") or doc.get("user")
         if not isinstance(user, dict):
@@ -181,9 +186,9 @@ class DiscordChannel:
         """Gateway messages and interactions in one channel land in the same session. A thread is a channel of its
         own (chat_id, where the reply goes); with threads off its session is its parent's when the parent is known
         (an interaction's `channel`, or the gateway's thread events)."""
-        channel_id = require(d, "channel_id", str, "d")
+        channel_id = matching(d.get("channel_id"), SNOWFLAKE, "d.channel_id")
         kind = GROUP if d.get("guild_id") else DM
-        user_id = require(user, "id", str, "author")
+        user_id = matching(user.get("id"), SNOWFLAKE, "author.id")
         parent = self._note_thread(d.get("channel")) or self.thread_parents.get(channel_id)
         boundary = parent if parent and not policies.threads_enabled(self.config) else channel_id
         route = policies.route(self.config, kind, boundary, user_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import structlog
@@ -10,9 +11,11 @@ from shared.channels.base import (
     WebhookRequest,
     load_json,
     gate,
+    integer_id,
     parser,
     require,
     same_secret,
+    sent_time,
 )
 from shared import policies
 from shared.config import ChannelConfig
@@ -57,9 +60,10 @@ def _sender_name(user: dict[str, Any], fallback: str) -> str:
 
 
 class TelegramChannel:
-    def __init__(self, config: ChannelConfig, limiter: Limiter | None = None):
+    def __init__(self, config: ChannelConfig, limiter: Limiter | None = None, now: Callable[[], float] = time.time):
         self.config = config
         self.limiter = limiter  # shared outbound pacing; None sends unpaced (tests)
+        self.now = now  # the receive time, against which send times are checked
         self.bot_username = str(config.options["bot_username"]).lstrip("@").lower()
         token_id = config.secrets["bot_token"].partition(":")[0]
         self.bot_id = token_id if token_id.isdigit() else None  # a bot token starts with the bot's user id
@@ -81,8 +85,8 @@ class TelegramChannel:
             return []
         message = require(update, "message", dict, "update")
         chat = require(message, "chat", dict, "message")
-        message_id = require(message, "message_id", int, "message")
-        chat_id = str(require(chat, "id", int, "message.chat"))
+        message_id = integer_id(message.get("message_id"), "message.message_id")
+        chat_id = integer_id(chat.get("id"), "message.chat.id")
         kind = CHAT_KINDS.get(str(chat.get("type")))
         text = message.get("text") or message.get("caption") or _placeholder(message)
         if kind is None or not isinstance(text, str):
@@ -90,14 +94,14 @@ class TelegramChannel:
             return []
         user = message.get("from") or message.get("sender_chat")
         user = user if isinstance(user, dict) else {}
-        sender_id = str(user.get("id", chat_id))
-        date = message.get("date")
+        sender_id = integer_id(user["id"], "message.from.id") if "id" in user else chat_id
+        sent_at = sent_time(message.get("date"), self.now())
         command = self._command(message)
         # Forum topics: every message of a topic has is_topic_message and the topic's message_thread_id (replies
         # in ordinary supergroups may carry a message_thread_id too, without is_topic_message: not a topic).
         thread = message.get("message_thread_id")
-        topic = str(thread) if kind == GROUP and message.get("is_topic_message") is True and isinstance(
-            thread, int) and not isinstance(thread, bool) else None
+        topic = integer_id(thread, "message.message_thread_id") if kind == GROUP and message.get(
+            "is_topic_message") is True else None
         route = policies.route(self.config, kind, chat_id, sender_id, topic=topic)
         return [
             InboundMessage(
@@ -110,7 +114,7 @@ class TelegramChannel:
                 sender_name=_sender_name(user, sender_id),
                 text=text,
                 platform_message_id=f"{chat_id}:{message_id}",
-                sent_at=float(date) if isinstance(date, (int, float)) else 0.0,
+                sent_at=sent_at,
                 command=NEW_SESSION if command == "/new" else None,
                 addressed=policies.addressed(kind, mentioned=self._mentions_us(message),
                                              replied_to_bot=self._replies_to_us(message), command=command is not None),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import time
 from typing import Any, Callable, Mapping
 
 import requests
@@ -14,9 +15,11 @@ from shared.channels.base import (
     WebhookRequest,
     load_json,
     gate,
+    matching,
     parser,
     require,
     same_secret,
+    sent_time,
 )
 from shared import policies
 from shared.config import ChannelConfig
@@ -31,6 +34,10 @@ TEXT_LIMIT = 4096
 MEDIA_TYPES = ("image", "video", "audio", "document", "sticker")
 # Error codes WhatsApp may return with HTTP 400 that are really "slow down": throughput and pair rate limit.
 RATE_LIMIT_CODES = frozenset({130429, 131056})
+# Id formats: a user is their phone number (wa_id, digits); message ids ("wamid.…") and group ids are base64 text.
+USER_ID = re.compile(r"[0-9]{1,20}")
+MESSAGE_ID = re.compile(r"[A-Za-z0-9._=+/-]{1,200}")
+GROUP_ID = re.compile(r"[A-Za-z0-9._=+/-]{1,100}")
 
 
 def _rate_limited(response: requests.Response) -> bool:
@@ -96,9 +103,10 @@ def _text_of(msg: dict[str, Any]) -> str:
 
 
 class WhatsAppChannel:
-    def __init__(self, config: ChannelConfig, limiter: Limiter | None = None):
+    def __init__(self, config: ChannelConfig, limiter: Limiter | None = None, now: Callable[[], float] = time.time):
         self.config = config
         self.limiter = limiter  # shared outbound pacing; None sends unpaced (tests)
+        self.now = now  # the receive time, against which send times are checked
         self.phone_number_id = str(config.options["phone_number_id"])
         version = config.options.get("api_version", "v21.0")
         self.url = f"{config.api_base}/{version}/{self.phone_number_id}/messages"
@@ -139,18 +147,16 @@ class WhatsAppChannel:
                 }
                 # statuses[] are receipts for our own replies, not user turns: nothing to do.
                 our_number = _digits(metadata.get("display_phone_number"))
-                messages.extend(self._message(msg, names, our_number) for msg in _list(value, "messages"))
+                now = self.now()
+                messages.extend(self._message(msg, names, our_number, now) for msg in _list(value, "messages"))
         return messages
 
-    def _message(self, msg: Any, names: Mapping[Any, Any], our_number: str) -> InboundMessage:
-        msg_id = require(msg, "id", str, "message")
-        sender = require(msg, "from", str, "message")
-        try:
-            sent_at = float(msg.get("timestamp"))
-        except (TypeError, ValueError):
-            raise MalformedPayload("message.timestamp missing or not a number") from None
+    def _message(self, msg: Any, names: Mapping[Any, Any], our_number: str, now: float) -> InboundMessage:
+        msg_id = matching(require(msg, "id", str, "message"), MESSAGE_ID, "message.id")
+        sender = matching(require(msg, "from", str, "message"), USER_ID, "message.from")
+        sent_at = sent_time(msg.get("timestamp"), now)
         group_id = msg.get("group_id")
-        kind, chat_id = (GROUP, str(group_id)) if group_id else (DM, sender)
+        kind, chat_id = (GROUP, matching(group_id, GROUP_ID, "message.group_id")) if group_id else (DM, sender)
         text = _text_of(msg)
         is_new = msg.get("type") == "text" and text.strip().lower() == "/new"
         mentioned, replied = _addressed_in_group(msg, text, our_number) if kind == GROUP else (False, False)

@@ -17,6 +17,9 @@ import requests
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cli.standins.payloads import encode, sign_discord, sign_whatsapp, telegram_headers, telegram_text
+from ingress.publisher import Publisher
+from shared.config import load_settings
+from shared.messages import InboundMessage
 from shared.store import transcript
 
 pytestmark = pytest.mark.integration
@@ -383,6 +386,26 @@ def test_redelivery_past_the_ingress_ledger_is_stopped_by_the_store(stack):
     # The duplicate's turn is done (nothing to do), so the next message must not wait for it as for a
     # missing predecessor (workers.turn.ORDER_WAIT_S = 30 s, then a false "turn.gap").
     assert waited < 10, f"the message after a duplicate waited {waited:.1f}s for its turn (seq gap after duplicate)"
+
+
+def test_a_message_the_store_cannot_take_is_dead_lettered_and_the_session_goes_on(stack):
+    """Whatever slips past the parsers and cannot be stored (here a send time of infinity, which no datetime holds)
+    must not hold its session for ever: the real workers set it aside as a dead letter and answer the next one."""
+    phone = "5551900000003"
+    key = session_key(WA_ECHO, "dm", phone)
+    publisher = Publisher(load_settings(stack.env))
+    bad = InboundMessage(channel_id=WA_ECHO, platform="whatsapp", session_key=key, chat_id=phone, chat_kind="dm",
+                         sender_id=phone, sender_name="Ines", text="sent at the end of time",
+                         platform_message_id=f"wamid.inf{stack.next_id()}", sent_at=float("inf"))
+    assert publisher.publish([bad]) == 1  # seq 1
+    stack.whatsapp(WA_ECHO, phone, "and now?")  # seq 2, through the real ingress
+    assert stack.wait_replies(WA_ECHO, phone, 1) == ["echo: and now?"]
+    letters = stack.wait_until(lambda: stack.query(
+        "SELECT platform_message_id, error FROM dead_letters WHERE session_key = %s", key), 30, "the dead letter")
+    assert [row["platform_message_id"] for row in letters] == [bad.platform_message_id]
+    assert letters[0]["error"].startswith("not retryable: ")
+    assert stack.query("SELECT count(*) AS n FROM inbox i JOIN sessions s ON s.id = i.session_id WHERE s.key = %s",
+                       key) == [{"n": 0}]
 
 
 # --------------------------------------------------------------------------------------------------------------------
