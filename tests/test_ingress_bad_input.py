@@ -289,7 +289,9 @@ def test_whatsapp_json_of_the_wrong_shape_is_400(stack, doc, reason):
      "/ask needs a 'question' option"),
     ({"type": 3}, "unsupported interaction type 3"),
     ("just a string", "unsupported interaction type None"),
-], ids=["ask-without-question", "component-interaction", "not-an-object"])
+    (fixture("discord", "interaction_slash_command") | {"channel_id": "../../users/@me"},
+     "d.channel_id is not a snowflake"),  # it would become the reply's URL path
+], ids=["ask-without-question", "component-interaction", "not-an-object", "channel-id-not-a-snowflake"])
 def test_discord_interaction_of_the_wrong_shape_is_400(stack, doc, reason):
     response = post_dc(stack, json.dumps(doc).encode())
     assert response.status_code == 400

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import datetime
 from typing import Any, Callable
@@ -32,10 +33,19 @@ DISCORD_EPOCH_MS = 1420070400000
 NEW_COMMANDS = ("/new", "!new")
 THREAD_TYPES = (10, 11, 12)  # channel types ANNOUNCEMENT_THREAD, PUBLIC_THREAD, PRIVATE_THREAD
 MAX_KNOWN_THREADS = 100_000  # thread -> parent entries kept from gateway events (oldest forgotten first)
+_DIGITS = re.compile(r"[0-9]{1,20}")  # ASCII only: str.isdigit() and int() also take other scripts' digits
+
+
+def is_snowflake(value: Any) -> bool:
+    """A Discord id: an unsigned 64-bit integer written in ASCII decimal. A channel id goes into the reply's URL
+    path, so nothing else (a '../', a '/', a space) may ever pass for one."""
+    return isinstance(value, str) and _DIGITS.fullmatch(value) is not None and int(value) < 2**64
 
 
 def _snowflake_time(snowflake: str) -> float:
     """Interactions carry no timestamp; the id encodes its creation time."""
+    if not is_snowflake(snowflake):
+        raise ValueError(f"{snowflake!r} is not a snowflake")
     return ((int(snowflake) >> 22) + DISCORD_EPOCH_MS) / 1000
 
 
@@ -114,8 +124,10 @@ class DiscordChannel:
         author = require(d, "author", dict, "d")
         content = d.get("content") if isinstance(d.get("content"), str) else ""
         attachments = [a for a in d.get("attachments") or [] if isinstance(a, dict)]
-        if author.get("bot") or (not content.strip() and not attachments):
-            log.debug("channel.ignored", channel=self.config.id, reason="bot or empty", message_id=d.get("id"))
+        # Never answer another bot, nor a webhook (its `author` is the webhook itself and need not say bot).
+        if author.get("bot") or d.get("webhook_id") is not None or (not content.strip() and not attachments):
+            log.debug("channel.ignored", channel=self.config.id, reason="bot, webhook or empty",
+                      message_id=d.get("id"))
             return []
         text = "\n".join([content, *(f"[attachment: {a.get('filename', 'file')}]" for a in attachments)]).strip()
         try:
@@ -182,6 +194,8 @@ class DiscordChannel:
         own (chat_id, where the reply goes); with threads off its session is its parent's when the parent is known
         (an interaction's `channel`, or the gateway's thread events)."""
         channel_id = require(d, "channel_id", str, "d")
+        if not is_snowflake(channel_id):
+            raise MalformedPayload("d.channel_id is not a snowflake")
         kind = GROUP if d.get("guild_id") else DM
         user_id = require(user, "id", str, "author")
         parent = self._note_thread(d.get("channel")) or self.thread_parents.get(channel_id)
@@ -206,6 +220,9 @@ class DiscordChannel:
 
     def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], float | None] | None = None,
              thread_id: str | None = None) -> Delivery:
+        if not is_snowflake(chat_id):  # final: no retry, and nothing of it reaches a URL
+            return Delivery(ok=False, error=f"chat_id {chat_id[:40]!r} is not a Discord snowflake: not sent",
+                            attempts=0)
         url = f"{self.config.api_base}/channels/{chat_id}/messages"
         # The Agent's text must never ping @everyone or roles.
         before = gate(self, chat_id, chat_kind, fence)
