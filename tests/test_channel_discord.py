@@ -7,6 +7,7 @@ from channel_helpers import Reply, StandIn, fixture, fixture_bytes, make_config,
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from cli.standins.platforms import StandInPlatforms
 from shared.channels import build_channel
 from shared.channels.base import WebhookRequest
 from shared.channels.discord import DiscordChannel
@@ -256,6 +257,46 @@ def test_send_refuses_a_chat_id_that_is_not_a_snowflake(bad):
         delivery = ch.send(bad, GROUP, "hello")
     assert not delivery.ok and delivery.attempts == 0 and "snowflake" in delivery.error
     assert server.requests == [] and waits == []
+
+
+def test_every_chunk_of_a_reply_carries_its_own_enforced_nonce():
+    with StandIn(default=Reply(body={"id": "1311000000000000500"})) as server:
+        ch = channel(api_base=server.base)
+        assert ch.send(GUILD_CHANNEL, GROUP, "y" * 2500, reply_id=42).ok
+    nonces = [r.body["nonce"] for r in server.requests]
+    assert nonces == [ch.nonce(42, 0), ch.nonce(42, 1)] and len(set(nonces)) == 2
+    assert all(r.body["enforce_nonce"] is True for r in server.requests)
+
+
+def deployment(secret_key: str, api_base: str | None = None) -> DiscordChannel:
+    """A DiscordChannel as a worker of the deployment with this SECRET_KEY builds it."""
+    return DiscordChannel(make_config("discord", api_base=api_base, public_key=PUBLIC_HEX), secret_key=secret_key)
+
+
+def test_the_nonce_is_the_same_for_every_holder_and_differs_between_deployments():
+    one, other_holder, other_deployment = deployment("k" * 32), deployment("k" * 32), deployment("j" * 32)
+    assert one.nonce(42, 0) == other_holder.nonce(42, 0) != other_deployment.nonce(42, 0)
+    assert len({one.nonce(i, c) for i in (1, 2, 36, 37, 1296) for c in (0, 1, 36)}) == 15
+
+
+def test_the_longest_nonce_fits_discord_s_25_characters():
+    assert len(channel().nonce(2**63 - 1, 36**5 - 1)) == 25
+    assert len(channel().nonce(1, 0)) <= 25
+
+
+def test_a_reply_sent_again_by_another_holder_posts_nothing_new():
+    """Discord (here the stand-in, with the documented semantics) returns the first message for a known nonce: the
+    successor of a holder that sent the reply but never recorded it finds it sent, with the same message ids."""
+    platform = StandInPlatforms().start()
+    try:
+        first = deployment("k" * 32, platform.base("dc")).send(GUILD_CHANNEL, GROUP, "y" * 2500, reply_id=42)
+        again = deployment("k" * 32, platform.base("dc")).send(GUILD_CHANNEL, GROUP, "y" * 2500, reply_id=42)
+        other = deployment("k" * 32, platform.base("dc")).send(GUILD_CHANNEL, GROUP, "y" * 2500, reply_id=43)
+    finally:
+        platform.stop()
+    assert first.ok and again.ok and other.ok
+    assert again.platform_message_ids == first.platform_message_ids != other.platform_message_ids
+    assert len(platform.sent) == 4 and len(platform.deduplicated) == 2
 
 
 def test_send_retries_on_429_with_retry_after():

@@ -20,6 +20,7 @@ from shared.channels.base import (
 )
 from shared import policies
 from shared.config import ChannelConfig
+from shared.signing import keyed_hash
 from shared.errors import ConfigError, InvalidSignature, MalformedPayload
 from shared.messages import DM, GROUP, NEW_SESSION, Delivery, InboundMessage
 from shared.outbound import HttpSender, send_chunks
@@ -33,6 +34,8 @@ DISCORD_EPOCH_MS = 1420070400000
 NEW_COMMANDS = ("/new", "!new")
 THREAD_TYPES = (10, 11, 12)  # channel types ANNOUNCEMENT_THREAD, PUBLIC_THREAD, PRIVATE_THREAD
 MAX_KNOWN_THREADS = 100_000  # thread -> parent entries kept from gateway events (oldest forgotten first)
+NONCE_CHARS = 25  # Create Message: a nonce is an integer or a string of at most 25 characters
+DEPLOYMENT_TAG_CHARS = 6  # + reply id (<= 13 base-36 digits for a 64-bit id) + "." + chunk index (<= 5) = 25
 _DIGITS = re.compile(r"[0-9]{1,20}")  # ASCII only: str.isdigit() and int() also take other scripts' digits
 
 
@@ -49,12 +52,22 @@ def _snowflake_time(snowflake: str) -> float:
     return ((int(snowflake) >> 22) + DISCORD_EPOCH_MS) / 1000
 
 
+def _base36(n: int) -> str:
+    digits = ""
+    while True:
+        n, digit = divmod(n, 36)
+        digits = "0123456789abcdefghijklmnopqrstuvwxyz"[digit] + digits
+        if not n:
+            return digits
+
+
 def _message_id(body: Any) -> str | None:
     return str(body["id"]) if isinstance(body, dict) and "id" in body else None
 
 
 class DiscordChannel:
-    def __init__(self, config: ChannelConfig, limiter: Limiter | None = None, now: Callable[[], float] = time.time):
+    def __init__(self, config: ChannelConfig, limiter: Limiter | None = None, now: Callable[[], float] = time.time,
+                 secret_key: str = ""):
         self.config = config
         self.limiter = limiter  # shared outbound pacing; None sends unpaced (tests)
         self.now = now
@@ -67,6 +80,8 @@ class DiscordChannel:
         # user id equals.
         self.bot_user_id: str | None = str(config.options.get("application_id") or "") or None
         self.thread_parents: dict[str, str] = {}  # thread channel id -> parent channel id, from gateway events
+        # Nonces are checked per author (the bot): two deployments sharing a bot must not share nonces.
+        self.deployment_tag = keyed_hash(secret_key, "discord-nonce", "deployment")[:DEPLOYMENT_TAG_CHARS]
 
     def observe(self, event: str, d: Any) -> None:
         """Gateway dispatches that are not user turns but tell the parser something: READY (our user id) and the
@@ -218,13 +233,26 @@ class DiscordChannel:
             person=route.person,
         )
 
+    def nonce(self, reply_id: int, chunk: int) -> str:
+        """The Create Message nonce of one chunk of a stored reply: the same in every process of this deployment
+        (SECRET_KEY's tag, the reply's database id, the chunk's index), unique per chunk, at most 25 characters."""
+        return f"{self.deployment_tag}{_base36(reply_id)}.{_base36(chunk)}"
+
     def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], float | None] | None = None,
-             thread_id: str | None = None) -> Delivery:
+             thread_id: str | None = None, reply_id: int | None = None) -> Delivery:
+        """With `reply_id`, each chunk goes with an enforced nonce: Discord answers a create whose nonce it saw from
+        this bot in the past few minutes with that first message and posts nothing, so a successor (or an HTTP retry)
+        resending a chunk that was already accepted does not post it twice."""
         if not is_snowflake(chat_id):  # final: no retry, and nothing of it reaches a URL
             return Delivery(ok=False, error=f"chat_id {chat_id[:40]!r} is not a Discord snowflake: not sent",
                             attempts=0)
         url = f"{self.config.api_base}/channels/{chat_id}/messages"
-        # The Agent's text must never ping @everyone or roles.
         before = gate(self, chat_id, chat_kind, fence)
-        return send_chunks(text, TEXT_LIMIT, lambda chunk: self.sender.post(
-            url, {"content": chunk, "allowed_mentions": {"parse": []}}, _message_id, before))
+
+        def create(index: int, chunk: str) -> Delivery:
+            payload: dict[str, Any] = {"content": chunk, "allowed_mentions": {"parse": []}}  # never @everyone/roles
+            if reply_id is not None:
+                payload |= {"nonce": self.nonce(reply_id, index), "enforce_nonce": True}
+            return self.sender.post(url, payload, _message_id, before)
+
+        return send_chunks(text, TEXT_LIMIT, create)
