@@ -243,9 +243,8 @@ class DiscordChannel:
         """With `reply_id`, each chunk goes with an enforced nonce: Discord answers a create whose nonce it saw from
         this bot in the past few minutes with that first message and posts nothing, so a successor (or an HTTP retry)
         resending a chunk that was already accepted does not post it twice."""
-        if not is_snowflake(chat_id):  # final: no retry, and nothing of it reaches a URL
-            return Delivery(ok=False, error=f"chat_id {chat_id[:40]!r} is not a Discord snowflake: not sent",
-                            attempts=0)
+        if not is_snowflake(chat_id):  # final: no retry, and nothing of it reaches a URL (nor the error: it is logged)
+            return Delivery(ok=False, error="chat_id is not a Discord snowflake: not sent", attempts=0)
         url = f"{self.config.api_base}/channels/{chat_id}/messages"
         before = gate(self, chat_id, chat_kind, fence)
 
