@@ -129,11 +129,12 @@ class HttpSender:
         return Delivery(ok=False, error=error, attempts=MAX_ATTEMPTS)
 
 
-def send_chunks(text: str, limit: int, send_one: Callable[[str], Delivery]) -> Delivery:
-    """Send a long reply as chunks of at most `limit` characters, in order, stopping at the first failure."""
+def send_chunks(text: str, limit: int, send_one: Callable[[int, str], Delivery]) -> Delivery:
+    """Send a long reply as chunks of at most `limit` characters, in order, stopping at the first failure.
+    `send_one(index, chunk)`: the index is stable for a given text, so a chunk can be recognised when sent again."""
     deliveries: list[Delivery] = []
-    for chunk in split_text(text, limit):
-        deliveries.append(send_one(chunk))
+    for index, chunk in enumerate(split_text(text, limit)):
+        deliveries.append(send_one(index, chunk))
         if not deliveries[-1].ok:
             break
     return combine(deliveries)

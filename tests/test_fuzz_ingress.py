@@ -38,8 +38,7 @@ from cli.standins import payloads as p
 from ingress.app import create_app
 from ingress.ledger import MemoryLedger
 from ingress.publisher import Publisher
-from shared.channels.base import SNOWFLAKE
-from shared.channels.discord import DiscordChannel
+from shared.channels.discord import DiscordChannel, is_snowflake
 from shared.channels.telegram import TelegramChannel
 from shared.channels.whatsapp import WhatsAppChannel
 from shared.config import load_settings
@@ -73,7 +72,7 @@ KEYS = [
     "latitude", "longitude", "update_id", "message", "edited_message", "chat", "message_id", "date", "sender_chat",
     "first_name", "last_name", "username", "entities", "offset", "length", "document", "file_name", "photo", "t",
     "d", "op", "s", "author", "bot", "content", "attachments", "channel_id", "guild_id", "global_name", "data",
-    "options", "member", "user",
+    "options", "member", "user", "webhook_id",
 ]
 ISO_TIME = "2026-11-25T01:11:00.000000+00:00"
 # Values the parsers compare against.
@@ -189,7 +188,11 @@ SAMPLES: dict[str, list[Any]] = {
     "discord": [fixture("discord", name) for name in (
         "gateway_message_create_dm", "gateway_message_create_guild", "gateway_hello", "gateway_ready_excerpt")]
     + [{"t": "MESSAGE_CREATE", "s": 2, "op": 0, "d": p.discord_message(
-        "1290000000000000099", "402922222222222222", "Farid", "!new", "1311000000000000009")}],
+        "1290000000000000099", "402922222222222222", "Farid", "!new", "1311000000000000009")}]
+    # posted by a webhook: ignored; every single mutation that drops webhook_id must still parse well-formed
+    + [{"t": "MESSAGE_CREATE", "s": 3, "op": 0, "d": p.discord_message(
+        "1290000000000000001", "1290000000000000555", "Deploy Notifier", "build 812 deployed",
+        "1311000000000000010", guild_id="1280000000000000001") | {"webhook_id": "1290000000000000555"}}],
     "interaction": _interaction_variants(),
 }
 SAMPLES["gateway"] = SAMPLES["discord"]  # the same dispatches, read the way the gateway client reads them
@@ -262,8 +265,8 @@ def assert_well_formed(message: Any, channel_id: str, platform: str) -> None:
         value = getattr(message, name)
         assert value is None or (len(value) <= limit and "\x00" not in value), (name, value)
     assert len(message.sender_name) <= NAME_LIMIT and "\x00" not in message.text + message.sender_name
-    if platform == "discord":
-        assert SNOWFLAKE.fullmatch(message.chat_id) and SNOWFLAKE.fullmatch(message.sender_id), message
+    if platform == "discord":  # the reply's URL path is built from the chat id
+        assert is_snowflake(message.chat_id) and is_snowflake(message.sender_id), message
     else:
         assert re.fullmatch(r"-?[0-9]{1,20}", message.sender_id), message  # a phone number, a Telegram user
     # A send time the store and the policies can use: finite, not in the future, not older than a replay.
@@ -337,6 +340,21 @@ def test_parsers_on_arbitrary_json(name, value):
 def test_parsers_on_arbitrary_json_inside_the_platform_envelope(name, data):
     envelope = data.draw(st.sampled_from(ENVELOPES[name]), label="envelope")
     parses_or_rejects(name, encode(envelope(data.draw(json_values, label="value"))))
+
+
+@pytest.mark.parametrize("name", ["discord", "gateway"])
+@pytest.mark.parametrize("posted_by", ["webhook", "bot"])
+@FUZZ
+@given(data=st.data())
+def test_messages_posted_by_webhooks_or_bots_never_become_turns(name, posted_by, data):
+    """Whatever else a MESSAGE_CREATE holds: a non-null webhook_id, or an author that is a bot, gives no message."""
+    d = {"author": {"id": "1"}, "id": "1", "channel_id": "1", "content": "hi", "timestamp": ISO_TIME,
+         **data.draw(st.dictionaries(keys, json_values, max_size=6), label="other fields")}
+    if posted_by == "webhook":
+        d["webhook_id"] = data.draw(json_values.filter(lambda v: v is not None), label="webhook_id")
+    else:
+        d["author"] = {"id": "1", **_dict(d.get("author")), "bot": True}
+    assert parses_or_rejects(name, encode({"t": "MESSAGE_CREATE", "d": d})) == []
 
 
 # -- (b) mutated real payloads -------------------------------------------------------------------------------------------

@@ -325,7 +325,9 @@ def test_telegram_json_nested_too_deeply_is_dropped_with_200(stack):
      "/ask needs a 'question' option"),
     ({"type": 3}, "unsupported interaction type 3"),
     ("just a string", "unsupported interaction type None"),
-], ids=["ask-without-question", "component-interaction", "not-an-object"])
+    (fixture("discord", "interaction_slash_command") | {"channel_id": "../../users/@me"},
+     "d.channel_id is not a valid id"),  # it would become the reply's URL path
+], ids=["ask-without-question", "component-interaction", "not-an-object", "channel-id-not-a-snowflake"])
 def test_discord_interaction_of_the_wrong_shape_is_400(stack, doc, reason):
     response = post_dc(stack, json.dumps(doc).encode())
     assert response.status_code == 400

@@ -149,6 +149,19 @@ def test_unsent_reply_is_sent_when_the_message_is_redelivered(database_url):
     assert transcript(database_url, "wa:dm:5511")[1][-1].delivery_status == "sent"
 
 
+def test_a_reply_is_sent_again_under_its_stored_id(database_url):
+    """The channel gets the stored reply's id with every send, the same for a holder that sends it again, so a
+    platform that recognises a resend (Discord's enforced nonce) posts it once."""
+    r = make_runner(database_url, EchoAgent())
+    m = msg("hello", seq=1)
+    r.handle(m)
+    with transaction(database_url) as s:  # as if the worker died after the send, before recording it
+        reply_id = s.scalar(select(Message.id).where(Message.role == "assistant"))
+        s.execute(update(Message).where(Message.role == "assistant").values(delivery_status="pending"))
+    r.handle(m)
+    assert r.channels["wa"].reply_ids == [reply_id, reply_id]
+
+
 def test_stale_holder_cannot_commit(database_url):
     store = make_runner(database_url).store
     accepted = store.accept(msg("hello", seq=1))

@@ -23,7 +23,7 @@ def runner() -> TurnRunner:
     return TurnRunner(
         settings=settings,
         store=store,
-        channels={cid: build_channel(c, limiter) for cid, c in settings.channels.items()},
+        channels={cid: build_channel(c, limiter, settings.secret_key) for cid, c in settings.channels.items()},
         agents={cid: load_agent(c.agent, c.agent_options) for cid, c in settings.channels.items()},
         journal=RedisJournal(settings.redis_url) if settings.redis_url else MemoryJournal(),
     )

@@ -38,14 +38,16 @@ class RecordingChannel:
     config: ChannelConfig
     sent: list[tuple[str, str]] = field(default_factory=list)
     threads: list[str | None] = field(default_factory=list)  # the thread_id of each sent reply
+    reply_ids: list[int | None] = field(default_factory=list)  # the stored reply id of each sent reply
     ok: bool = True
 
     def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], float | None] | None = None,
-             thread_id: str | None = None) -> Delivery:
+             thread_id: str | None = None, reply_id: int | None = None) -> Delivery:
         if fence is not None:
             fence()  # like a real channel: a holder that lost the session sends nothing
         self.sent.append((chat_id, text))
         self.threads.append(thread_id)
+        self.reply_ids.append(reply_id)
         if not self.ok:
             return Delivery(ok=False, error="http 400: refused")
         return Delivery(ok=True, platform_message_ids=(f"sent.{len(self.sent)}",))

@@ -239,7 +239,7 @@ class TurnRunner:
             log.warning("turn.reply_outside_window", reply_id=reply.id, user_sent_at=reply.user_sent_at.isoformat())
             return Delivery(ok=False, error=error, attempts=0)
         return channel.send(reply.chat_id, reply.chat_kind, reply.text, fence=lambda: self._fence(claim),
-                            thread_id=reply.thread_id)
+                            thread_id=reply.thread_id, reply_id=reply.id)
 
     def _record(self, reply_id: int, delivery: Delivery) -> None:
         """Store a send's outcome. With the database down, note it in the delivery journal first (a successor

@@ -5,6 +5,11 @@ channels apart in the records. Routes, after the prefix:
   POST /{version}/{phone_number_id}/messages   WhatsApp Cloud API
   POST /bot{token}/sendMessage                 Telegram Bot API
   POST /channels/{channel_id}/messages         Discord
+
+Discord's Create Message deduplicates like the real one: with `nonce` and `enforce_nonce: true`, a create from the same
+author (bot token) with a nonce seen in the last `nonce_window_s` returns the first message and posts nothing (the
+absorbed creates are kept in `deduplicated`); a nonce Discord would refuse (not an int64 or a string of at most 25
+characters) is a 400. `delay_answers` makes a platform slow to answer a message it has already created.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+NONCE_WINDOW_S = 120.0  # Discord: "checked for uniqueness in the past few minutes"; the low end of "a few"
+NONCE_CHARS = 25
 ROUTES = [
     ("whatsapp", re.compile(r"^/(?P<prefix>[^/]+)/(?P<version>v[\d.]+)/(?P<account>[^/]+)/messages$")),
     ("telegram", re.compile(r"^/(?P<prefix>[^/]+)/bot(?P<account>[^/]+)/sendMessage$")),
@@ -38,12 +45,30 @@ class Sent:
     body: dict[str, Any]
 
 
+def discord_nonce_error(body: dict[str, Any]) -> dict[str, Any] | None:
+    """Discord's 400 for a nonce it refuses: an integer (int64) or a string of at most 25 characters."""
+    if "nonce" not in body or body["nonce"] is None:
+        return None
+    nonce = body["nonce"]
+    if isinstance(nonce, str) and len(nonce) <= NONCE_CHARS:
+        return None
+    if isinstance(nonce, int) and not isinstance(nonce, bool) and -2**63 <= nonce < 2**63:
+        return None
+    error = ({"code": "BASE_TYPE_MAX_LENGTH", "message": f"Must be {NONCE_CHARS} or fewer in length."}
+             if isinstance(nonce, str) else {"message": "Must be an integer or a string."})
+    return {"code": 50035, "message": "Invalid Form Body", "errors": {"nonce": {"_errors": [error]}}}
+
+
 class StandInPlatforms:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, nonce_window_s: float = NONCE_WINDOW_S):
         self.sent: list[Sent] = []
+        self.deduplicated: list[Sent] = []  # Discord creates answered with an earlier message of the same nonce
+        self.nonce_window_s = nonce_window_s
         self._lock = threading.Condition()
         self._ids = itertools.count(1)
         self._fail: list[tuple[int, dict[str, Any], dict[str, str]]] = []  # queued error answers
+        self._nonces: dict[tuple[str, Any], tuple[float, dict[str, Any]]] = {}  # (author, nonce) -> (at, answer)
+        self._delays: dict[str, float] = {}  # prefix -> seconds between creating a message and answering
         standin = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -67,7 +92,8 @@ class StandInPlatforms:
 
         self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
-        self._thread = threading.Thread(target=self.server.serve_forever, name="standin-platforms", daemon=True)
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), name="standin-platforms",
+                                        daemon=True)
 
     def start(self) -> StandInPlatforms:
         self._thread.start()
@@ -86,6 +112,12 @@ class StandInPlatforms:
         with self._lock:
             self._fail.append((status, body, headers or {}))
 
+    def delay_answers(self, prefix: str, seconds: float) -> None:
+        """Answer this prefix's requests `seconds` after the message was created (recorded): the window in which a
+        sender that stops never learns that its message went out."""
+        with self._lock:
+            self._delays[prefix] = seconds
+
     def _handle(self, path: str, headers: dict[str, str], raw: bytes) -> tuple[int, dict[str, Any], dict[str, str]]:
         try:
             body = json.loads(raw)
@@ -96,9 +128,27 @@ class StandInPlatforms:
                 break
         else:
             return 404, {"error": f"no route {path}"}, {}
+        answer = self._create(platform, m, {k.lower(): v for k, v in headers.items()}, body)
+        time.sleep(self._delays.get(m.group("prefix"), 0.0))
+        return answer
+
+    def _create(self, platform: str, m: re.Match[str], headers: dict[str, str],
+                body: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """Record the message (or not) and return the platform's answer."""
         with self._lock:
             if self._fail:
                 return self._fail.pop(0)
+            nonce_key = None
+            if platform == "discord":
+                if (refused := discord_nonce_error(body)) is not None:
+                    return 400, refused, {}
+                if body.get("enforce_nonce") is True and body.get("nonce") is not None:
+                    nonce_key = (headers.get("authorization", ""), body["nonce"])
+                    seen = self._nonces.get(nonce_key)
+                    if seen is not None and time.time() - seen[0] <= self.nonce_window_s:
+                        self.deduplicated.append(Sent(m.group("prefix"), platform, m.group("chat"),
+                                                      str(body.get("content")), time.time(), headers, body))
+                        return 200, seen[1], {}
             n = next(self._ids)
             if platform == "whatsapp":
                 chat, text, answer = body.get("to"), body.get("text", {}).get("body"), {
@@ -107,11 +157,25 @@ class StandInPlatforms:
                 chat, text, answer = body.get("chat_id"), body.get("text"), {
                     "ok": True, "result": {"message_id": n, "chat": {"id": body.get("chat_id")}, "text": body.get("text")}}
             else:
-                chat, text, answer = m.group("chat"), body.get("content"), {"id": str(9_000_000 + n), "content": body.get("content")}
-            self.sent.append(Sent(m.group("prefix"), platform, str(chat), str(text), time.time(),
-                                  {k.lower(): v for k, v in headers.items()}, body))
+                chat, text, answer = m.group("chat"), body.get("content"), {
+                    "id": str(9_000_000 + n), "channel_id": m.group("chat"), "content": body.get("content"),
+                    "nonce": body.get("nonce")}
+                if nonce_key is not None:
+                    self._remember_nonce(nonce_key, answer)
+            self.sent.append(Sent(m.group("prefix"), platform, str(chat), str(text), time.time(), headers, body))
             self._lock.notify_all()
         return 200, answer, {}
+
+    def _remember_nonce(self, key: tuple[str, Any], answer: dict[str, Any]) -> None:
+        """Keep the nonce for the window; entries past it are dropped, oldest first (a long bench stays small)."""
+        now = time.time()
+        while self._nonces:
+            oldest = next(iter(self._nonces))
+            if now - self._nonces[oldest][0] <= self.nonce_window_s:
+                break
+            del self._nonces[oldest]
+        self._nonces.pop(key, None)  # re-inserted at the end: the dict stays in time order
+        self._nonces[key] = (now, answer)
 
     def wait_for(self, count: int, timeout: float = 30.0) -> list[Sent]:
         """Block until at least `count` replies arrived; returns them all (raises TimeoutError otherwise)."""

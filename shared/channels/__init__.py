@@ -7,8 +7,9 @@ from shared.config import ChannelConfig
 from shared.ratelimit import Limiter
 
 
-def build_channel(config: ChannelConfig, limiter: Limiter | None = None) -> Channel:
-    """The adapter for a configured channel; workers pass the shared outbound limiter."""
+def build_channel(config: ChannelConfig, limiter: Limiter | None = None, secret_key: str = "") -> Channel:
+    """The adapter for a configured channel; workers pass the shared outbound limiter and SECRET_KEY (what tells
+    this deployment's Discord nonces from another's that uses the same bot)."""
     if config.platform == "whatsapp":
         from shared.channels.whatsapp import WhatsAppChannel
 
@@ -20,7 +21,7 @@ def build_channel(config: ChannelConfig, limiter: Limiter | None = None) -> Chan
     if config.platform == "discord":
         from shared.channels.discord import DiscordChannel
 
-        return DiscordChannel(config, limiter)
+        return DiscordChannel(config, limiter, secret_key=secret_key)
     if config.platform == "webchat":
         from shared.channels.webchat import WebChatChannel
 

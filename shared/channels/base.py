@@ -41,14 +41,18 @@ class Channel(Protocol):
         """The user messages in a verified body (possibly none); MalformedPayload if the shape is wrong."""
 
     def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], float | None] | None = None,
-             thread_id: str | None = None) -> Delivery:
+             thread_id: str | None = None, reply_id: int | None = None) -> Delivery:
         """Send a reply to a chat (InboundMessage.chat_id/chat_kind), split to the platform's length limit.
 
         `thread_id` is the topic inside the chat the answered message was posted in (InboundMessage.thread_id):
         Telegram sends it as message_thread_id; a Discord thread is its own chat_id; the others have none.
 
         `fence` runs immediately before every request, after any pacing wait: it raises (LeaseLost) when this
-        worker may no longer send for the session, so a holder paused past its lease never sends."""
+        worker may no longer send for the session, so a holder paused past its lease never sends.
+
+        `reply_id` is the stored reply's id, the same for every holder that sends this reply: a platform that can
+        recognise a resend uses it (Discord: an enforced nonce per chunk), so a reply a stopped holder already sent
+        but never recorded is not posted twice by its successor."""
 
 
 def gate(channel: Any, chat_id: str, chat_kind: str,

@@ -15,13 +15,13 @@ from shared.channels.base import (
     WebhookRequest,
     load_json,
     gate,
-    matching,
     parser,
     require,
     sent_time,
 )
 from shared import policies
 from shared.config import ChannelConfig
+from shared.signing import keyed_hash
 from shared.errors import ConfigError, InvalidSignature, MalformedPayload
 from shared.messages import DM, GROUP, NEW_SESSION, Delivery, InboundMessage
 from shared.outbound import HttpSender, send_chunks
@@ -35,6 +35,22 @@ DISCORD_EPOCH_MS = 1420070400000
 NEW_COMMANDS = ("/new", "!new")
 THREAD_TYPES = (10, 11, 12)  # channel types ANNOUNCEMENT_THREAD, PUBLIC_THREAD, PRIVATE_THREAD
 MAX_KNOWN_THREADS = 100_000  # thread -> parent entries kept from gateway events (oldest forgotten first)
+NONCE_CHARS = 25  # Create Message: a nonce is an integer or a string of at most 25 characters
+DEPLOYMENT_TAG_CHARS = 6  # + reply id (<= 13 base-36 digits for a 64-bit id) + "." + chunk index (<= 5) = 25
+
+
+def is_snowflake(value: Any) -> bool:
+    """A Discord id: an unsigned 64-bit integer written in ASCII decimal (str.isdigit() and int() also take other
+    scripts' digits). A channel id goes into the reply's URL path, so nothing else (a '../', a '/', a space) may
+    ever pass for one."""
+    return isinstance(value, str) and SNOWFLAKE.fullmatch(value) is not None and int(value) < 2**64
+
+
+def snowflake(value: Any, where: str) -> str:
+    """An id of a parsed event; MalformedPayload unless it is a snowflake."""
+    if not is_snowflake(value):
+        raise MalformedPayload(f"{where} is not a valid id")
+    return value
 
 
 def _snowflake_time(snowflake: str) -> float:
@@ -42,12 +58,22 @@ def _snowflake_time(snowflake: str) -> float:
     return ((int(snowflake) >> 22) + DISCORD_EPOCH_MS) / 1000
 
 
+def _base36(n: int) -> str:
+    digits = ""
+    while True:
+        n, digit = divmod(n, 36)
+        digits = "0123456789abcdefghijklmnopqrstuvwxyz"[digit] + digits
+        if not n:
+            return digits
+
+
 def _message_id(body: Any) -> str | None:
     return str(body["id"]) if isinstance(body, dict) and "id" in body else None
 
 
 class DiscordChannel:
-    def __init__(self, config: ChannelConfig, limiter: Limiter | None = None, now: Callable[[], float] = time.time):
+    def __init__(self, config: ChannelConfig, limiter: Limiter | None = None, now: Callable[[], float] = time.time,
+                 secret_key: str = ""):
         self.config = config
         self.limiter = limiter  # shared outbound pacing; None sends unpaced (tests)
         self.now = now
@@ -60,6 +86,8 @@ class DiscordChannel:
         # user id equals.
         self.bot_user_id: str | None = str(config.options.get("application_id") or "") or None
         self.thread_parents: dict[str, str] = {}  # thread channel id -> parent channel id, from gateway events
+        # Nonces are checked per author (the bot): two deployments sharing a bot must not share nonces.
+        self.deployment_tag = keyed_hash(secret_key, "discord-nonce", "deployment")[:DEPLOYMENT_TAG_CHARS]
 
     def observe(self, event: str, d: Any) -> None:
         """Gateway dispatches that are not user turns but tell the parser something: READY (our user id) and the
@@ -83,8 +111,7 @@ class DiscordChannel:
         if not isinstance(channel, dict) or channel.get("type") not in THREAD_TYPES:
             return None
         thread, parent = channel.get("id"), channel.get("parent_id")
-        if not isinstance(thread, str) or not isinstance(parent, str) or not (
-                SNOWFLAKE.fullmatch(thread) and SNOWFLAKE.fullmatch(parent)):
+        if not is_snowflake(thread) or not is_snowflake(parent):
             return None
         if thread not in self.thread_parents and len(self.thread_parents) >= MAX_KNOWN_THREADS:
             self.thread_parents.pop(next(iter(self.thread_parents)))
@@ -118,8 +145,10 @@ class DiscordChannel:
         author = require(d, "author", dict, "d")
         content = d.get("content") if isinstance(d.get("content"), str) else ""
         attachments = [a for a in d.get("attachments") or [] if isinstance(a, dict)]
-        if author.get("bot") or (not content.strip() and not attachments):
-            log.debug("channel.ignored", channel=self.config.id, reason="bot or empty", message_id=d.get("id"))
+        # Never answer another bot, nor a webhook (its `author` is the webhook itself and need not say bot).
+        if author.get("bot") or d.get("webhook_id") is not None or (not content.strip() and not attachments):
+            log.debug("channel.ignored", channel=self.config.id, reason="bot, webhook or empty",
+                      message_id=d.get("id"))
             return []
         text = "\n".join([content, *(f"[attachment: {a.get('filename', 'file')}]" for a in attachments)]).strip()
         try:
@@ -128,7 +157,7 @@ class DiscordChannel:
             raise MalformedPayload("d.timestamp is not an ISO 8601 time") from None
         sent_at = sent_time(written, self.now(), replay_window=None)  # the gateway is live: nothing to replay
         is_new = content.strip().lower() in NEW_COMMANDS
-        message = self._message(d, author, text, matching(d.get("id"), SNOWFLAKE, "d.id"), sent_at,
+        message = self._message(d, author, text, snowflake(d.get("id"), "d.id"), sent_at,
                                 NEW_SESSION if is_new else None, addressed=self._addressed(d, content, command=is_new))
         return [message]
 
@@ -156,7 +185,7 @@ class DiscordChannel:
         if kind != 2:
             raise MalformedPayload(f"unsupported interaction type {kind!r}")
         data = require(doc, "data", dict, "interaction")
-        interaction_id = matching(doc.get("id"), SNOWFLAKE, "interaction.id")
+        interaction_id = snowflake(doc.get("id"), "interaction.id")
         member = doc.get("member") if isinstance(doc.get("member"), dict) else {}
         user = member.get("user") or doc.get("user")
         if not isinstance(user, dict):
@@ -171,10 +200,7 @@ class DiscordChannel:
             text, command, reply = options["question"], None, "Got it, answering here shortly."
         else:
             raise MalformedPayload(f"unknown application command {name!r}")
-        try:
-            sent_at = _snowflake_time(interaction_id)
-        except ValueError:
-            raise MalformedPayload("interaction.id is not a snowflake") from None
+        sent_at = _snowflake_time(interaction_id)
         # An application command is addressed to the bot by construction.
         message = self._message(doc, user, text, f"interaction:{interaction_id}", sent_at, command, addressed=True)
         return {"type": 4, "data": {"content": reply}}, [message]
@@ -186,9 +212,9 @@ class DiscordChannel:
         """Gateway messages and interactions in one channel land in the same session. A thread is a channel of its
         own (chat_id, where the reply goes); with threads off its session is its parent's when the parent is known
         (an interaction's `channel`, or the gateway's thread events)."""
-        channel_id = matching(d.get("channel_id"), SNOWFLAKE, "d.channel_id")
+        channel_id = snowflake(d.get("channel_id"), "d.channel_id")
         kind = GROUP if d.get("guild_id") else DM
-        user_id = matching(user.get("id"), SNOWFLAKE, "author.id")
+        user_id = snowflake(user.get("id"), "author.id")
         parent = self._note_thread(d.get("channel")) or self.thread_parents.get(channel_id)
         boundary = parent if parent and not policies.threads_enabled(self.config) else channel_id
         route = policies.route(self.config, kind, boundary, user_id)
@@ -209,10 +235,25 @@ class DiscordChannel:
             person=route.person,
         )
 
+    def nonce(self, reply_id: int, chunk: int) -> str:
+        """The Create Message nonce of one chunk of a stored reply: the same in every process of this deployment
+        (SECRET_KEY's tag, the reply's database id, the chunk's index), unique per chunk, at most 25 characters."""
+        return f"{self.deployment_tag}{_base36(reply_id)}.{_base36(chunk)}"
+
     def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], float | None] | None = None,
-             thread_id: str | None = None) -> Delivery:
+             thread_id: str | None = None, reply_id: int | None = None) -> Delivery:
+        """With `reply_id`, each chunk goes with an enforced nonce: Discord answers a create whose nonce it saw from
+        this bot in the past few minutes with that first message and posts nothing, so a successor (or an HTTP retry)
+        resending a chunk that was already accepted does not post it twice."""
+        if not is_snowflake(chat_id):  # final: no retry, and nothing of it reaches a URL (nor the error: it is logged)
+            return Delivery(ok=False, error="chat_id is not a Discord snowflake: not sent", attempts=0)
         url = f"{self.config.api_base}/channels/{chat_id}/messages"
-        # The Agent's text must never ping @everyone or roles.
         before = gate(self, chat_id, chat_kind, fence)
-        return send_chunks(text, TEXT_LIMIT, lambda chunk: self.sender.post(
-            url, {"content": chunk, "allowed_mentions": {"parse": []}}, _message_id, before))
+
+        def create(index: int, chunk: str) -> Delivery:
+            payload: dict[str, Any] = {"content": chunk, "allowed_mentions": {"parse": []}}  # never @everyone/roles
+            if reply_id is not None:
+                payload |= {"nonce": self.nonce(reply_id, index), "enforce_nonce": True}
+            return self.sender.post(url, payload, _message_id, before)
+
+        return send_chunks(text, TEXT_LIMIT, create)

@@ -163,7 +163,7 @@ class TelegramChannel:
         return isinstance(author, dict) and author.get("is_bot") is True and self._is_us(author)
 
     def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], float | None] | None = None,
-             thread_id: str | None = None) -> Delivery:
+             thread_id: str | None = None, reply_id: int | None = None) -> Delivery:
         target: int | str = int(chat_id) if chat_id.lstrip("-").isdigit() else chat_id
 
         def message_id(body: Any) -> str | None:
@@ -177,5 +177,5 @@ class TelegramChannel:
         if thread_id is not None:  # a forum topic: the reply goes into the topic the message was posted in
             body["message_thread_id"] = int(thread_id) if thread_id.isdigit() else thread_id
         before = gate(self, chat_id, chat_kind, fence)
-        return send_chunks(text, TEXT_LIMIT, lambda chunk: self.sender.post(
+        return send_chunks(text, TEXT_LIMIT, lambda _index, chunk: self.sender.post(
             self.url, body | {"text": chunk}, message_id, before))

@@ -120,7 +120,7 @@ class WebChatChannel:
         )
 
     def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], float | None] | None = None,
-             thread_id: str | None = None) -> Delivery:
+             thread_id: str | None = None, reply_id: int | None = None) -> Delivery:
         """Leave the reply in the visitor's box; `fence` (the lease check) runs right before each attempt."""
         error = None
         for attempt in range(1, SEND_ATTEMPTS + 1):

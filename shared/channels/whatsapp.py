@@ -178,10 +178,10 @@ class WhatsAppChannel:
         )
 
     def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], float | None] | None = None,
-             thread_id: str | None = None) -> Delivery:
+             thread_id: str | None = None, reply_id: int | None = None) -> Delivery:
         recipient = "group" if chat_kind == GROUP else "individual"
         before = gate(self, chat_id, chat_kind, fence)
-        return send_chunks(text, TEXT_LIMIT, lambda chunk: self.sender.post(self.url, {
+        return send_chunks(text, TEXT_LIMIT, lambda _index, chunk: self.sender.post(self.url, {
             "messaging_product": "whatsapp",
             "recipient_type": recipient,
             "to": chat_id,

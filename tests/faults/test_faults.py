@@ -21,6 +21,7 @@ from shared.partitioning import partition_of
 
 from .check import Report, check, late_count, wait_settled
 from .harness import (
+    DC,
     KOMBU_RESTORE_INTERVAL,
     LEASE_SECONDS,
     PARTITIONS,
@@ -28,7 +29,7 @@ from .harness import (
     FaultStack,
     parse_partitions,
 )
-from .traffic import Traffic, make_sessions
+from .traffic import DISCORD_KINDS, KINDS, Traffic, make_sessions
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(420)]
 
@@ -43,8 +44,9 @@ SETTLE_S = VISIBILITY_TIMEOUT + KOMBU_RESTORE_INTERVAL + ORDER_WAIT_S + 30  # ge
 
 
 def traffic_for(stack: FaultStack, *, poison_sessions: int = 0, slow_sessions: int = 0, duplicate: bool = False,
-                sessions: int = SESSIONS, messages: int = MESSAGES) -> Traffic:
-    return Traffic(make_sessions(sessions, messages, poison_sessions=poison_sessions, slow_sessions=slow_sessions),
+                sessions: int = SESSIONS, messages: int = MESSAGES, kinds: tuple[str, ...] = KINDS) -> Traffic:
+    return Traffic(make_sessions(sessions, messages, poison_sessions=poison_sessions, slow_sessions=slow_sessions,
+                                 kinds=kinds),
                    stack.ingress_urls, stack.discord_key, rate=RATE, duplicate=duplicate)
 
 
@@ -191,38 +193,80 @@ def turns_caught(log: str, paused_at: float, resumed_at: float) -> int:
     return sum(1 for tid, at in received.items() if at < paused_at and finished.get(tid, resumed_at) >= resumed_at)
 
 
+def pause_past_lease(stack: FaultStack, traffic: Traffic) -> tuple[float, float]:
+    """Once the traffic flows, SIGSTOP pool-a past the lease (another holder may take its sessions over) and past
+    the visibility timeout (its unacked turns are handed to pool-b at kombu's next restore sweep), then SIGCONT.
+    Returns (paused at, resumed at)."""
+    start_and_reach(traffic)
+    stack.pause("pool-a")
+    paused_at = time.time()
+    time.sleep(VISIBILITY_TIMEOUT + 4.0)
+    stack.resume("pool-a")
+    return paused_at, time.time()
+
+
+def note_pause(stack: FaultStack, report: Report, paused_at: float, resumed_at: float) -> None:
+    """How many turns the pause caught in flight (none: the fault was not exercised) and the stale holder's fencing."""
+    log = stack.logs("pool-a")
+    caught = turns_caught(log, paused_at, resumed_at)
+    report.notes.append(f"pool-a paused {resumed_at - paused_at:.1f}s (lease {LEASE_SECONDS:.0f}s) with {caught} "
+                        f"turns in flight; stale-holder fencing in its log: lease_lost x{log.count('lease_lost')}")
+    if not caught:
+        report.problems.append("the pause caught no turn of pool-a in flight: the fault was not exercised")
+
+
+def note_nonce_resends(stack: FaultStack, report: Report) -> int:
+    """Discord creates the platform answered with the message it already had (the enforced nonce): a successor
+    resending what the paused holder had sent, or the paused holder's request going out late. Without the nonce
+    each would have been a duplicate reply. Returns how many replies were created twice and posted once."""
+    resent = {s.body.get("nonce") for s in stack.standin.deduplicated if s.prefix == DC}
+    report.notes.append(f"Discord: {len(resent)} replies created twice and posted once (the enforced nonce answered "
+                        f"the second create with the first message; without it: {len(resent)} duplicates)")
+    return len(resent)
+
+
 @EVERY_BROKER
 def test_b_sigstop_past_lease_then_sigcont(make_stack, broker):
     stack = make_stack("b-sigstop" + SUFFIX[broker], broker=broker, pools={"pool-a": "0-15", "pool-b": "0-15"})
     # Slow sessions (the Agent thinks a second per turn) make sure the pause catches turns in the middle.
     traffic = traffic_for(stack, slow_sessions=max(4, SESSIONS // 8))
-    start_and_reach(traffic)
-    stack.pause("pool-a")
-    paused_at = time.time()
-    # Past the lease (another holder may take the sessions over) and past the visibility timeout (its unacked
-    # turns are handed to pool-b at kombu's next restore sweep).
-    time.sleep(VISIBILITY_TIMEOUT + 4.0)
-    stack.resume("pool-a")
-    fault_end = time.time()
+    paused_at, fault_end = pause_past_lease(stack, traffic)
 
     def in_duplicate_window(sent, arrivals: list[float]) -> bool:
         """README: a reply goes out twice only if its sender stopped after the platform accepted it and before
         delivery_status=sent was committed — here the pause: the first copy arrived before it, and the second
         from the holder that took the session over once the lease had expired. A copy the paused holder sent
-        AFTER the pause (past its fencing check) is never excused."""
-        return len(arrivals) == 2 and arrivals[0] <= paused_at and arrivals[1] >= paused_at + LEASE_SECONDS
+        AFTER the pause (past its fencing check) is never excused, nor any Discord duplicate: there the enforced
+        nonce closes the window."""
+        return len(arrivals) == 2 and arrivals[0] <= paused_at and arrivals[1] >= paused_at + LEASE_SECONDS \
+            and sent.session.channel != DC
 
     report = finish(stack, traffic, "b. SIGSTOP past lease + SIGCONT" + LABEL[broker], fault_end,
                     excuse_dup=in_duplicate_window)
     if report.dup_excused:
         report.notes.append(f"{len(report.dup_excused)} replies sent twice in the README's duplicate window (*: "
-                            "sent just before the pause, not yet marked sent)")
-    log = stack.logs("pool-a")
-    caught = turns_caught(log, paused_at, fault_end)
-    report.notes.append(f"pool-a paused {fault_end - paused_at:.1f}s (lease {LEASE_SECONDS:.0f}s) with {caught} "
-                        f"turns in flight; stale-holder fencing in its log: lease_lost x{log.count('lease_lost')}")
-    if not caught:
-        report.problems.append("the pause caught no turn of pool-a in flight: the fault was not exercised")
+                            "sent just before the pause, not yet marked sent; WhatsApp and Telegram only)")
+    note_pause(stack, report, paused_at, fault_end)
+    note_nonce_resends(stack, report)
+    assert_clean(report)
+
+
+DISCORD_ANSWER_DELAY_S = 0.5  # Discord creates the message, then answers this much later
+
+
+def test_b_discord_sigstop_mid_send_no_duplicate(make_stack):
+    """(b) on Discord alone, with Discord slow to answer: the pause lands while pool-a's creates are accepted but
+    unanswered (the README's duplicate window, made wide), so its successors resend those replies. The enforced
+    nonce must make every resend return the first message: 0 duplicates, not 0+N*; and at least one resend must
+    have happened, or the window was not exercised."""
+    stack = make_stack("b-discord-nonce", pools={"pool-a": "0-15", "pool-b": "0-15"})
+    stack.standin.delay_answers(DC, DISCORD_ANSWER_DELAY_S)
+    traffic = traffic_for(stack, kinds=DISCORD_KINDS)
+    paused_at, fault_end = pause_past_lease(stack, traffic)
+    report = finish(stack, traffic, "b-dc. SIGSTOP mid-send, Discord (nonce)", fault_end)
+    note_pause(stack, report, paused_at, fault_end)
+    if not note_nonce_resends(stack, report):
+        report.problems.append("no Discord reply was resent after the pause: the duplicate window was not exercised")
     assert_clean(report)
 
 

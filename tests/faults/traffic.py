@@ -46,6 +46,7 @@ from .harness import (
 
 _ids = itertools.count(1)
 KINDS = ("wa-dm", "tg-dm", "dc-guild", "wa-group", "tg-group", "dc-dm")
+DISCORD_KINDS = ("dc-guild", "dc-dm")
 GUILD = "1280000000000000009"
 HTTP_TIMEOUT = 10.0
 
@@ -154,13 +155,13 @@ class Sent:
 
 
 def make_sessions(count: int, messages: int, *, poison_sessions: int = 0, poison_every: int = 4,
-                  slow_sessions: int = 0) -> list[Session]:
-    """`count` echo sessions cycling through WhatsApp/Telegram/Discord DMs and groups, plus `poison_sessions`
-    WhatsApp DMs on the poison channel where every `poison_every`-th message (from the 2nd on) is poison, plus
-    `slow_sessions` DMs on that channel whose every turn takes the Agent a second."""
+                  slow_sessions: int = 0, kinds: tuple[str, ...] = KINDS) -> list[Session]:
+    """`count` echo sessions cycling through `kinds` (WhatsApp/Telegram/Discord DMs and groups), plus
+    `poison_sessions` WhatsApp DMs on the poison channel where every `poison_every`-th message (from the 2nd on) is
+    poison, plus `slow_sessions` DMs on that channel whose every turn takes the Agent a second."""
     sessions = []
     for n in range(count):
-        kind = KINDS[n % len(KINDS)]
+        kind = kinds[n % len(kinds)]
         label = f"{kind}-{n:04d}"
         if kind == "wa-dm":
             phone = f"5519{n:08d}"

@@ -325,6 +325,10 @@ def test_discord_new_slash_command_drops_context(stack):
     assert "Kim, I don't have an order number" in replies[2] and "444003" not in replies[2], replies
     stack.wait_settled(key, 3)
     assert stack.session(key)["generation"] == 2
+    # Every reply went out with its own enforced nonce (a resend by another holder would post nothing new).
+    bodies = [s.body for s in stack.standin.sent if s.prefix == DC and s.chat_id == channel]
+    assert all(b["enforce_nonce"] is True and b["nonce"].endswith(".0") for b in bodies), bodies
+    assert len({b["nonce"] for b in bodies}) == 3
 
 
 # --------------------------------------------------------------------------------------------------------------------
