@@ -1,11 +1,12 @@
 """The web chat's HTTP side: the page, the visitor's POSTs (through the same Publisher as every webhook) and
-the polling endpoint that reads replies from the reply box. The visitor is a random id in a cookie.
+the polling endpoint that reads replies from the reply box. The visitor is a random id in a cookie the server
+signed; past the cookie it is known by its pseudonym only (shared/channels/webchat.py).
 
   GET  /chat/<channel>                   the page (sets the visitor cookie if missing)
   POST /chat/<channel>/messages          {"id": ..., "text": ...} or {"id": ..., "command": "new"}
   GET  /chat/<channel>/replies?after=C   entries after cursor C (JSON), polled by the page
 
-Status codes: 404 not a web chat channel, 400 bad cookie/body/cursor, 413 text too long, 415 not JSON,
+Status codes: 404 not a web chat channel, 400 bad or unsigned cookie, body or cursor, 413 text too long, 415 not JSON,
 429 over the channel's messages_per_minute for one visitor (Retry-After), 503 when the broker or the reply
 box is down (the page retries with the same message id: no duplicate).
 """
@@ -18,7 +19,7 @@ import structlog
 from flask import Blueprint, Response, jsonify, render_template, request
 
 from ingress.publisher import Publisher
-from shared.channels.webchat import TextTooLong, WebChatChannel, new_visitor_id, valid_visitor_id
+from shared.channels.webchat import TextTooLong, WebChatChannel, new_visitor_cookie, visitor_pseudonym
 from shared.config import Settings
 from shared.errors import MalformedPayload, UnknownChannel
 from shared.ratelimit import LocalLimiter, RedisLimiter
@@ -28,6 +29,7 @@ log = structlog.get_logger(__name__)
 
 COOKIE = "chatsessions_visitor"
 COOKIE_MAX_AGE = 365 * 24 * 3600
+NO_VISITOR = "visitor cookie missing, malformed or not issued by this server (reload the page)"
 POLL_MS = 1000  # how often an idle page asks for replies; faster while it waits for one
 PAGE_CSP = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'"
 
@@ -51,8 +53,8 @@ def blueprint(settings: Settings, publisher: Publisher) -> Blueprint:
         return response
 
     def visitor() -> str | None:
-        value = request.cookies.get(COOKIE)
-        return value if valid_visitor_id(value) else None
+        """The visitor's pseudonym, if the request carries a visitor cookie this server issued."""
+        return visitor_pseudonym(settings.secret_key, request.cookies.get(COOKIE))
 
     @bp.get("/chat/<channel_id>")
     def page(channel_id: str):
@@ -64,11 +66,12 @@ def blueprint(settings: Settings, publisher: Publisher) -> Blueprint:
         response.headers["Content-Security-Policy"] = PAGE_CSP
         response.headers["Cache-Control"] = "no-store"
         response.headers["Referrer-Policy"] = "same-origin"
-        if current is None:  # first visit (or a cookie we did not make): a new visitor, a new session
-            response.set_cookie(COOKIE, new_visitor_id(), max_age=COOKIE_MAX_AGE, httponly=True, samesite="Lax",
-                                secure=request.is_secure, path="/chat/")
+        if current is None:  # first visit (or a cookie we did not issue): a new visitor, a new session
+            response.set_cookie(COOKIE, new_visitor_cookie(settings.secret_key), max_age=COOKIE_MAX_AGE,
+                                httponly=True, samesite="Lax", secure=request.is_secure, path="/chat/")
             if request.cookies.get(COOKIE) is not None:
-                log.info("webchat.cookie_replaced", channel=channel_id, reason="malformed visitor cookie")
+                log.info("webchat.cookie_replaced", channel=channel_id,
+                         reason="visitor cookie malformed or not issued by this server")
         return response
 
     @bp.post("/chat/<channel_id>/messages")
@@ -78,7 +81,7 @@ def blueprint(settings: Settings, publisher: Publisher) -> Blueprint:
             return reject(415, "Content-Type must be application/json", channel_id)
         who = visitor()
         if who is None:
-            return reject(400, "visitor cookie missing or malformed (reload the page)", channel_id)
+            return reject(400, NO_VISITOR, channel_id)
         try:
             wait = limiter.try_take([channel.visitor_bucket(who)])
         except Exception as exc:  # the limiter's Redis is down: so is the ledger, and publish answers 503
@@ -110,7 +113,7 @@ def blueprint(settings: Settings, publisher: Publisher) -> Blueprint:
         channel_for(channel_id)
         who = visitor()
         if who is None:
-            return reject(400, "visitor cookie missing or malformed (reload the page)", channel_id)
+            return reject(400, NO_VISITOR, channel_id)
         after = request.args.get("after") or None
         if after is not None and not CURSOR.fullmatch(after):
             return reject(400, "after: not a cursor this server gave", channel_id)

@@ -23,7 +23,7 @@ from ingress.webchat import COOKIE
 from shared.agents import load_agent
 from shared.channels import build_channel
 from shared.channels.base import WebhookRequest, session_key
-from shared.channels.webchat import WebChatChannel, new_visitor_id
+from shared.channels.webchat import VISITOR, WebChatChannel, new_visitor_id, visitor_pseudonym
 from shared.config import Settings, load_settings
 from shared.db import engine_for
 from shared.errors import ConfigError, InvalidSignature
@@ -32,6 +32,7 @@ from shared.migrate import upgrade
 from shared.partitioning import partition_of, queue_name
 from shared.admin import get_session
 from shared.replybox import MemoryReplyBox, RedisReplyBox, box_key, reply_box
+from shared.signing import keyed_hash, sign, unsign
 from shared.store import LeaseLost, Store, transcript
 from workers.turn import NEW_SESSION_REPLY, TurnRunner
 
@@ -102,12 +103,18 @@ class Web:
         drain(self.publisher)
 
     def visitor(self) -> tuple[Any, str]:
+        """A new visitor's client (cookie set by the page) and the visitor's pseudonym."""
         client = self.app.test_client()
         page = client.get(f"/chat/{WEB}")
         assert page.status_code == 200
+        return client, self.pseudonym(client)
+
+    def pseudonym(self, client: Any) -> str:
         cookie = client.get_cookie(COOKIE, path="/chat/")
         assert cookie is not None
-        return client, cookie.value
+        pseudonym = visitor_pseudonym(self.settings.secret_key, cookie.value)
+        assert pseudonym is not None, cookie.value
+        return pseudonym
 
 
 @pytest.fixture
@@ -139,7 +146,7 @@ def test_page_gives_each_browser_its_own_visitor_cookie(web):
     # Same browser again: the cookie is kept. Another browser: another visitor.
     assert "Set-Cookie" not in client.get(f"/chat/{WEB}").headers
     _, other = web.visitor()
-    assert other != client.get_cookie(COOKIE, path="/chat/").value
+    assert other != web.pseudonym(client)
     with web.app.test_client().get("/chat-static/webchat.js") as script:
         assert script.status_code == 200
 
@@ -151,6 +158,73 @@ def test_a_malformed_cookie_is_replaced_on_the_page(web, events):
     assert f"{COOKIE}=" in page.headers["Set-Cookie"]
     assert client.get_cookie(COOKIE, path="/chat/").value != "short"
     assert any(e["event"] == "webchat.cookie_replaced" for e in events)
+
+
+def forged_cookies(key: str) -> dict[str, str]:
+    """Cookies a visitor could present that this server never issued."""
+    raw = new_visitor_id()
+    genuine = sign(key, VISITOR, raw)
+    return {
+        "unsigned id (a cookie from before ids were signed)": raw,
+        "signed with another key": sign("another-key-0123456789abcdefghijklmnop", VISITOR, raw),
+        "signature tampered with": genuine[:-1] + ("A" if genuine[-1] != "A" else "B"),
+        "signed for another purpose": sign(key, "admin", raw),
+        "signed, but not a visitor id": sign(key, VISITOR, "../../etc/passwd"),
+        "empty signature": raw + ".",
+        "only a signature": genuine.partition(".")[2],
+    }
+
+
+@pytest.mark.parametrize("case", list(forged_cookies("k")))
+def test_a_cookie_this_server_did_not_issue_is_a_new_visitor(web, events, case):
+    forged = forged_cookies(web.settings.secret_key)[case]
+    client = web.app.test_client()
+    client.set_cookie(COOKIE, forged, path="/chat/")
+    # Nothing is accepted or read with it: the same answer as no cookie at all.
+    assert post(client, {"id": "forged-0001", "text": "hi"}).status_code == 400
+    assert client.get(f"/chat/{WEB}/replies").status_code == 400
+    assert len([r for r in rejected(events, 400) if "not issued by this server" in r]) == 2
+    assert drain(web.publisher) == []
+    # The page makes the browser a new visitor, with a cookie of its own.
+    page = client.get(f"/chat/{WEB}")
+    assert f"{COOKIE}=" in page.headers["Set-Cookie"]
+    assert [e["reason"] for e in events if e["event"] == "webchat.cookie_replaced"] == [
+        "visitor cookie malformed or not issued by this server"]
+    assert client.get_cookie(COOKIE, path="/chat/").value != forged
+    assert post(client, {"id": "forged-0001", "text": "hi"}).status_code == 200
+    assert forged not in json.dumps(drain(web.publisher)) and forged not in str(events)
+
+
+def test_the_visitor_id_never_leaves_the_cookie(web, events):
+    """Session key, chat/sender/message ids, the task's name, the reply box, the logs and the database name the
+    visitor by its pseudonym, a keyed hash of the id: knowing them does not let anyone act as the visitor."""
+    runner = runner_for(web.settings, reply_box(None))
+    try:
+        client, pseudonym = web.visitor()
+        visitor_id = unsign(web.settings.secret_key, VISITOR, client.get_cookie(COOKIE, path="/chat/").value)
+        assert pseudonym == keyed_hash(web.settings.secret_key, VISITOR, visitor_id) != visitor_id
+        assert post(client, {"id": "private-0001", "text": "my name is Ana"}).status_code == 200
+        with web.publisher.app.connection_for_write() as conn:  # the task as Flower would show it
+            channel = conn.default_channel
+            raw = next(channel._get(q) for q in [q.name for q in web.publisher.app.conf.task_queues]
+                       if channel._size(q))
+            task = channel.message_to_python(raw)
+            channel._put(task.delivery_info["routing_key"], raw)
+        assert pseudonym in task.headers["shadow"] and visitor_id not in json.dumps(task.headers)
+        [(_, message)] = drain(web.publisher)
+        m = InboundMessage.from_dict(message)
+        assert (m.session_key, m.chat_id, m.sender_id) == (session_key(WEB, DM, pseudonym), pseudonym, pseudonym)
+        assert m.platform_message_id == f"{pseudonym}:private-0001"
+        assert visitor_id not in json.dumps(message)
+        assert runner.handle(m) == "replied"
+        # The reply reached the box the page reads (the worker knows the pseudonym only).
+        assert [e["role"] for e in client.get(f"/chat/{WEB}/replies").json["entries"]] == ["user", "agent"]
+        assert reply_box(None).read(WEB, pseudonym) and not reply_box(None).read(WEB, visitor_id)
+        assert visitor_id not in str(events) and pseudonym in str(events)
+        dump = "\n".join(engine_for(web.settings.database_url).raw_connection().driver_connection.iterdump())
+        assert pseudonym in dump and visitor_id not in dump
+    finally:
+        engine_for(web.settings.database_url).dispose()
 
 
 @pytest.mark.parametrize("path", ["/chat/tg", "/chat/nope", "/chat/tg/replies"])
@@ -244,7 +318,7 @@ def test_bad_requests_are_refused_before_anything_is_published(web, events):
     assert client.get(f"/chat/{WEB}/replies?after=0;DROP").status_code == 400
     assert post(client, {"id": "abcdefgh", "text": "x" * 2_000_000}).status_code == 413  # over the body limit
     assert len(rejected(events, 400)) == 5 and rejected(events, 415) and rejected(events, 413)
-    assert any("visitor cookie missing or malformed" in r for r in rejected(events, 400))
+    assert any("visitor cookie missing, malformed or not issued by this server" in r for r in rejected(events, 400))
     assert drain(web.publisher) == []
 
 

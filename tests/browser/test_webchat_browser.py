@@ -19,6 +19,9 @@ from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from integration.conftest import SECRETS
+from shared.channels.webchat import visitor_pseudonym
+
 from .conftest import ADMIN_TOKEN, WEB, WEB_TITLE
 
 pytestmark = pytest.mark.integration
@@ -83,9 +86,12 @@ class ChatPage:
         return self.lines("agent")
 
     def visitor(self) -> str:
+        """The visitor's pseudonym (what the stack stores and shows), from the cookie the server signed."""
         cookie = self.driver.get_cookie(COOKIE)
         assert cookie is not None and cookie["httpOnly"], cookie
-        return cookie["value"]
+        pseudonym = visitor_pseudonym(SECRETS["SECRET_KEY"], cookie["value"])
+        assert pseudonym is not None and pseudonym not in cookie["value"], cookie
+        return pseudonym
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +271,7 @@ def test_session_browser_lists_both_sessions_and_shows_a_transcript(stack, pages
     driver.set_window_size(1100, 1000)
     screenshot(driver, "session-browser.png", tmp_path)
 
-    # Search by user id: the visitor id finds the session.
+    # Search by user id: the visitor's pseudonym (shown in the session key) finds the session.
     box = driver.find_element(By.ID, "user")
     box.send_keys(visitors["bob"])
     box.submit()
