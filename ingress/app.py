@@ -10,6 +10,7 @@ import structlog
 from flask import Flask, Response, jsonify, request
 
 from ingress import browser, webchat
+from ingress.proxies import TrustedProxies
 from ingress.publisher import Publisher
 from shared.channels import Channel, WebhookRequest, build_channel
 from shared.config import Settings
@@ -28,6 +29,7 @@ MAX_BODY_BYTES = 1024 * 1024
 def create_app(settings: Settings, publisher: Publisher | None = None) -> Flask:
     app = Flask("chatsessions.ingress")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.wsgi_app = TrustedProxies(app.wsgi_app, settings.trusted_proxies)  # the client's address and scheme
     channels: dict[str, Channel] = {cid: build_channel(c) for cid, c in settings.channels.items()}
     publisher = publisher or Publisher(settings)
 
