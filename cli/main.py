@@ -53,9 +53,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_ingress(args: argparse.Namespace) -> int:
+    from shared.channels import build_channel
     from shared.config import get_settings
 
     settings = get_settings()  # fail here, with a clear message, before gunicorn forks
+    for channel in settings.channels.values():
+        build_channel(channel)  # the adapters check their options (the web chat's limits, ...)
     return _exec(["gunicorn", "ingress.wsgi:app", "--bind", args.bind, "--workers", str(args.workers),
                   "--worker-class", "gthread", "--threads", str(args.threads), "--graceful-timeout", "20",
                   # gunicorn's admin socket is one path per user: a second ingress on the host would take it.

@@ -7,12 +7,15 @@ signed; past the cookie it is known by its pseudonym only (shared/channels/webch
   GET  /chat/<channel>/replies?after=C   entries after cursor C (JSON), polled by the page
 
 Status codes: 404 not a web chat channel, 400 bad or unsigned cookie, body or cursor, 413 text too long, 415 not JSON,
-429 over the channel's messages_per_minute for one visitor (Retry-After), 503 when the broker or the reply
-box is down (the page retries with the same message id: no duplicate).
+429 over one of the channel's limits — per visitor, per client address, for the whole channel — (Retry-After),
+503 (Retry-After) when the broker, the reply box or the limits' Redis is down: the page retries with the same
+message id, so no duplicate. Without its limits the ingress refuses rather than lets everything through (an
+outage must not open the door to a flood; the publish would fail with Redis down anyway).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 
 import structlog
@@ -24,6 +27,7 @@ from shared.config import Settings
 from shared.errors import MalformedPayload, UnknownChannel
 from shared.ratelimit import LocalLimiter, RedisLimiter
 from shared.replybox import CURSOR, reply_box
+from shared.signing import keyed_hash
 
 log = structlog.get_logger(__name__)
 
@@ -31,6 +35,18 @@ COOKIE = "chatsessions_visitor"
 COOKIE_MAX_AGE = 365 * 24 * 3600
 NO_VISITOR = "visitor cookie missing, malformed or not issued by this server (reload the page)"
 POLL_MS = 1000  # how often an idle page asks for replies; faster while it waits for one
+def address_of(remote_addr: str | None) -> str:
+    """What the per-address limit counts: the client's address, an IPv6 one by its /64 (a host usually has a
+    whole /64 to pick addresses from)."""
+    try:
+        address = ipaddress.ip_address(remote_addr or "")
+    except ValueError:
+        return remote_addr or "-"
+    if address.version == 6 and address.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address if address.version == 4 else address.ipv4_mapped)
+
+
 PAGE_CSP = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'"
 
 
@@ -50,6 +66,13 @@ def blueprint(settings: Settings, publisher: Publisher) -> Blueprint:
         log.warning("ingress.rejected", status=status, reason=reason, channel=channel_id, path=request.path)
         response = jsonify({"error": reason})
         response.status_code = status
+        return response
+
+    def unavailable(retry_s: int) -> Response:
+        """503 with Retry-After (the caller logged why): the page retries."""
+        response = jsonify({"error": "temporarily unavailable"})
+        response.status_code = 503
+        response.headers["Retry-After"] = str(retry_s)
         return response
 
     def visitor() -> str | None:
@@ -82,13 +105,15 @@ def blueprint(settings: Settings, publisher: Publisher) -> Blueprint:
         who = visitor()
         if who is None:
             return reject(400, NO_VISITOR, channel_id)
+        # The address by its pseudonym too: Redis keys hold no client address.
+        limits = channel.inbound_limits(who, keyed_hash(settings.secret_key, "address", address_of(request.remote_addr)))
         try:
-            wait = limiter.try_take([channel.visitor_bucket(who)])
-        except Exception as exc:  # the limiter's Redis is down: so is the ledger, and publish answers 503
-            log.warning("webchat.limiter_failed", channel=channel_id, error=exc.__class__.__name__)
-            wait = 0.0
+            wait, limited = limiter.take(list(limits))
+        except Exception as exc:  # no limits, no entry (and the ledger shares this Redis: publish would fail too)
+            log.error("webchat.limiter_unreachable", channel=channel_id, error=exc.__class__.__name__)
+            return unavailable(retry_s=5)
         if wait > 0:
-            response = reject(429, f"more than {channel.per_minute:g} messages a minute", channel_id)
+            response = reject(429, limits[limited], channel_id)
             response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
             return response
         try:
@@ -121,8 +146,7 @@ def blueprint(settings: Settings, publisher: Publisher) -> Blueprint:
             entries = box.read(channel_id, who, after)
         except Exception as exc:
             log.error("webchat.box_unreachable", channel=channel_id, error=exc.__class__.__name__)
-            return Response('{"error": "temporarily unavailable"}\n', status=503, headers={"Retry-After": "2"},
-                            mimetype="application/json")
+            return unavailable(retry_s=2)
         response = jsonify({"entries": [e.to_dict() for e in entries],
                             "cursor": entries[-1].cursor if entries else after})
         response.headers["Cache-Control"] = "no-store"

@@ -33,7 +33,7 @@ PLATFORMS: dict[str, dict[str, Any]] = {
         "secrets": ("bot_token", "public_key"),
         "options": (),
     },
-    "webchat": {  # the ingress serves the page; options: title, max_chars, messages_per_minute
+    "webchat": {  # the ingress serves the page; options (shared/channels/webchat.py): title, max_chars, limits
         "api_base": "",
         "secrets": (),
         "options": (),

@@ -24,13 +24,14 @@ from shared.agents import load_agent
 from shared.channels import build_channel
 from shared.channels.base import WebhookRequest, session_key
 from shared.channels.webchat import VISITOR, WebChatChannel, new_visitor_id, visitor_pseudonym
-from shared.config import Settings, load_settings
+from shared.config import ChannelConfig, SessionOptions, Settings, load_settings
 from shared.db import engine_for
 from shared.errors import ConfigError, InvalidSignature
 from shared.messages import DM, NEW_SESSION, InboundMessage
 from shared.migrate import upgrade
 from shared.partitioning import partition_of, queue_name
 from shared.admin import get_session
+from shared.ratelimit import RedisLimiter
 from shared.replybox import MemoryReplyBox, RedisReplyBox, box_key, reply_box
 from shared.signing import keyed_hash, sign, unsign
 from shared.store import LeaseLost, Store, transcript
@@ -57,12 +58,17 @@ options = {{ bot_username = "AcmeBot" }}
 """
 
 
-def settings_for(tmp_path: Path, config: str = CONFIG) -> Settings:
+def settings_for(tmp_path: Path, config: str = CONFIG, **env: str) -> Settings:
     path = tmp_path / "channels.toml"
     path.write_text(config)
     return load_settings({"CHATSESSIONS_CONFIG": str(path), "BROKER_URL": "memory://localhost/",
                           "DATABASE_URL": f"sqlite:///{tmp_path}/web.db",
-                          "WC_TG_BOT_TOKEN": "1:tg-token-Xq7", "WC_TG_SECRET": "tg-secret-Mz2"})
+                          "WC_TG_BOT_TOKEN": "1:tg-token-Xq7", "WC_TG_SECRET": "tg-secret-Mz2", **env})
+
+
+def with_options(options: str) -> str:
+    """CONFIG with more options on the web chat channel."""
+    return CONFIG.replace("max_chars = 50", f"max_chars = 50, {options}")
 
 
 def drain(publisher: Publisher, channel_id: str = WEB) -> list[tuple[str, dict[str, Any]]]:
@@ -337,19 +343,85 @@ def test_a_broker_outage_is_a_503_and_the_retry_is_not_a_duplicate(web, monkeypa
 
 
 def test_a_visitor_posting_too_fast_gets_429_with_retry_after(tmp_path, events):
-    web = Web(settings_for(tmp_path, CONFIG.replace("max_chars = 50", "max_chars = 50, messages_per_minute = 2")))
+    web = Web(settings_for(tmp_path, with_options("messages_per_minute = 2")))
     client, _ = web.visitor()
     other, _ = web.visitor()
     assert [post(client, {"id": f"fast-{n:04d}", "text": "hi"}).status_code for n in range(2)] == [200, 200]
     r = post(client, {"id": "fast-0002", "text": "hi"})
-    assert r.status_code == 429 and "more than 2 messages a minute" in r.json["error"]
+    assert r.status_code == 429 and r.json["error"] == "more than 2 messages a minute from this visitor"
     assert 1 <= int(r.headers["Retry-After"]) <= 30
-    assert rejected(events, 429)
+    assert rejected(events, 429) == ["more than 2 messages a minute from this visitor"]
     assert post(other, {"id": "fast-0000", "text": "hi"}).status_code == 200  # per visitor
     assert len(drain(web.publisher)) == 3
-    with pytest.raises(ConfigError, match="messages_per_minute"):
-        build_channel(settings_for(tmp_path, CONFIG.replace("max_chars = 50", "messages_per_minute = 0"))
-                      .channel(WEB))
+
+
+def post_from(web: Web, address: str, message_id: str, **headers: str):
+    """A new visitor (a fresh cookie, as a client minting visitors would have) posting from `address`."""
+    client = web.app.test_client()
+    client.get(f"/chat/{WEB}", environ_base={"REMOTE_ADDR": address})
+    return post(client, {"id": message_id, "text": "hi"}, environ_base={"REMOTE_ADDR": address}, headers=headers)
+
+
+def test_fresh_cookies_from_one_address_meet_the_address_limit(tmp_path, events):
+    web = Web(settings_for(tmp_path, with_options("address_messages_per_minute = 2")))
+    assert [post_from(web, "198.51.100.7", f"mint-{n:04d}").status_code for n in range(2)] == [200, 200]
+    r = post_from(web, "198.51.100.7", "mint-0002")
+    assert r.status_code == 429 and r.json["error"] == "more than 2 messages a minute from this address"
+    assert 1 <= int(r.headers["Retry-After"]) <= 30 and rejected(events, 429) == [r.json["error"]]
+    assert post_from(web, "198.51.100.8", "mint-0003").status_code == 200  # another address
+    # IPv6: one host has a whole /64, so the /64 is the address; the next /64 is another one.
+    assert [post_from(web, f"2001:db8:1:2::{n}", f"six-{n:04d}").status_code for n in range(1, 4)] == [200, 200, 429]
+    assert post_from(web, "2001:db8:1:3::1", "six-0004").status_code == 200
+    assert len(drain(web.publisher)) == 6
+
+
+def test_the_address_is_the_one_a_trusted_proxy_reports_and_never_one_a_client_claims(tmp_path):
+    web = Web(settings_for(tmp_path, with_options("address_messages_per_minute = 1"), TRUSTED_PROXIES="10.0.0.0/8"))
+    # Behind the proxy: two clients, two addresses.
+    assert post_from(web, "10.0.0.2", "proxied-01", X_Forwarded_For="203.0.113.1").status_code == 200
+    assert post_from(web, "10.0.0.2", "proxied-02", X_Forwarded_For="203.0.113.2").status_code == 200
+    assert post_from(web, "10.0.0.3", "proxied-03", X_Forwarded_For="203.0.113.2").status_code == 429
+    # A client reaching the ingress directly cannot pick a new address per message.
+    assert post_from(web, "198.51.100.9", "direct-01", X_Forwarded_For="203.0.113.50").status_code == 200
+    assert post_from(web, "198.51.100.9", "direct-02", X_Forwarded_For="203.0.113.51").status_code == 429
+    # Nor through the proxy: the proxy appends the address it saw; what the client wrote is left of it.
+    assert post_from(web, "10.0.0.2", "spoofed-01", X_Forwarded_For="203.0.113.77, 198.51.100.9").status_code == 429
+
+
+def test_the_channel_limit_holds_whoever_posts(tmp_path, events):
+    web = Web(settings_for(tmp_path, with_options("channel_messages_per_minute = 3")))
+    statuses = [post_from(web, f"198.51.100.{n}", f"chan-{n:04d}").status_code for n in range(1, 5)]
+    assert statuses == [200, 200, 200, 429]
+    assert rejected(events, 429) == ["more than 3 messages a minute on this channel"]
+    assert len(drain(web.publisher)) == 3
+
+
+@pytest.mark.parametrize("option", ["messages_per_minute", "address_messages_per_minute",
+                                    "channel_messages_per_minute"])
+@pytest.mark.parametrize("value", ["0", "-1", '"30"', "true", "inf", "nan"])
+def test_bad_limits_are_config_errors(tmp_path, option, value):
+    with pytest.raises(ConfigError, match=f"options.{option} must be a positive number"):
+        build_channel(settings_for(tmp_path, with_options(f"{option} = {value}")).channel(WEB))
+
+
+def test_limits_on_redis_are_all_or_nothing_and_say_which_one_refused():
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5)
+    limiter = RedisLimiter(REDIS_URL)
+    channel = f"{WEB}-{uuid.uuid4().hex[:8]}"
+    limits = WebChatChannel(ChannelConfig(channel, "webchat", "echo", "", {}, {"address_messages_per_minute": 1},
+                                          SessionOptions()))
+    try:
+        first, second = limits.inbound_limits("visitor-a", "address-1"), limits.inbound_limits("visitor-b", "address-1")
+        assert limiter.take(list(first)) == (0.0, None)
+        wait, limited = limiter.take(list(second))
+        assert wait > 0 and second[limited] == "more than 1 message a minute from this address"
+        # The refusal took nothing: visitor b's bucket and the channel's are untouched.
+        visitor_b, _, whole = list(second)
+        assert client.hget(visitor_b.key, "tokens") is None
+        assert float(client.hget(whole.key, "tokens")) == whole.burst - 1
+    finally:
+        client.delete(*(k for k in client.scan_iter(f"webchat-rl:{channel}*")))
+        client.close()
 
 
 # -- replies: the real turn, through the box -------------------------------------------------------------------------
@@ -507,3 +579,22 @@ def test_redis_reply_box_is_capped_and_expires():
     finally:
         client.delete(box_key(channel, visitor))
         client.close()
+
+
+def test_chatsessions_ingress_refuses_bad_web_chat_options_before_gunicorn_starts(tmp_path, monkeypatch, capsys):
+    from cli import main
+    from shared.config import get_settings
+
+    path = tmp_path / "channels.toml"
+    path.write_text(with_options("channel_messages_per_minute = 0"))
+    for name, value in {"CHATSESSIONS_CONFIG": str(path), "WC_TG_BOT_TOKEN": "1:t", "WC_TG_SECRET": "s"}.items():
+        monkeypatch.setenv(name, value)
+    started: list[list[str]] = []
+    monkeypatch.setattr(main, "_exec", lambda argv: started.append(argv) or 0)
+    get_settings.cache_clear()
+    try:
+        assert main.main(["ingress"]) == 2
+    finally:
+        get_settings.cache_clear()
+    assert started == []
+    assert "options.channel_messages_per_minute must be a positive number" in capsys.readouterr().err
