@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import structlog
 from structlog.testing import capture_logs
 
 from ingress.app import create_app
-from ingress.ledger import MemoryLedger
+from ingress.ledger import MemoryLedger, RedisLedger
 from ingress.publisher import Publisher
 from ingress.webchat import COOKIE
 from shared.agents import load_agent
@@ -34,7 +36,8 @@ from shared.admin import get_session
 from shared.ratelimit import RedisLimiter
 from shared.replybox import MemoryReplyBox, RedisReplyBox, box_key, reply_box
 from shared.signing import keyed_hash, sign, unsign
-from shared.store import LeaseLost, Store, transcript
+from shared.models import ChatSession
+from shared.store import SEQ_RESTART_IDLE_S, SEQ_TTL_S, LeaseLost, Store, now, transcript
 from workers.turn import NEW_SESSION_REPLY, TurnRunner
 
 WEB = "web"
@@ -102,9 +105,9 @@ def events() -> Iterator[list[dict[str, Any]]]:
 class Web:
     """A Flask test client per visitor over one app, and the app's publisher."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, ledger: Any = None):
         self.settings = settings
-        self.publisher = Publisher(settings, ledger=MemoryLedger())
+        self.publisher = Publisher(settings, ledger=ledger or MemoryLedger())
         self.app = create_app(settings, self.publisher)
         drain(self.publisher)
 
@@ -475,6 +478,50 @@ def test_two_visitors_each_get_only_their_own_replies_and_new_conversation_forge
         _, lines = transcript(url, session_key(WEB, DM, ana_id))
         assert {line.delivery_status for line in lines if line.kind == "assistant"} == {"sent"}
     finally:
+        engine_for(web.settings.database_url).dispose()
+
+
+def test_a_visitor_back_after_the_counter_expired_is_numbered_and_ordered_again(tmp_path):
+    """The ingress's per-session counter (real Redis) expires SEQ_TTL_S after its last number, so Redis keeps
+    nothing of sessions that ended. A visitor who comes back later is numbered from 1 again, and the store starts
+    the session's order over: the new messages are ordered like any others."""
+    web = Web(settings_for(tmp_path), ledger=RedisLedger(REDIS_URL))
+    runner = runner_for(web.settings, reply_box(None))
+    redis_client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5)
+    client, pseudonym = web.visitor()
+    counter = f"seq:{session_key(WEB, DM, pseudonym)}"
+
+    def say(*texts: str) -> list[InboundMessage]:
+        for text in texts:
+            assert post(client, {"id": uuid.uuid4().hex, "text": text}).status_code == 200
+        return [InboundMessage.from_dict(m) for _, m in drain(web.publisher)]
+
+    try:
+        for m in say("my name is Ana", "my order 48213 has not arrived"):
+            assert runner.handle(m) == "replied"
+        assert SEQ_TTL_S - 60 <= redis_client.ttl(counter) <= SEQ_TTL_S
+        redis_client.expire(counter, 100)
+        [third] = say("thanks")
+        assert third.seq == 3 and SEQ_TTL_S - 60 <= redis_client.ttl(counter)  # every number renews it
+        runner.handle(third)
+        # A month of silence: the counter expires (really, in Redis); the session keeps its last_seq of 3.
+        with engine_for(web.settings.database_url).begin() as c:
+            c.execute(ChatSession.__table__.update().where(ChatSession.key == session_key(WEB, DM, pseudonym))
+                      .values(last_activity_at=now() - timedelta(seconds=SEQ_RESTART_IDLE_S + 3600)))
+        redis_client.pexpire(counter, 1)
+        time.sleep(0.05)
+        assert redis_client.exists(counter) == 0
+        first, second = say("what is my name?", "where is my order?")
+        assert (first.seq, second.seq) == (1, 2)
+        assert runner.handle(second) == "queued"  # it waits for its predecessor, as in any session
+        assert runner.handle(first) == "replied"
+        agent = [e["text"] for e in client.get(f"/chat/{WEB}/replies").json["entries"] if e["role"] == "agent"]
+        assert agent[-2] == "Your name is Ana." and "48213" in agent[-1]
+        _, lines = transcript(web.settings.database_url, session_key(WEB, DM, pseudonym))
+        assert [line.text for line in lines if line.kind == "user"][-2:] == ["what is my name?", "where is my order?"]
+    finally:
+        redis_client.delete(counter, *redis_client.scan_iter(f"seen:{WEB}:{pseudonym}:*"))
+        redis_client.close()
         engine_for(web.settings.database_url).dispose()
 
 
