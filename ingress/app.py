@@ -24,6 +24,7 @@ from shared.errors import (
 log = structlog.get_logger(__name__)
 
 MAX_BODY_BYTES = 1024 * 1024
+NO_FRAMES = "frame-ancestors 'none'"
 
 
 def create_app(settings: Settings, publisher: Publisher | None = None) -> Flask:
@@ -62,6 +63,17 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> Flask:
             return reject(400, f"malformed payload: {exc}", channel.config.id)
         publisher.publish(messages)
         return Response("ok\n", status=200, mimetype="text/plain")
+
+    @app.after_request
+    def _hardened(response: Response) -> Response:
+        """Every answer: never MIME-sniffed, never framed — unless its own Content-Security-Policy already says who
+        may frame it (the web chat page, per channel; the session browser sets all its headers itself)."""
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        policy = response.headers.get("Content-Security-Policy")
+        if policy is None or "frame-ancestors" not in policy:
+            response.headers["Content-Security-Policy"] = f"{policy}; {NO_FRAMES}" if policy else NO_FRAMES
+            response.headers.setdefault("X-Frame-Options", "DENY")
+        return response
 
     @app.errorhandler(UnknownChannel)
     def _unknown(exc: UnknownChannel):

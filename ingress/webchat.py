@@ -31,10 +31,16 @@ from shared.signing import keyed_hash
 
 log = structlog.get_logger(__name__)
 
-COOKIE = "chatsessions_visitor"
+COOKIE = "chatsessions_visitor"  # "__Host-chatsessions_visitor" with SECURE_COOKIES (cookie_name)
 COOKIE_MAX_AGE = 365 * 24 * 3600
 NO_VISITOR = "visitor cookie missing, malformed or not issued by this server (reload the page)"
 POLL_MS = 1000  # how often an idle page asks for replies; faster while it waits for one
+def cookie_name(secure: bool) -> str:
+    """The visitor cookie's name: with the __Host- prefix when Secure, so the browser keeps it only as this host set
+    it (Secure, Path=/, no Domain) — no sibling subdomain or plain-http page can plant or shadow it."""
+    return f"__Host-{COOKIE}" if secure else COOKIE
+
+
 def address_of(remote_addr: str | None) -> str:
     """What the per-address limit counts: the client's address, an IPv6 one by its /64 (a host usually has a
     whole /64 to pick addresses from)."""
@@ -56,6 +62,7 @@ def blueprint(settings: Settings, publisher: Publisher) -> Blueprint:
     box = reply_box(settings.redis_url)
     channels = {cid: WebChatChannel(c, box=box) for cid, c in settings.channels.items() if c.platform == "webchat"}
     limiter = RedisLimiter(settings.redis_url) if settings.redis_url else LocalLimiter()
+    cookie = cookie_name(settings.secure_cookies)
 
     def channel_for(channel_id: str) -> WebChatChannel:
         if channel_id not in channels:
@@ -76,8 +83,10 @@ def blueprint(settings: Settings, publisher: Publisher) -> Blueprint:
         return response
 
     def visitor() -> str | None:
-        """The visitor's pseudonym, if the request carries a visitor cookie this server issued."""
-        return visitor_pseudonym(settings.secret_key, request.cookies.get(COOKIE))
+        """The visitor's pseudonym, if the request carries a visitor cookie this server issued (the first one: a
+        browser may also send an old cookie of the same name, set for the path /chat/ before Path=/)."""
+        found = (visitor_pseudonym(settings.secret_key, value) for value in request.cookies.getlist(cookie))
+        return next((pseudonym for pseudonym in found if pseudonym), None)
 
     @bp.get("/chat/<channel_id>")
     def page(channel_id: str):
@@ -86,13 +95,20 @@ def blueprint(settings: Settings, publisher: Publisher) -> Blueprint:
         html = render_template("webchat/page.html", channel_id=channel_id, title=channel.title,
                                max_chars=channel.max_chars, poll_ms=POLL_MS)
         response = Response(html, mimetype="text/html")
-        response.headers["Content-Security-Policy"] = PAGE_CSP
+        response.headers["Content-Security-Policy"] = f"{PAGE_CSP}; frame-ancestors {' '.join(channel.frame_ancestors)}"
+        # X-Frame-Options for browsers without frame-ancestors; it cannot name other sites (then CSP alone decides).
+        frame_options = {("'none'",): "DENY", ("'self'",): "SAMEORIGIN"}.get(channel.frame_ancestors)
+        if frame_options:
+            response.headers["X-Frame-Options"] = frame_options
         response.headers["Cache-Control"] = "no-store"
         response.headers["Referrer-Policy"] = "same-origin"
         if current is None:  # first visit (or a cookie we did not issue): a new visitor, a new session
-            response.set_cookie(COOKIE, new_visitor_cookie(settings.secret_key), max_age=COOKIE_MAX_AGE,
-                                httponly=True, samesite="Lax", secure=request.is_secure, path="/chat/")
-            if request.cookies.get(COOKIE) is not None:
+            # In another site's iframe only a SameSite=None cookie is sent; Partitioned keeps it that site's alone.
+            elsewhere = settings.secure_cookies and channel.framed_elsewhere
+            response.set_cookie(cookie, new_visitor_cookie(settings.secret_key), max_age=COOKIE_MAX_AGE,
+                                httponly=True, secure=settings.secure_cookies, path="/",
+                                samesite="None" if elsewhere else "Lax", partitioned=elsewhere)
+            if request.cookies.get(cookie) is not None:
                 log.info("webchat.cookie_replaced", channel=channel_id,
                          reason="visitor cookie malformed or not issued by this server")
         return response

@@ -271,6 +271,8 @@ class Settings:
     secret_key: str = field(default="", repr=False)
     # TRUSTED_PROXIES: the reverse proxies whose X-Forwarded-For/-Proto the ingress believes (ingress/proxies.py)
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # SECURE_COOKIES: the web chat's cookie is Secure and __Host- (false only for plain http; embedded default)
+    secure_cookies: bool = True
 
     def person_of(self, platform: str, user_id: str) -> str | None:
         """The person a platform user is linked to in [[identities]], if any."""
@@ -342,6 +344,20 @@ def _trusted_proxies(env: Mapping[str, str]) -> tuple[ipaddress.IPv4Network | ip
         except ValueError as exc:
             raise ConfigError(f"TRUSTED_PROXIES: {item!r} is not an IP address or network ({exc})") from None
     return tuple(networks)
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _secure_cookies(env: Mapping[str, str], embedded: bool) -> bool:
+    """SECURE_COOKIES: true unless set false. `chatsessions run` (embedded) defaults to false: it serves plain
+    http on one's own machine, where some browsers refuse Secure cookies."""
+    raw = (env.get("SECURE_COOKIES") or "").strip().lower()
+    if not raw:
+        return not embedded
+    if raw not in _TRUE + _FALSE:
+        raise ConfigError(f"SECURE_COOKIES must be true or false, got {env.get('SECURE_COOKIES')!r}")
+    return raw in _TRUE
 
 
 BROKER_QUEUE_TYPES = ("classic", "quorum")
@@ -477,6 +493,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         redis_sentinel_master=sentinel_master,
         secret_key=_secret_key(env, broker_url.startswith("memory://")),
         trusted_proxies=_trusted_proxies(env),
+        secure_cookies=_secure_cookies(env, broker_url.startswith("memory://")),
     )
 
 

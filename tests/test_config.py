@@ -345,3 +345,14 @@ def test_chatsessions_ingress_gives_gunicorn_the_trusted_proxies(tmp_path, monke
         get_settings.cache_clear()
     [argv] = started
     assert argv[argv.index("--forwarded-allow-ips") + 1] == allowed
+
+
+def test_secure_cookies_is_on_outside_the_embedded_process_and_can_be_turned_off(tmp_path):
+    env = {**write(tmp_path, WA), "BROKER_URL": "redis://127.0.0.1:6379/0"}
+    assert load_settings(env).secure_cookies is True
+    assert load_settings({**write(tmp_path, WA)}).secure_cookies is False  # `chatsessions run`: plain http locally
+    for value, secure in (("false", False), ("0", False), ("No", False), ("true", True), ("1", True), ("on", True)):
+        assert load_settings({**env, "SECURE_COOKIES": value}).secure_cookies is secure
+        assert load_settings({**write(tmp_path, WA), "SECURE_COOKIES": value}).secure_cookies is secure
+    with pytest.raises(ConfigError, match="SECURE_COOKIES must be true or false, got 'maybe'"):
+        load_settings({**env, "SECURE_COOKIES": "maybe"})

@@ -701,6 +701,46 @@ def test_web_chat_with_its_limits_unreachable_is_503_not_a_free_pass(tmp_path, l
         publisher.app.close()
 
 
+# -- every answer's headers: never sniffed, never framed --------------------------------------------------------------
+
+def test_every_answer_good_or_bad_is_never_sniffed_nor_framed(stack):
+    client = stack.client
+    answers = {
+        "200 webhook": post_wa(stack, wa_body()),
+        "401 forged": post_wa(stack, wa_body(), secret="forged"),
+        "400 malformed": post_wa(stack, b"not json"),
+        "404 unknown channel": client.post("/webhooks/nope", data=b"{}"),
+        "404 no route": client.get("/nothing-here"),
+        "405 method": client.put(f"/webhooks/{WA}"),
+        "413 too large": client.post(f"/webhooks/{TG}", data=b"x" * (MAX_BODY_BYTES + 1)),
+        "healthz": client.get("/healthz"),
+        "readyz": client.get("/readyz"),
+        "web chat script": client.get("/chat-static/webchat.js"),
+        "web chat 400": client.get(f"/chat/{WEB}/replies"),
+    }
+    for name, response in answers.items():
+        response.close()  # the script's file
+        assert response.headers["X-Content-Type-Options"] == "nosniff", name
+        assert response.headers["X-Frame-Options"] == "DENY", name
+        assert response.headers["Content-Security-Policy"].endswith("frame-ancestors 'none'"), name
+    # The chat page decides for itself (its channel's frame_ancestors), and keeps its own policy.
+    page = client.get(f"/chat/{WEB}")
+    assert page.headers["Content-Security-Policy"].startswith("default-src 'self'")
+    assert page.headers["Content-Security-Policy"].endswith("frame-ancestors 'self'")
+    assert page.headers["X-Frame-Options"] == "SAMEORIGIN" and page.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_the_session_browser_keeps_its_own_stricter_headers(tmp_path, logs):
+    from ingress.browser import HEADERS
+
+    settings = settings_for(tmp_path, ADMIN_TOKEN="admin-token-Zq81Lx")
+    client = create_app(settings, CountingPublisher(settings, ledger=MemoryLedger())).test_client()
+    for response in (client.get("/admin/"), client.get("/admin/", headers={"Authorization": "Bearer wrong"})):
+        assert response.status_code == 401
+        for name, value in HEADERS.items():
+            assert response.headers[name] == value, name
+
+
 # -- the log: no secrets, no message text at INFO -----------------------------------------------------------------------
 
 PRIVATE_TEXT = "my card number is 4111-1111-1111-1111 (private-marker-Ux83)"

@@ -119,7 +119,7 @@ class Web:
         return client, self.pseudonym(client)
 
     def pseudonym(self, client: Any) -> str:
-        cookie = client.get_cookie(COOKIE, path="/chat/")
+        cookie = client.get_cookie(COOKIE)
         assert cookie is not None
         pseudonym = visitor_pseudonym(self.settings.secret_key, cookie.value)
         assert pseudonym is not None, cookie.value
@@ -146,7 +146,7 @@ def test_page_gives_each_browser_its_own_visitor_cookie(web):
     page = client.get(f"/chat/{WEB}")
     assert page.status_code == 200 and page.mimetype == "text/html"
     cookie = page.headers["Set-Cookie"]
-    assert f"{COOKIE}=" in cookie and "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Path=/chat/" in cookie
+    assert f"{COOKIE}=" in cookie and "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Path=/;" in cookie
     assert "default-src 'self'" in page.headers["Content-Security-Policy"]
     html = page.get_data(as_text=True)
     assert "<title>Acme &lt;b&gt;support&lt;/b&gt;</title>" in html  # the configured title, escaped
@@ -160,12 +160,70 @@ def test_page_gives_each_browser_its_own_visitor_cookie(web):
         assert script.status_code == 200
 
 
+def test_the_cookie_is_secure_and_host_only_unless_turned_off_for_plain_http(tmp_path):
+    """SECURE_COOKIES (on outside `chatsessions run`): Secure, and the __Host- prefix, which the browser honours only
+    with Secure, Path=/ and no Domain — so no sibling subdomain or plain-http page can plant or shadow it."""
+    web = Web(settings_for(tmp_path, SECURE_COOKIES="true"))
+    client = web.app.test_client()
+    set_cookie = client.get(f"/chat/{WEB}", base_url="https://chat.example.com").headers["Set-Cookie"]
+    attributes = [a.strip() for a in set_cookie.split(";")]
+    assert attributes[0].startswith("__Host-chatsessions_visitor=")
+    assert {"Secure", "HttpOnly", "Path=/", "SameSite=Lax"} <= set(attributes)
+    assert not any(a.lower().startswith("domain") for a in attributes) and "Partitioned" not in attributes
+    cookie = client.get_cookie("__Host-chatsessions_visitor", domain="chat.example.com")
+    assert visitor_pseudonym(web.settings.secret_key, cookie.value) is not None
+    assert post(client, {"id": "secure-0001", "text": "hi"}, base_url="https://chat.example.com").status_code == 200
+    # The opt-out for plain http (the embedded default): no Secure, so no prefix either.
+    plain = Web(settings_for(tmp_path, SECURE_COOKIES="false"))
+    set_cookie = plain.app.test_client().get(f"/chat/{WEB}").headers["Set-Cookie"]
+    assert set_cookie.startswith(f"{COOKIE}=") and "Secure" not in set_cookie and "Path=/;" in set_cookie
+
+
+FRAMED = 'frame_ancestors = ["\'self\'", "https://www.acme.example", "https://*.acme-shop.example:8443"]'
+
+
+@pytest.mark.parametrize("options, policy, frame_options", [
+    ("", "frame-ancestors 'self'", "SAMEORIGIN"),
+    ("""frame_ancestors = ["'none'"]""", "frame-ancestors 'none'", "DENY"),
+    (FRAMED, "frame-ancestors 'self' https://www.acme.example https://*.acme-shop.example:8443", None),
+])
+def test_who_may_frame_the_page_is_the_channels_choice(tmp_path, options, policy, frame_options):
+    web = Web(settings_for(tmp_path, with_options(options) if options else CONFIG))
+    page = web.app.test_client().get(f"/chat/{WEB}")
+    assert page.headers["Content-Security-Policy"].endswith("; " + policy)
+    assert page.headers["Content-Security-Policy"].count("frame-ancestors") == 1
+    assert page.headers.get("X-Frame-Options") == frame_options  # it cannot name other sites: CSP alone then
+    assert page.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_a_page_framed_by_another_site_gets_a_cookie_that_reaches_it_there(tmp_path):
+    """In a customer's iframe the page is a third party: only a SameSite=None cookie is sent back, and
+    Partitioned keeps it to that site (CHIPS), so it cannot follow the visitor across sites."""
+    web = Web(settings_for(tmp_path, with_options(FRAMED), SECURE_COOKIES="true"))
+    attributes = {a.strip() for a in web.app.test_client().get(
+        f"/chat/{WEB}", base_url="https://chat.example.com").headers["Set-Cookie"].split(";")}
+    assert {"Secure", "HttpOnly", "Path=/", "SameSite=None", "Partitioned"} <= attributes
+    # Plain http (SECURE_COOKIES=false) cannot have SameSite=None cookies: Lax, and the page works first-party.
+    plain = Web(settings_for(tmp_path, with_options(FRAMED), SECURE_COOKIES="false"))
+    attributes = {a.strip() for a in plain.app.test_client().get(f"/chat/{WEB}").headers["Set-Cookie"].split(";")}
+    assert "SameSite=Lax" in attributes and "Partitioned" not in attributes
+
+
+@pytest.mark.parametrize("value", ['"https://www.acme.example"', "[]", '["*"]', '["https://acme.example/chat"]',
+                                   '["https://acme.example; script-src *"]', """["'unsafe-inline'"]""",
+                                   '["javascript:alert(1)"]', """["'none'", "'self'"]""", '["acme.example"]',
+                                   "[42]", '["https://acme.example\\n"]'])
+def test_bad_frame_ancestors_are_config_errors(tmp_path, value):
+    with pytest.raises(ConfigError, match="options.frame_ancestors"):
+        build_channel(settings_for(tmp_path, with_options(f"frame_ancestors = {value}")).channel(WEB))
+
+
 def test_a_malformed_cookie_is_replaced_on_the_page(web, events):
     client = web.app.test_client()
     client.set_cookie(COOKIE, "short", path="/chat/")
     page = client.get(f"/chat/{WEB}")
     assert f"{COOKIE}=" in page.headers["Set-Cookie"]
-    assert client.get_cookie(COOKIE, path="/chat/").value != "short"
+    assert client.get_cookie(COOKIE).value != "short"
     assert any(e["event"] == "webchat.cookie_replaced" for e in events)
 
 
@@ -199,7 +257,7 @@ def test_a_cookie_this_server_did_not_issue_is_a_new_visitor(web, events, case):
     assert f"{COOKIE}=" in page.headers["Set-Cookie"]
     assert [e["reason"] for e in events if e["event"] == "webchat.cookie_replaced"] == [
         "visitor cookie malformed or not issued by this server"]
-    assert client.get_cookie(COOKIE, path="/chat/").value != forged
+    assert client.get_cookie(COOKIE).value != forged
     assert post(client, {"id": "forged-0001", "text": "hi"}).status_code == 200
     assert forged not in json.dumps(drain(web.publisher)) and forged not in str(events)
 
@@ -210,7 +268,7 @@ def test_the_visitor_id_never_leaves_the_cookie(web, events):
     runner = runner_for(web.settings, reply_box(None))
     try:
         client, pseudonym = web.visitor()
-        visitor_id = unsign(web.settings.secret_key, VISITOR, client.get_cookie(COOKIE, path="/chat/").value)
+        visitor_id = unsign(web.settings.secret_key, VISITOR, client.get_cookie(COOKIE).value)
         assert pseudonym == keyed_hash(web.settings.secret_key, VISITOR, visitor_id) != visitor_id
         assert post(client, {"id": "private-0001", "text": "my name is Ana"}).status_code == 200
         with web.publisher.app.connection_for_write() as conn:  # the task as Flower would show it
