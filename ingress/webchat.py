@@ -35,6 +35,8 @@ COOKIE = "chatsessions_visitor"  # "__Host-chatsessions_visitor" with SECURE_COO
 COOKIE_MAX_AGE = 365 * 24 * 3600
 NO_VISITOR = "visitor cookie missing, malformed or not issued by this server (reload the page)"
 POLL_MS = 1000  # how often an idle page asks for replies; faster while it waits for one
+
+
 def cookie_name(secure: bool) -> str:
     """The visitor cookie's name: with the __Host- prefix when Secure, so the browser keeps it only as this host set
     it (Secure, Path=/, no Domain) — no sibling subdomain or plain-http page can plant or shadow it."""
@@ -95,7 +97,8 @@ def blueprint(settings: Settings, publisher: Publisher) -> Blueprint:
         html = render_template("webchat/page.html", channel_id=channel_id, title=channel.title,
                                max_chars=channel.max_chars, poll_ms=POLL_MS)
         response = Response(html, mimetype="text/html")
-        response.headers["Content-Security-Policy"] = f"{PAGE_CSP}; frame-ancestors {' '.join(channel.frame_ancestors)}"
+        framing = " ".join(channel.frame_ancestors)
+        response.headers["Content-Security-Policy"] = f"{PAGE_CSP}; frame-ancestors {framing}"
         # X-Frame-Options for browsers without frame-ancestors; it cannot name other sites (then CSP alone decides).
         frame_options = {("'none'",): "DENY", ("'self'",): "SAMEORIGIN"}.get(channel.frame_ancestors)
         if frame_options:
@@ -121,8 +124,8 @@ def blueprint(settings: Settings, publisher: Publisher) -> Blueprint:
         who = visitor()
         if who is None:
             return reject(400, NO_VISITOR, channel_id)
-        # The address by its pseudonym too: Redis keys hold no client address.
-        limits = channel.inbound_limits(who, keyed_hash(settings.secret_key, "address", address_of(request.remote_addr)))
+        address = keyed_hash(settings.secret_key, "address", address_of(request.remote_addr))  # no address in Redis
+        limits = channel.inbound_limits(who, address)
         try:
             wait, limited = limiter.take(list(limits))
         except Exception as exc:  # no limits, no entry (and the ledger shares this Redis: publish would fail too)

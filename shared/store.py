@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Iterable, Mapping, TypeVar
 
+import structlog
 from sqlalchemy import (
     BigInteger,
     Connection,
@@ -49,7 +50,6 @@ from sqlalchemy import (
     select,
     update,
 )
-import structlog
 from sqlalchemy.exc import IntegrityError
 
 from shared.config import ChannelConfig
@@ -83,8 +83,8 @@ log = structlog.get_logger(__name__)
 # sessions that ended. A session's next message after that is numbered 1 again while the session row keeps its
 # last_seq: `accept` recognises the restart — a new message numbered at or below last_seq, for a session idle longer
 # than SEQ_RESTART_IDLE_S with nothing waiting — and starts the session's order over (last_seq 0), so the restarted
-# numbers are ordered like any others. Half the TTL: a counter cannot expire sooner than SEQ_TTL_S after its last
-# number, and that message was committed (activity) within at most SEQ_TTL_S - SEQ_RESTART_IDLE_S of it — 15 days.
+# numbers are ordered like any others. Half the TTL: a counter expires only SEQ_TTL_S after its last number, and
+# the session's last activity is that number's turn, committed well within the other half (15 days) of it.
 SEQ_TTL_S = 30 * 24 * 3600
 SEQ_RESTART_IDLE_S = SEQ_TTL_S // 2
 

@@ -491,7 +491,8 @@ headers = st.fixed_dictionaries(
         "Content-Type": st.sampled_from(["application/json", "text/plain", "application/x-www-form-urlencoded",
                                          "multipart/form-data; boundary=x"]) | header_text,
         "X-Forwarded-For": header_text | st.lists(st.ip_addresses().map(str) | st.sampled_from(
-            ["", "unknown", "[::1]:80", "1.2.3.4:5", "[", "]:1", "::ffff:1.2.3.4", "999.1.1.1"]), max_size=4).map(", ".join),
+            ["", "unknown", "[::1]:80", "1.2.3.4:5", "[", "]:1", "::ffff:1.2.3.4", "999.1.1.1"]), max_size=4)
+        .map(", ".join),
         "X-Forwarded-Proto": header_text | st.sampled_from(["https", "http", "HTTPS, http", ",", ""]),
     },
 )
@@ -553,7 +554,7 @@ def test_requests_to_any_path_never_5xx_never_enqueue(ingress, channel_id, suffi
     assert_nothing_enqueued(ingress)
 
 
-# -- (d) the web chat ---------------------------------------------------------------------------------------------------
+# -- (d) the web chat ----------------------------------------------------------------------------------------------
 
 cookies = header_text | st.sampled_from(["", ".", "..", "a.b", "x" * 32 + ".", "." + "y" * 27]) | st.builds(
     lambda raw, sig: f"{raw}.{sig}", st.text("abcXYZ019_-", min_size=22, max_size=40),
