@@ -53,13 +53,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_ingress(args: argparse.Namespace) -> int:
+    from shared.channels import build_channel
     from shared.config import get_settings
 
-    get_settings()  # fail here, with a clear message, before gunicorn forks
+    settings = get_settings()  # fail here, with a clear message, before gunicorn forks
+    for channel in settings.channels.values():
+        build_channel(channel)  # the adapters check their options (the web chat's limits, ...)
     return _exec(["gunicorn", "ingress.wsgi:app", "--bind", args.bind, "--workers", str(args.workers),
                   "--worker-class", "gthread", "--threads", str(args.threads), "--graceful-timeout", "20",
                   # gunicorn's admin socket is one path per user: a second ingress on the host would take it.
                   "--no-control-socket",
+                  # The scheme headers only from TRUSTED_PROXIES (gunicorn's own default trusts 127.0.0.1).
+                  "--forwarded-allow-ips", ",".join(str(n) for n in settings.trusted_proxies),
                   "--access-logfile", "-" if args.access_log else "/dev/null"])
 
 

@@ -10,6 +10,7 @@ import structlog
 from flask import Flask, Response, jsonify, request
 
 from ingress import browser, webchat
+from ingress.proxies import TrustedProxies
 from ingress.publisher import Publisher
 from shared.channels import Channel, WebhookRequest, build_channel
 from shared.config import Settings
@@ -23,11 +24,13 @@ from shared.errors import (
 log = structlog.get_logger(__name__)
 
 MAX_BODY_BYTES = 1024 * 1024
+NO_FRAMES = "frame-ancestors 'none'"
 
 
 def create_app(settings: Settings, publisher: Publisher | None = None) -> Flask:
     app = Flask("chatsessions.ingress")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.wsgi_app = TrustedProxies(app.wsgi_app, settings.trusted_proxies)  # the client's address and scheme
     channels: dict[str, Channel] = {cid: build_channel(c) for cid, c in settings.channels.items()}
     publisher = publisher or Publisher(settings)
 
@@ -60,6 +63,17 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> Flask:
             return reject(400, f"malformed payload: {exc}", channel.config.id)
         publisher.publish(messages)
         return Response("ok\n", status=200, mimetype="text/plain")
+
+    @app.after_request
+    def _hardened(response: Response) -> Response:
+        """Every answer: never MIME-sniffed, never framed — unless its own Content-Security-Policy already says who
+        may frame it (the web chat page, per channel; the session browser sets all its headers itself)."""
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        policy = response.headers.get("Content-Security-Policy")
+        if policy is None or "frame-ancestors" not in policy:
+            response.headers["Content-Security-Policy"] = f"{policy}; {NO_FRAMES}" if policy else NO_FRAMES
+            response.headers.setdefault("X-Frame-Options", "DENY")
+        return response
 
     @app.errorhandler(UnknownChannel)
     def _unknown(exc: UnknownChannel):

@@ -12,6 +12,7 @@ from typing import Protocol
 from shared.errors import ChatSessionsError
 from shared.messages import REPLAY_WINDOW_S
 from shared.redis_client import redis_client
+from shared.store import SEQ_TTL_S
 
 DEDUPE_TTL_S = REPLAY_WINDOW_S  # parsers refuse messages older than this, so every accepted copy is still known here
 PENDING_TTL_S = 30  # a claim whose publish never confirmed (the ingress died, Redis went away) lapses
@@ -34,7 +35,9 @@ class Ledger(Protocol):
         """Forget a claim whose publish failed, so the platform's retry is accepted."""
 
     def next_seq(self, session_key: str) -> int:
-        """The next per-session sequence number (1, 2, ...)."""
+        """The next per-session sequence number (1, 2, ...). The counter expires SEQ_TTL_S after its last
+        number (a session that ended leaves nothing behind); one that comes back starts at 1 again, and the store
+        starts its order over (shared/store.py)."""
 
     def return_seq(self, session_key: str, seq: int) -> None:
         """Give back a number whose message was never published, if no later one was handed out
@@ -56,6 +59,8 @@ class RedisLedger:
     def __init__(self, url: str):
         self.redis = redis_client(url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=30)
         self._claim = self.redis.register_script(_CLAIM)
+        self._next_seq = self.redis.register_script(
+            "local n = redis.call('INCR', KEYS[1]) redis.call('EXPIRE', KEYS[1], ARGV[1]) return n")
         self._return_seq = self.redis.register_script(
             "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DECR', KEYS[1]) end return -1")
 
@@ -72,7 +77,7 @@ class RedisLedger:
         self.redis.delete(f"seen:{channel_id}:{platform_message_id}")
 
     def next_seq(self, session_key: str) -> int:
-        return int(self.redis.incr(f"seq:{session_key}"))
+        return int(self._next_seq(keys=[f"seq:{session_key}"], args=[SEQ_TTL_S]))
 
     def return_seq(self, session_key: str, seq: int) -> None:
         self._return_seq(keys=[f"seq:{session_key}"], args=[seq])

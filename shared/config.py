@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import ipaddress
 import os
 import re
 import tomllib
@@ -35,7 +36,7 @@ PLATFORMS: dict[str, dict[str, Any]] = {
         "secrets": ("bot_token", "public_key"),
         "options": (),
     },
-    "webchat": {  # the ingress serves the page; options: title, max_chars, messages_per_minute
+    "webchat": {  # the ingress serves the page; options (shared/channels/webchat.py): title, max_chars, limits
         "api_base": "",
         "secrets": (),
         "options": (),
@@ -271,6 +272,10 @@ class Settings:
     redis_sentinel_master: str | None = None  # REDIS_SENTINEL_MASTER: the master of sentinel:// URLs (docs/scaling.md)
     # SECRET_KEY: keys the pseudonyms of personal ids in logs and signs web chat visitor ids (shared/signing.py)
     secret_key: str = field(default="", repr=False)
+    # TRUSTED_PROXIES: the reverse proxies whose X-Forwarded-For/-Proto the ingress believes (ingress/proxies.py)
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # SECURE_COOKIES: the web chat's cookie is Secure and __Host- (false only for plain http; embedded default)
+    secure_cookies: bool = True
 
     def person_of(self, platform: str, user_id: str) -> str | None:
         """The person a platform user is linked to in [[identities]], if any."""
@@ -325,6 +330,37 @@ def _secret_key(env: Mapping[str, str], embedded: bool) -> str:
     if len(key) < SECRET_KEY_MIN_CHARS:
         raise ConfigError(f"SECRET_KEY must be at least {SECRET_KEY_MIN_CHARS} characters, got {len(key)}")
     return key
+
+
+def _trusted_proxies(env: Mapping[str, str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """TRUSTED_PROXIES: comma-separated addresses or networks (CIDR) of the proxies in front of the ingress. Unset:
+    trust nobody, so a client can never choose the address or scheme the ingress sees."""
+    networks = []
+    for item in (part.strip() for part in (env.get("TRUSTED_PROXIES") or "").split(",")):
+        if not item:
+            continue
+        if item == "*":
+            raise ConfigError("TRUSTED_PROXIES cannot be '*' (any client could choose its address): list the "
+                              "proxies' addresses or networks, e.g. 10.0.0.0/8")
+        try:
+            networks.append(ipaddress.ip_network(item))  # strict: 10.0.0.1/8 is a typo for 10.0.0.0/8 or 10.0.0.1
+        except ValueError as exc:
+            raise ConfigError(f"TRUSTED_PROXIES: {item!r} is not an IP address or network ({exc})") from None
+    return tuple(networks)
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _secure_cookies(env: Mapping[str, str], embedded: bool) -> bool:
+    """SECURE_COOKIES: true unless set false. `chatsessions run` (embedded) defaults to false: it serves plain
+    http on one's own machine, where some browsers refuse Secure cookies."""
+    raw = (env.get("SECURE_COOKIES") or "").strip().lower()
+    if not raw:
+        return not embedded
+    if raw not in _TRUE + _FALSE:
+        raise ConfigError(f"SECURE_COOKIES must be true or false, got {env.get('SECURE_COOKIES')!r}")
+    return raw in _TRUE
 
 
 BROKER_QUEUE_TYPES = ("classic", "quorum")
@@ -461,6 +497,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         broker_queue_type=broker_queue_type,
         redis_sentinel_master=sentinel_master,
         secret_key=_secret_key(env, broker_url.startswith("memory://")),
+        trusted_proxies=_trusted_proxies(env),
+        secure_cookies=_secure_cookies(env, broker_url.startswith("memory://")),
     )
 
 

@@ -54,21 +54,21 @@ class Limiter(Protocol):
 _TAKE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local wait, tokens = 0, {}
+local wait, worst, tokens = 0, 0, {}
 for i, key in ipairs(KEYS) do
   local rate, burst = tonumber(ARGV[2*i-1]), tonumber(ARGV[2*i])
   local s = redis.call('HMGET', key, 'tokens', 'ts')
   local have = math.min(burst, (tonumber(s[1]) or burst) + (now - (tonumber(s[2]) or now)) * rate)
   tokens[i] = have
-  if have < 1 then wait = math.max(wait, (1 - have) / rate) end
+  if have < 1 and (1 - have) / rate > wait then wait, worst = (1 - have) / rate, i end
 end
-if wait > 0 then return tostring(wait) end
+if wait > 0 then return {tostring(wait), worst} end
 for i, key in ipairs(KEYS) do
   local rate, burst = tonumber(ARGV[2*i-1]), tonumber(ARGV[2*i])
   redis.call('HSET', key, 'tokens', tokens[i] - 1, 'ts', now)
   redis.call('EXPIRE', key, math.ceil(burst / rate) + 1)
 end
-return '0'
+return {'0', 0}
 """
 
 
@@ -78,8 +78,14 @@ class RedisLimiter:
         self.script = self.redis.register_script(_TAKE)
 
     def try_take(self, buckets: list[Bucket]) -> float:
+        return self.take(buckets)[0]
+
+    def take(self, buckets: list[Bucket]) -> tuple[float, Bucket | None]:
+        """try_take, and the bucket that made the caller wait longest (None when it need not wait): which limit
+        a refusal was for."""
         args = [v for b in buckets for v in (b.per_s, b.burst)]
-        return float(self.script(keys=[b.key for b in buckets], args=args))
+        wait, worst = self.script(keys=[b.key for b in buckets], args=args)
+        return float(wait), buckets[int(worst) - 1] if int(worst) else None
 
 
 class LocalLimiter:
@@ -91,18 +97,22 @@ class LocalLimiter:
         self.state: dict[str, tuple[float, float]] = {}
 
     def try_take(self, buckets: list[Bucket]) -> float:
+        return self.take(buckets)[0]
+
+    def take(self, buckets: list[Bucket]) -> tuple[float, Bucket | None]:
         with self.lock:
             now = self.clock()
             have = {}
             for b in buckets:
                 tokens, ts = self.state.get(b.key, (b.burst, now))
                 have[b.key] = min(b.burst, tokens + (now - ts) * b.per_s)
-            wait = max(((1 - have[b.key]) / b.per_s for b in buckets if have[b.key] < 1), default=0.0)
+            wait, worst = max((((1 - have[b.key]) / b.per_s, b) for b in buckets if have[b.key] < 1),
+                              default=(0.0, None), key=lambda pair: pair[0])
             if wait > 0:
-                return wait
+                return wait, worst
             for b in buckets:
                 self.state[b.key] = (have[b.key] - 1, now)
-            return 0.0
+            return 0.0, None
 
 
 def pace(limiter: Limiter, buckets: list[Bucket], sleep: Callable[[float], None] = time.sleep) -> float:

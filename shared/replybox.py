@@ -1,7 +1,7 @@
 """The web chat's reply box: where a worker's `send` leaves a reply for the ingress to hand to the browser.
 
 The web chat has no platform API to post to, so the "platform" is a short Redis stream per visitor chat
-(`webchat:<channel>:<visitor>`, capped and expiring), shared by every ingress and worker process. The
+(`webchat:<channel>:<visitor pseudonym>`, capped and expiring), shared by every ingress and worker process. The
 embedded mode (`chatsessions run`: no Redis, one process) uses an in-process box instead. The ingress also
 records the visitor's own accepted messages there, so a reloaded page shows the recent conversation.
 """

@@ -13,6 +13,9 @@ one turn at a time, and never holds a transaction while the Agent runs. The tran
   mark_delivery  the send's outcome
   release        the lease; says whether a message became ready meanwhile (then the holder claims again)
 
+The order is the ingress's per-session `seq` (ingress/ledger.py), whose counter expires SEQ_TTL_S after its last
+number; a session that comes back after that is numbered from 1 again, and `accept` resyncs it (SEQ_RESTART_IDLE_S).
+
 A turn is one message, or with a burst policy the ready messages taken together (`Turn.earlier`), all stored and
 settled in its one commit. A reply carries its route (the channel, chat and topic of the message it answers).
 Beside the turns: `mark_dormant` (idle sessions) and `purge_expired` (retention), run by beat in batches.
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Iterable, Mapping, TypeVar
 
+import structlog
 from sqlalchemy import (
     BigInteger,
     Connection,
@@ -72,6 +76,17 @@ from shared.models import (
 )
 
 T = TypeVar("T")
+
+log = structlog.get_logger(__name__)
+
+# The ingress's `seq:<key>` counters expire this long after their last number, so Redis keeps no counter for
+# sessions that ended. A session's next message after that is numbered 1 again while the session row keeps its
+# last_seq: `accept` recognises the restart — a new message numbered at or below last_seq, for a session idle longer
+# than SEQ_RESTART_IDLE_S with nothing waiting — and starts the session's order over (last_seq 0), so the restarted
+# numbers are ordered like any others. Half the TTL: a counter expires only SEQ_TTL_S after its last number, and
+# the session's last activity is that number's turn, committed well within the other half (15 days) of it.
+SEQ_TTL_S = 30 * 24 * 3600
+SEQ_RESTART_IDLE_S = SEQ_TTL_S // 2
 
 
 class LeaseBusy(ChatSessionsError):
@@ -182,8 +197,18 @@ _seq = bindparam("seq", type_=BigInteger())
 _SEQ_FORWARD = case((_sessions.c.last_seq < _seq, _seq), else_=_sessions.c.last_seq)  # a replay never moves it back
 _PENDING = _messages.c.delivery_status == literal_column(f"'{PENDING}'")  # inline: the partial index's predicate
 
-_FIND_SESSION = select(_sessions.c.id, _sessions.c.status, _sessions.c.generation).where(
-    _sessions.c.key == bindparam("key"))
+_SESSION_STATE = (_sessions.c.id, _sessions.c.status, _sessions.c.generation, _sessions.c.last_seq,
+                  _sessions.c.last_activity_at)
+_FIND_SESSION = select(*_SESSION_STATE).where(_sessions.c.key == bindparam("key"))
+# The ingress's counter restarted (SEQ_TTL_S): the session's order starts over. Checked again under the row lock,
+# and never for a message already stored (a very late redelivery) or while anything waits in the inbox.
+_RESTART_SEQ = (update(_sessions)
+                .where(_sessions.c.id == bindparam("sid"), _sessions.c.last_seq >= _seq,
+                       _sessions.c.last_activity_at < bindparam("idle_since"),
+                       ~exists().where(_inbox.c.session_id == _sessions.c.id),
+                       ~exists().where(_messages.c.channel_id == bindparam("channel"),
+                                       _messages.c.platform_message_id == bindparam("pmid")))
+                .values(last_seq=0))
 # Waking leaves last_activity_at to the turn: a reset policy compares the message with the activity before it.
 _WAKE = (update(_sessions).where(_sessions.c.id == bindparam("sid"), _sessions.c.status == DORMANT)
          .values(status=ACTIVE).returning(_sessions.c.generation))
@@ -237,7 +262,7 @@ def _upserts(dialect: str):
     else:
         from sqlalchemy.dialects.sqlite import insert as dialect_insert
     create_session = (dialect_insert(_sessions).on_conflict_do_nothing(index_elements=["key"])
-                      .returning(_sessions.c.id, _sessions.c.status, _sessions.c.generation))
+                      .returning(*_SESSION_STATE))
     enqueue = dialect_insert(_inbox).on_conflict_do_nothing(index_elements=["channel_id", "platform_message_id"])
     return create_session, enqueue
 
@@ -348,6 +373,8 @@ class Store:
                 row = c.execute(_FIND_SESSION, {"key": msg.session_key}).one()
         if row.status == DORMANT:
             self._wake(c, row.id, t)
+        if 0 < msg.seq <= row.last_seq and _as_utc(row.last_activity_at) < t - timedelta(seconds=SEQ_RESTART_IDLE_S):
+            self._restart_seq(c, row.id, msg, t)
         # A redelivery of an answered message goes through the inbox too: its turn, in seq order,
         # only records that this seq is settled, so later messages don't wait for it.
         inserted = c.execute(self._enqueue, {
@@ -355,6 +382,17 @@ class Store:
             "seq": msg.seq, "payload": json.dumps(msg.to_dict()), "created_at": t,
         }).rowcount
         return Accepted(row.id, new=bool(inserted))
+
+    @staticmethod
+    def _restart_seq(c: Connection, session_id: int, msg: InboundMessage, t: datetime) -> None:
+        """A new message numbered at or below last_seq of a session idle past SEQ_RESTART_IDLE_S: the ingress's
+        counter expired and restarted at 1. Without this, the restarted numbers would all look like replays, run
+        whenever they arrive, unordered, until they passed the old last_seq."""
+        restarted = c.execute(_RESTART_SEQ, {"sid": session_id, "seq": msg.seq, "channel": msg.channel_id,
+                                             "pmid": msg.platform_message_id,
+                                             "idle_since": t - timedelta(seconds=SEQ_RESTART_IDLE_S)}).rowcount
+        if restarted:
+            log.info("store.seq_restarted", session_key=msg.session_key, seq=msg.seq)
 
     @staticmethod
     def _wake(c: Connection, session_id: int, t: datetime) -> None:

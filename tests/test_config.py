@@ -319,3 +319,45 @@ def test_person_is_a_reserved_channel_id(tmp_path):
 def test_channel_id_cannot_hold_the_key_separator(tmp_path):
     with pytest.raises(ConfigError, match="channel 'w:a': a channel id cannot contain ':'"):
         load_with(tmp_path, WA.replace('id = "wa"', 'id = "w:a"'))
+
+
+@pytest.mark.parametrize("value, message", [
+    ("*", "cannot be '\\*'"),
+    ("10.0.0.1/8", "'10.0.0.1/8' is not an IP address or network"),  # host bits set: a typo
+    ("proxy.internal", "'proxy.internal' is not an IP address or network"),
+    ("10.0.0.0/8;rm", "is not an IP address or network"),
+])
+def test_bad_trusted_proxies_stop_the_process_at_start(tmp_path, value, message):
+    with pytest.raises(ConfigError, match=f"TRUSTED_PROXIES.*{message}"):
+        load_settings({**write(tmp_path, WA), "TRUSTED_PROXIES": value})
+
+
+@pytest.mark.parametrize("value, allowed", [("", ""), ("10.0.0.0/8, 192.0.2.1", "10.0.0.0/8,192.0.2.1/32")])
+def test_chatsessions_ingress_gives_gunicorn_the_trusted_proxies(tmp_path, monkeypatch, value, allowed):
+    """gunicorn believes X-Forwarded-Proto from the same peers as the app; unset, from nobody (its own default
+    would be 127.0.0.1)."""
+    from cli import main
+    from shared.config import get_settings
+
+    for name, env_value in {**write(tmp_path, WA), "TRUSTED_PROXIES": value}.items():
+        monkeypatch.setenv(name, env_value)
+    started: list[list[str]] = []
+    monkeypatch.setattr(main, "_exec", lambda argv: started.append(argv) or 0)
+    get_settings.cache_clear()
+    try:
+        assert main.main(["ingress", "--bind", "127.0.0.1:0"]) == 0
+    finally:
+        get_settings.cache_clear()
+    [argv] = started
+    assert argv[argv.index("--forwarded-allow-ips") + 1] == allowed
+
+
+def test_secure_cookies_is_on_outside_the_embedded_process_and_can_be_turned_off(tmp_path):
+    env = {**write(tmp_path, WA), "BROKER_URL": "redis://127.0.0.1:6379/0"}
+    assert load_settings(env).secure_cookies is True
+    assert load_settings({**write(tmp_path, WA)}).secure_cookies is False  # `chatsessions run`: plain http locally
+    for value, secure in (("false", False), ("0", False), ("No", False), ("true", True), ("1", True), ("on", True)):
+        assert load_settings({**env, "SECURE_COOKIES": value}).secure_cookies is secure
+        assert load_settings({**write(tmp_path, WA), "SECURE_COOKIES": value}).secure_cookies is secure
+    with pytest.raises(ConfigError, match="SECURE_COOKIES must be true or false, got 'maybe'"):
+        load_settings({**env, "SECURE_COOKIES": "maybe"})

@@ -8,7 +8,10 @@
     deterministic sweep of every single-point mutation (every path x every type change) of every sample;
 (c) the Flask ingress (real Publisher, in-process kombu broker, nothing mocked): requests without valid signatures
     never get a 5xx (nor a 2xx for POST) and never enqueue; correctly signed random bodies never get a 5xx, and
-    whatever reaches the broker is a well-formed InboundMessage whose session key starts with the channel id.
+    whatever reaches the broker is a well-formed InboundMessage whose session key starts with the channel id;
+    every answer carries nosniff and refuses framing; forwarded headers from a trusted proxy never cause a 5xx;
+(d) the web chat: cookies the server did not sign never get a message in; random bodies from a real visitor never
+    get a 5xx and publish only well-formed messages that name the visitor by its pseudonym, never its id.
 
 Deterministic for CI (derandomize=True, no example database). A failure here is a bug in the code under test:
 hypothesis prints the minimal failing example; the sweeps print one line per distinct exception.
@@ -38,12 +41,15 @@ from cli.standins import payloads as p
 from ingress.app import create_app
 from ingress.ledger import MemoryLedger
 from ingress.publisher import Publisher
+from ingress.webchat import COOKIE
 from shared.channels.discord import DiscordChannel, is_snowflake
 from shared.channels.telegram import TelegramChannel
+from shared.channels.webchat import VISITOR, visitor_pseudonym
 from shared.channels.whatsapp import WhatsAppChannel
 from shared.config import load_settings
 from shared.errors import MalformedPayload
 from shared.messages import DM, GROUP, ID_LIMITS, NAME_LIMIT, NEW_SESSION, REPLAY_WINDOW_S, InboundMessage
+from shared.signing import unsign
 
 FUZZ = settings(
     max_examples=200,
@@ -267,7 +273,7 @@ def assert_well_formed(message: Any, channel_id: str, platform: str) -> None:
     assert len(message.sender_name) <= NAME_LIMIT and "\x00" not in message.text + message.sender_name
     if platform == "discord":  # the reply's URL path is built from the chat id
         assert is_snowflake(message.chat_id) and is_snowflake(message.sender_id), message
-    else:
+    elif platform in ("whatsapp", "telegram"):
         assert re.fullmatch(r"-?[0-9]{1,20}", message.sender_id), message  # a phone number, a Telegram user
     # A send time the store and the policies can use: finite, not in the future, not older than a replay.
     assert isinstance(message.sent_at, float) and math.isfinite(message.sent_at), message
@@ -408,7 +414,7 @@ def test_every_single_mutation_of_every_sample(name, index):
 
 # -- (c) the webhook endpoints ---------------------------------------------------------------------------------------------
 
-WA, TG, DC = "fz-wa", "fz-tg", "fz-dc"
+WA, TG, DC, WEB = "fz-wa", "fz-tg", "fz-dc", "fz-web"
 SECRETS = {
     "FZ_WA_APP_SECRET": "fz-wa-app-secret", "FZ_WA_VERIFY_TOKEN": "fz-wa-verify-token",
     "FZ_WA_ACCESS_TOKEN": "fz-wa-access-token", "FZ_TG_BOT_TOKEN": "1:fz-tg-bot-token",
@@ -434,6 +440,13 @@ id = "{DC}"
 platform = "discord"
 agent = "echo"
 secrets = {{ bot_token = "FZ_DC_BOT_TOKEN", public_key = "FZ_DC_PUBLIC_KEY" }}
+
+[[channels]]
+id = "{WEB}"
+platform = "webchat"
+agent = "echo"
+# Limits out of the way: every example posts as the same visitor, from the same address.
+options = {{ messages_per_minute = 1e9, address_messages_per_minute = 1e9, channel_messages_per_minute = 1e9 }}
 """
 
 
@@ -452,13 +465,15 @@ class Ingress:
     def __init__(self, tmp: Path):
         (tmp / "channels.toml").write_text(CONFIG)
         settings = load_settings({"CHATSESSIONS_CONFIG": str(tmp / "channels.toml"), "FZ_DC_PUBLIC_KEY": PUBLIC_HEX,
-                                  "BROKER_URL": "memory://localhost/", **SECRETS})
+                                  "BROKER_URL": "memory://localhost/", **SECRETS,
+                                  "TRUSTED_PROXIES": "127.0.0.0/8"})  # the test client's peer: forwarded headers read
+        self.secret_key = settings.secret_key
         self.publisher = CountingPublisher(settings, ledger=MemoryLedger())
         self.queues = [q.name for q in self.publisher.app.conf.task_queues]
-        app = create_app(settings, self.publisher)
+        self.app = create_app(settings, self.publisher)
         # An exception escaping a view would be a 500: let it reach the test with its traceback.
-        app.config["PROPAGATE_EXCEPTIONS"] = True
-        self.client = app.test_client()
+        self.app.config["PROPAGATE_EXCEPTIONS"] = True
+        self.client = self.app.test_client()
 
     def reset(self) -> None:
         """Empty queues, zero counts, and a fresh ledger (so redelivery dedupe cannot hide a message)."""
@@ -514,6 +529,10 @@ headers = st.fixed_dictionaries(
         | st.sampled_from(["", NOW, str(int(NOW) - 600), "-1", "1e3", " 1 ", "1_0", *HUGE_DIGITS]),
         "Content-Type": st.sampled_from(["application/json", "text/plain", "application/x-www-form-urlencoded",
                                          "multipart/form-data; boundary=x"]) | header_text,
+        "X-Forwarded-For": header_text | st.lists(st.ip_addresses().map(str) | st.sampled_from(
+            ["", "unknown", "[::1]:80", "1.2.3.4:5", "[", "]:1", "::ffff:1.2.3.4", "999.1.1.1"]), max_size=4)
+        .map(", ".join),
+        "X-Forwarded-Proto": header_text | st.sampled_from(["https", "http", "HTTPS, http", ",", ""]),
     },
 )
 bodies = (
@@ -569,7 +588,58 @@ def test_requests_to_any_path_never_5xx_never_enqueue(ingress, channel_id, suffi
     ingress.reset()
     response = ingress.client.open(f"/webhooks/{channel_id}{suffix}", method=method, data=body, headers=headers)
     assert response.status_code < 500, (response.status_code, response.data)
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
     assert_nothing_enqueued(ingress)
+
+
+# -- (d) the web chat ----------------------------------------------------------------------------------------------
+
+cookies = header_text | st.sampled_from(["", ".", "..", "a.b", "x" * 32 + ".", "." + "y" * 27]) | st.builds(
+    lambda raw, sig: f"{raw}.{sig}", st.text("abcXYZ019_-", min_size=22, max_size=40),
+    st.text("abcXYZ019_-", min_size=0, max_size=30))
+
+
+@FUZZ
+@given(cookie=cookies, body=bodies, headers=headers, path=st.sampled_from(["/messages", "/replies", ""]),
+       method=st.sampled_from(["GET", "POST"]))
+def test_web_chat_cookies_the_server_did_not_sign_never_get_a_message_in(ingress, cookie, body, headers, path,
+                                                                        method):
+    ingress.reset()
+    client = ingress.app.test_client()
+    client.set_cookie(COOKIE, cookie)
+    response = client.open(f"/chat/{WEB}{path}", method=method, data=body, headers=headers)
+    assert response.status_code < 500, (response.status_code, response.data)
+    assert_nothing_enqueued(ingress)
+
+
+@FUZZ
+@given(body=bodies | json_values.map(lambda text: encode({"id": "fuzz-message-01", "text": text}))
+       | json_values.map(lambda doc: encode({"id": "fuzz-message-02", **_dict(doc)})), headers=headers)
+def test_web_chat_random_bodies_never_5xx_and_publish_only_the_visitors_pseudonym(ingress, visitor, body, headers):
+    ingress.reset()
+    client, visitor_id, pseudonym = visitor
+    response = client.post(f"/chat/{WEB}/messages", data=body,
+                           headers={**headers, "Content-Type": headers.get("Content-Type", "application/json")})
+    assert response.status_code < 500, (response.status_code, response.data)
+    assert response.status_code in (200, 400, 413, 415), (response.status_code, response.data)
+    enqueued = ingress.drain()
+    assert len(enqueued) == ingress.publisher.enqueued == (1 if response.status_code == 200
+                                                           and not response.json["duplicate"] else 0)
+    for task in enqueued:
+        message = InboundMessage.from_dict(task)
+        assert_well_formed(message, WEB, "webchat")
+        assert message.chat_id == message.sender_id == pseudonym
+        assert message.platform_message_id.startswith(pseudonym + ":") and visitor_id not in json.dumps(task)
+
+
+@pytest.fixture(scope="module")
+def visitor(ingress) -> tuple[Any, str, str]:
+    """One real visitor: the page's cookie, its id and its pseudonym."""
+    client = ingress.app.test_client()
+    assert client.get(f"/chat/{WEB}").status_code == 200
+    token = client.get_cookie(COOKIE).value
+    return client, unsign(ingress.secret_key, VISITOR, token), visitor_pseudonym(ingress.secret_key, token)
 
 
 def _sign(endpoint: str, body: bytes) -> dict[str, str]:

@@ -27,11 +27,12 @@ from cli.standins import payloads as p
 from ingress.app import MAX_BODY_BYTES, create_app
 from ingress.ledger import MemoryLedger
 from ingress.publisher import Publisher
+from ingress.webchat import COOKIE
 from shared.config import Settings, load_settings
 from shared.logs import REDACTED, configure_logging
 from shared.messages import REPLAY_WINDOW_S, InboundMessage
 
-WA, TG, DC = "acme-wa", "acme-tg", "acme-dc"
+WA, TG, DC, WEB = "acme-wa", "acme-tg", "acme-dc", "acme-web"
 PHONE_ID = "106540352242922"  # the fixtures' phone_number_id
 DISCORD_KEY = Ed25519PrivateKey.generate()
 DISCORD_PUBLIC_HEX = DISCORD_KEY.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
@@ -44,7 +45,7 @@ SECRETS = {
     "T_TG_BOT_TOKEN": "123456789:tg-bot-token-Hn8wJ2",
     "T_TG_SECRET_TOKEN": "tg-secret-token-Zp41Lq",
     "T_DC_BOT_TOKEN": "dc-bot-token-Lr3vX9",
-    "SECRET_KEY": "secret-key-Pq9Xw2-0123456789abcdefghij",
+    "SECRET_KEY": "server-secret-key-Wq5Nz8Lm3Rt6Yp9Kd2Vx",  # required with a Redis broker (the 503 tests)
 }
 APP_SECRET = SECRETS["T_WA_APP_SECRET"]
 VERIFY_TOKEN = SECRETS["T_WA_VERIFY_TOKEN"]
@@ -72,6 +73,11 @@ id = "{DC}"
 platform = "discord"
 agent = "echo"
 secrets = {{ bot_token = "T_DC_BOT_TOKEN", public_key = "T_DC_PUBLIC_KEY" }}
+
+[[channels]]
+id = "{WEB}"
+platform = "webchat"
+agent = "echo"
 """
 
 
@@ -688,6 +694,91 @@ def test_readyz_reports_the_unreachable_broker(unreachable, logs):
     assert response.status_code == 503
     [line] = logs.named("ingress.not_ready")
     assert line["reason"] == "ConnectionError"
+
+
+# -- the web chat: cookies the server did not sign, its limits unreachable ------------------------------------------
+
+def web_visitor(client: Any) -> Any:
+    assert client.get(f"/chat/{WEB}").status_code == 200  # the page sets the visitor cookie
+    return client
+
+
+def post_web(client: Any, message_id: str = "bad-input-01"):
+    return client.post(f"/chat/{WEB}/messages", json={"id": message_id, "text": "hello"})
+
+
+UNSIGNED_ID = "U3dK2m8Qp0vXr7Lz4Nc1Bh6Yt9Fs5Wd2"  # the shape of a visitor cookie from before ids were signed
+
+
+@pytest.mark.parametrize("cookie", [UNSIGNED_ID, UNSIGNED_ID + ".forged-signature", "", ".", "\u00e9t\u00e9.x"],
+                         ids=["unsigned", "forged", "empty", "dot", "latin1"])
+def test_a_web_chat_cookie_the_server_did_not_sign_is_400(stack, cookie):
+    stack.client.set_cookie(COOKIE, cookie)
+    assert post_web(stack.client).status_code == 400
+    assert "not issued by this server" in stack.rejected(400)["reason"]
+    assert stack.enqueued() == 0
+
+
+def test_web_chat_with_its_limits_unreachable_is_503_not_a_free_pass(tmp_path, logs):
+    """The broker takes messages (in memory) but the limits' Redis is down: refuse (503, Retry-After) rather than
+    let every message through."""
+    settings = settings_for(tmp_path, REDIS_URL="redis://127.0.0.1:1/1")  # port 1: refused at once
+    publisher = CountingPublisher(settings, ledger=MemoryLedger())
+    client = web_visitor(create_app(settings, publisher).test_client())
+    logs.clear()
+    try:
+        for _attempt in range(2):  # the page's retry meets the same answer until Redis is back
+            started = time.monotonic()
+            response = post_web(client)
+            assert time.monotonic() - started < 10, "the ingress must answer fast when Redis is down"
+            assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+            [line] = logs.named("webchat.limiter_unreachable")
+            assert line["level"] == "error" and line["error"] == "ConnectionError" and line["channel"] == WEB
+            logs.clear()
+        assert publisher.calls == 0 and broker_depth(publisher) == 0
+    finally:
+        drain(publisher)
+        publisher.app.close()
+
+
+# -- every answer's headers: never sniffed, never framed --------------------------------------------------------------
+
+def test_every_answer_good_or_bad_is_never_sniffed_nor_framed(stack):
+    client = stack.client
+    answers = {
+        "200 webhook": post_wa(stack, wa_body()),
+        "401 forged": post_wa(stack, wa_body(), secret="forged"),
+        "400 malformed": post_wa(stack, b"not json"),
+        "404 unknown channel": client.post("/webhooks/nope", data=b"{}"),
+        "404 no route": client.get("/nothing-here"),
+        "405 method": client.put(f"/webhooks/{WA}"),
+        "413 too large": client.post(f"/webhooks/{TG}", data=b"x" * (MAX_BODY_BYTES + 1)),
+        "healthz": client.get("/healthz"),
+        "readyz": client.get("/readyz"),
+        "web chat script": client.get("/chat-static/webchat.js"),
+        "web chat 400": client.get(f"/chat/{WEB}/replies"),
+    }
+    for name, response in answers.items():
+        response.close()  # the script's file
+        assert response.headers["X-Content-Type-Options"] == "nosniff", name
+        assert response.headers["X-Frame-Options"] == "DENY", name
+        assert response.headers["Content-Security-Policy"].endswith("frame-ancestors 'none'"), name
+    # The chat page decides for itself (its channel's frame_ancestors), and keeps its own policy.
+    page = client.get(f"/chat/{WEB}")
+    assert page.headers["Content-Security-Policy"].startswith("default-src 'self'")
+    assert page.headers["Content-Security-Policy"].endswith("frame-ancestors 'self'")
+    assert page.headers["X-Frame-Options"] == "SAMEORIGIN" and page.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_the_session_browser_keeps_its_own_stricter_headers(tmp_path, logs):
+    from ingress.browser import HEADERS
+
+    settings = settings_for(tmp_path, ADMIN_TOKEN="admin-token-Zq81Lx")
+    client = create_app(settings, CountingPublisher(settings, ledger=MemoryLedger())).test_client()
+    for response in (client.get("/admin/"), client.get("/admin/", headers={"Authorization": "Bearer wrong"})):
+        assert response.status_code == 401
+        for name, value in HEADERS.items():
+            assert response.headers[name] == value, name
 
 
 # -- the log: no secrets, no message text at INFO -----------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 
 import psycopg
 import pytest
@@ -14,7 +15,7 @@ from sqlalchemy import event, select, update
 from shared.agents import EchoAgent
 from shared.db import engine_for, transaction
 from shared.models import ChatSession, Message, SessionEvent
-from shared.store import LeaseBusy, _as_utc, now, transcript
+from shared.store import SEQ_RESTART_IDLE_S, LeaseBusy, _as_utc, now, transcript
 from test_turn import _hours, make_runner, msg, sent
 
 LEASE = 30
@@ -306,3 +307,52 @@ def test_pending_replies_lists_the_outbox(database_url):
     claim = r.store.claim(sid, LEASE, history_limits=limits(r))
     settled = r.store.commit_turn(claim.turn, "echo: one")
     assert r.store.pending_replies(sid) == list(settled.replies)
+
+
+# -- the ingress's counter restarted (SEQ_TTL_S): the session's order starts over --------------------------------------
+
+def _session_of(url: str, key: str = "wa:dm:5511") -> ChatSession:
+    with transaction(url) as s:
+        return s.scalars(select(ChatSession).where(ChatSession.key == key)).one()
+
+
+def _idle_for(url: str, seconds: float, key: str = "wa:dm:5511") -> None:
+    """As if the session's last turn had committed `seconds` ago."""
+    with transaction(url) as s:
+        s.execute(update(ChatSession).where(ChatSession.key == key)
+                  .values(last_activity_at=now() - timedelta(seconds=seconds)))
+
+
+def test_a_restarted_counter_is_ordered_again(database_url):
+    """The session's counter expired after a long silence; the next messages are numbered 1, 2 again. Arriving out
+    of order (2 before 1), 2 waits for 1, as it would in any session — not run at once as a replay of an old 2."""
+    r = make_runner(database_url, EchoAgent())
+    for n, text in enumerate(["one", "two", "three"], 1):
+        assert r.handle(msg(text, seq=n)) == "replied"
+    _idle_for(database_url, SEQ_RESTART_IDLE_S + 60)
+    assert r.handle(msg("five", seq=2)) == "queued"  # waits for the new 1
+    assert _session_of(database_url).last_seq == 0
+    assert r.handle(msg("four", seq=1)) == "replied"
+    assert [text for _, text in sent(r)][-2:] == ["echo: four", "echo: five"]
+    assert _session_of(database_url).last_seq == 2
+    assert r.handle(msg("six", seq=3)) == "replied"  # and on from there
+
+
+@pytest.mark.parametrize("case", ["active", "already stored", "inbox waiting", "above last_seq"])
+def test_the_order_starts_over_only_for_a_restarted_counter(database_url, case):
+    r = make_runner(database_url, EchoAgent())
+    first = msg("one", seq=1)
+    for m in (first, msg("two", seq=2), msg("three", seq=3)):
+        r.handle(m)
+    if case != "active":
+        _idle_for(database_url, SEQ_RESTART_IDLE_S + 60)
+    late = {
+        "active": msg("a replay, or a message passed by a gap", seq=2),  # recent activity: no restart possible
+        "already stored": msg("one", seq=1, pid=first.platform_message_id),  # a (very) late redelivery
+        "above last_seq": msg("four", seq=4),  # the counter did not restart: the next number
+    }.get(case)
+    if case == "inbox waiting":
+        r.store.accept(msg("five", seq=5))  # waits for 4 (its turn decides; the inbox is not reordered)
+        late = msg("two again", seq=2)
+    r.store.accept(late)
+    assert _session_of(database_url).last_seq == 3

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,22 +19,25 @@ import structlog
 from structlog.testing import capture_logs
 
 from ingress.app import create_app
-from ingress.ledger import MemoryLedger
+from ingress.ledger import MemoryLedger, RedisLedger
 from ingress.publisher import Publisher
 from ingress.webchat import COOKIE
 from shared.agents import load_agent
 from shared.channels import build_channel
 from shared.channels.base import WebhookRequest, session_key
-from shared.channels.webchat import WebChatChannel, new_visitor_id
-from shared.config import Settings, load_settings
+from shared.channels.webchat import VISITOR, WebChatChannel, new_visitor_id, visitor_pseudonym
+from shared.config import ChannelConfig, SessionOptions, Settings, load_settings
 from shared.db import engine_for
 from shared.errors import ConfigError, InvalidSignature
 from shared.messages import DM, NEW_SESSION, InboundMessage
 from shared.migrate import upgrade
 from shared.partitioning import partition_of, queue_name
 from shared.admin import get_session
+from shared.ratelimit import RedisLimiter
 from shared.replybox import MemoryReplyBox, RedisReplyBox, box_key, reply_box
-from shared.store import LeaseLost, Store, transcript
+from shared.signing import keyed_hash, sign, unsign
+from shared.models import ChatSession
+from shared.store import SEQ_RESTART_IDLE_S, SEQ_TTL_S, LeaseLost, Store, now, transcript
 from workers.turn import NEW_SESSION_REPLY, TurnRunner
 
 WEB = "web"
@@ -56,12 +61,17 @@ options = {{ bot_username = "AcmeBot" }}
 """
 
 
-def settings_for(tmp_path: Path, config: str = CONFIG) -> Settings:
+def settings_for(tmp_path: Path, config: str = CONFIG, **env: str) -> Settings:
     path = tmp_path / "channels.toml"
     path.write_text(config)
     return load_settings({"CHATSESSIONS_CONFIG": str(path), "BROKER_URL": "memory://localhost/",
                           "DATABASE_URL": f"sqlite:///{tmp_path}/web.db",
-                          "WC_TG_BOT_TOKEN": "1:tg-token-Xq7", "WC_TG_SECRET": "tg-secret-Mz2"})
+                          "WC_TG_BOT_TOKEN": "1:tg-token-Xq7", "WC_TG_SECRET": "tg-secret-Mz2", **env})
+
+
+def with_options(options: str) -> str:
+    """CONFIG with more options on the web chat channel."""
+    return CONFIG.replace("max_chars = 50", f"max_chars = 50, {options}")
 
 
 def drain(publisher: Publisher, channel_id: str = WEB) -> list[tuple[str, dict[str, Any]]]:
@@ -95,19 +105,25 @@ def events() -> Iterator[list[dict[str, Any]]]:
 class Web:
     """A Flask test client per visitor over one app, and the app's publisher."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, ledger: Any = None):
         self.settings = settings
-        self.publisher = Publisher(settings, ledger=MemoryLedger())
+        self.publisher = Publisher(settings, ledger=ledger or MemoryLedger())
         self.app = create_app(settings, self.publisher)
         drain(self.publisher)
 
     def visitor(self) -> tuple[Any, str]:
+        """A new visitor's client (cookie set by the page) and the visitor's pseudonym."""
         client = self.app.test_client()
         page = client.get(f"/chat/{WEB}")
         assert page.status_code == 200
-        cookie = client.get_cookie(COOKIE, path="/chat/")
+        return client, self.pseudonym(client)
+
+    def pseudonym(self, client: Any) -> str:
+        cookie = client.get_cookie(COOKIE)
         assert cookie is not None
-        return client, cookie.value
+        pseudonym = visitor_pseudonym(self.settings.secret_key, cookie.value)
+        assert pseudonym is not None, cookie.value
+        return pseudonym
 
 
 @pytest.fixture
@@ -130,7 +146,7 @@ def test_page_gives_each_browser_its_own_visitor_cookie(web):
     page = client.get(f"/chat/{WEB}")
     assert page.status_code == 200 and page.mimetype == "text/html"
     cookie = page.headers["Set-Cookie"]
-    assert f"{COOKIE}=" in cookie and "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Path=/chat/" in cookie
+    assert f"{COOKIE}=" in cookie and "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Path=/;" in cookie
     assert "default-src 'self'" in page.headers["Content-Security-Policy"]
     html = page.get_data(as_text=True)
     assert "<title>Acme &lt;b&gt;support&lt;/b&gt;</title>" in html  # the configured title, escaped
@@ -139,9 +155,67 @@ def test_page_gives_each_browser_its_own_visitor_cookie(web):
     # Same browser again: the cookie is kept. Another browser: another visitor.
     assert "Set-Cookie" not in client.get(f"/chat/{WEB}").headers
     _, other = web.visitor()
-    assert other != client.get_cookie(COOKIE, path="/chat/").value
+    assert other != web.pseudonym(client)
     with web.app.test_client().get("/chat-static/webchat.js") as script:
         assert script.status_code == 200
+
+
+def test_the_cookie_is_secure_and_host_only_unless_turned_off_for_plain_http(tmp_path):
+    """SECURE_COOKIES (on outside `chatsessions run`): Secure, and the __Host- prefix, which the browser honours only
+    with Secure, Path=/ and no Domain — so no sibling subdomain or plain-http page can plant or shadow it."""
+    web = Web(settings_for(tmp_path, SECURE_COOKIES="true"))
+    client = web.app.test_client()
+    set_cookie = client.get(f"/chat/{WEB}", base_url="https://chat.example.com").headers["Set-Cookie"]
+    attributes = [a.strip() for a in set_cookie.split(";")]
+    assert attributes[0].startswith("__Host-chatsessions_visitor=")
+    assert {"Secure", "HttpOnly", "Path=/", "SameSite=Lax"} <= set(attributes)
+    assert not any(a.lower().startswith("domain") for a in attributes) and "Partitioned" not in attributes
+    cookie = client.get_cookie("__Host-chatsessions_visitor", domain="chat.example.com")
+    assert visitor_pseudonym(web.settings.secret_key, cookie.value) is not None
+    assert post(client, {"id": "secure-0001", "text": "hi"}, base_url="https://chat.example.com").status_code == 200
+    # The opt-out for plain http (the embedded default): no Secure, so no prefix either.
+    plain = Web(settings_for(tmp_path, SECURE_COOKIES="false"))
+    set_cookie = plain.app.test_client().get(f"/chat/{WEB}").headers["Set-Cookie"]
+    assert set_cookie.startswith(f"{COOKIE}=") and "Secure" not in set_cookie and "Path=/;" in set_cookie
+
+
+FRAMED = 'frame_ancestors = ["\'self\'", "https://www.acme.example", "https://*.acme-shop.example:8443"]'
+
+
+@pytest.mark.parametrize("options, policy, frame_options", [
+    ("", "frame-ancestors 'self'", "SAMEORIGIN"),
+    ("""frame_ancestors = ["'none'"]""", "frame-ancestors 'none'", "DENY"),
+    (FRAMED, "frame-ancestors 'self' https://www.acme.example https://*.acme-shop.example:8443", None),
+])
+def test_who_may_frame_the_page_is_the_channels_choice(tmp_path, options, policy, frame_options):
+    web = Web(settings_for(tmp_path, with_options(options) if options else CONFIG))
+    page = web.app.test_client().get(f"/chat/{WEB}")
+    assert page.headers["Content-Security-Policy"].endswith("; " + policy)
+    assert page.headers["Content-Security-Policy"].count("frame-ancestors") == 1
+    assert page.headers.get("X-Frame-Options") == frame_options  # it cannot name other sites: CSP alone then
+    assert page.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_a_page_framed_by_another_site_gets_a_cookie_that_reaches_it_there(tmp_path):
+    """In a customer's iframe the page is a third party: only a SameSite=None cookie is sent back, and
+    Partitioned keeps it to that site (CHIPS), so it cannot follow the visitor across sites."""
+    web = Web(settings_for(tmp_path, with_options(FRAMED), SECURE_COOKIES="true"))
+    attributes = {a.strip() for a in web.app.test_client().get(
+        f"/chat/{WEB}", base_url="https://chat.example.com").headers["Set-Cookie"].split(";")}
+    assert {"Secure", "HttpOnly", "Path=/", "SameSite=None", "Partitioned"} <= attributes
+    # Plain http (SECURE_COOKIES=false) cannot have SameSite=None cookies: Lax, and the page works first-party.
+    plain = Web(settings_for(tmp_path, with_options(FRAMED), SECURE_COOKIES="false"))
+    attributes = {a.strip() for a in plain.app.test_client().get(f"/chat/{WEB}").headers["Set-Cookie"].split(";")}
+    assert "SameSite=Lax" in attributes and "Partitioned" not in attributes
+
+
+@pytest.mark.parametrize("value", ['"https://www.acme.example"', "[]", '["*"]', '["https://acme.example/chat"]',
+                                   '["https://acme.example; script-src *"]', """["'unsafe-inline'"]""",
+                                   '["javascript:alert(1)"]', """["'none'", "'self'"]""", '["acme.example"]',
+                                   "[42]", '["https://acme.example\\n"]'])
+def test_bad_frame_ancestors_are_config_errors(tmp_path, value):
+    with pytest.raises(ConfigError, match="options.frame_ancestors"):
+        build_channel(settings_for(tmp_path, with_options(f"frame_ancestors = {value}")).channel(WEB))
 
 
 def test_a_malformed_cookie_is_replaced_on_the_page(web, events):
@@ -149,8 +223,75 @@ def test_a_malformed_cookie_is_replaced_on_the_page(web, events):
     client.set_cookie(COOKIE, "short", path="/chat/")
     page = client.get(f"/chat/{WEB}")
     assert f"{COOKIE}=" in page.headers["Set-Cookie"]
-    assert client.get_cookie(COOKIE, path="/chat/").value != "short"
+    assert client.get_cookie(COOKIE).value != "short"
     assert any(e["event"] == "webchat.cookie_replaced" for e in events)
+
+
+def forged_cookies(key: str) -> dict[str, str]:
+    """Cookies a visitor could present that this server never issued."""
+    raw = new_visitor_id()
+    genuine = sign(key, VISITOR, raw)
+    return {
+        "unsigned id (a cookie from before ids were signed)": raw,
+        "signed with another key": sign("another-key-0123456789abcdefghijklmnop", VISITOR, raw),
+        "signature tampered with": genuine[:-1] + ("A" if genuine[-1] != "A" else "B"),
+        "signed for another purpose": sign(key, "admin", raw),
+        "signed, but not a visitor id": sign(key, VISITOR, "../../etc/passwd"),
+        "empty signature": raw + ".",
+        "only a signature": genuine.partition(".")[2],
+    }
+
+
+@pytest.mark.parametrize("case", list(forged_cookies("k")))
+def test_a_cookie_this_server_did_not_issue_is_a_new_visitor(web, events, case):
+    forged = forged_cookies(web.settings.secret_key)[case]
+    client = web.app.test_client()
+    client.set_cookie(COOKIE, forged, path="/chat/")
+    # Nothing is accepted or read with it: the same answer as no cookie at all.
+    assert post(client, {"id": "forged-0001", "text": "hi"}).status_code == 400
+    assert client.get(f"/chat/{WEB}/replies").status_code == 400
+    assert len([r for r in rejected(events, 400) if "not issued by this server" in r]) == 2
+    assert drain(web.publisher) == []
+    # The page makes the browser a new visitor, with a cookie of its own.
+    page = client.get(f"/chat/{WEB}")
+    assert f"{COOKIE}=" in page.headers["Set-Cookie"]
+    assert [e["reason"] for e in events if e["event"] == "webchat.cookie_replaced"] == [
+        "visitor cookie malformed or not issued by this server"]
+    assert client.get_cookie(COOKIE).value != forged
+    assert post(client, {"id": "forged-0001", "text": "hi"}).status_code == 200
+    assert forged not in json.dumps(drain(web.publisher)) and forged not in str(events)
+
+
+def test_the_visitor_id_never_leaves_the_cookie(web, events):
+    """Session key, chat/sender/message ids, the task's name, the reply box, the logs and the database name the
+    visitor by its pseudonym, a keyed hash of the id: knowing them does not let anyone act as the visitor."""
+    runner = runner_for(web.settings, reply_box(None))
+    try:
+        client, pseudonym = web.visitor()
+        visitor_id = unsign(web.settings.secret_key, VISITOR, client.get_cookie(COOKIE).value)
+        assert pseudonym == keyed_hash(web.settings.secret_key, VISITOR, visitor_id) != visitor_id
+        assert post(client, {"id": "private-0001", "text": "my name is Ana"}).status_code == 200
+        with web.publisher.app.connection_for_write() as conn:  # the task as Flower would show it
+            channel = conn.default_channel
+            raw = next(channel._get(q) for q in [q.name for q in web.publisher.app.conf.task_queues]
+                       if channel._size(q))
+            task = channel.message_to_python(raw)
+            channel._put(task.delivery_info["routing_key"], raw)
+        assert pseudonym in task.headers["shadow"] and visitor_id not in json.dumps(task.headers)
+        [(_, message)] = drain(web.publisher)
+        m = InboundMessage.from_dict(message)
+        assert (m.session_key, m.chat_id, m.sender_id) == (session_key(WEB, DM, pseudonym), pseudonym, pseudonym)
+        assert m.platform_message_id == f"{pseudonym}:private-0001"
+        assert visitor_id not in json.dumps(message)
+        assert runner.handle(m) == "replied"
+        # The reply reached the box the page reads (the worker knows the pseudonym only).
+        assert [e["role"] for e in client.get(f"/chat/{WEB}/replies").json["entries"]] == ["user", "agent"]
+        assert reply_box(None).read(WEB, pseudonym) and not reply_box(None).read(WEB, visitor_id)
+        assert visitor_id not in str(events) and pseudonym in str(events)
+        dump = "\n".join(engine_for(web.settings.database_url).raw_connection().driver_connection.iterdump())
+        assert pseudonym in dump and visitor_id not in dump
+    finally:
+        engine_for(web.settings.database_url).dispose()
 
 
 @pytest.mark.parametrize("path", ["/chat/tg", "/chat/nope", "/chat/tg/replies"])
@@ -244,7 +385,7 @@ def test_bad_requests_are_refused_before_anything_is_published(web, events):
     assert client.get(f"/chat/{WEB}/replies?after=0;DROP").status_code == 400
     assert post(client, {"id": "abcdefgh", "text": "x" * 2_000_000}).status_code == 413  # over the body limit
     assert len(rejected(events, 400)) == 5 and rejected(events, 415) and rejected(events, 413)
-    assert any("visitor cookie missing or malformed" in r for r in rejected(events, 400))
+    assert any("visitor cookie missing, malformed or not issued by this server" in r for r in rejected(events, 400))
     assert drain(web.publisher) == []
 
 
@@ -263,19 +404,85 @@ def test_a_broker_outage_is_a_503_and_the_retry_is_not_a_duplicate(web, monkeypa
 
 
 def test_a_visitor_posting_too_fast_gets_429_with_retry_after(tmp_path, events):
-    web = Web(settings_for(tmp_path, CONFIG.replace("max_chars = 50", "max_chars = 50, messages_per_minute = 2")))
+    web = Web(settings_for(tmp_path, with_options("messages_per_minute = 2")))
     client, _ = web.visitor()
     other, _ = web.visitor()
     assert [post(client, {"id": f"fast-{n:04d}", "text": "hi"}).status_code for n in range(2)] == [200, 200]
     r = post(client, {"id": "fast-0002", "text": "hi"})
-    assert r.status_code == 429 and "more than 2 messages a minute" in r.json["error"]
+    assert r.status_code == 429 and r.json["error"] == "more than 2 messages a minute from this visitor"
     assert 1 <= int(r.headers["Retry-After"]) <= 30
-    assert rejected(events, 429)
+    assert rejected(events, 429) == ["more than 2 messages a minute from this visitor"]
     assert post(other, {"id": "fast-0000", "text": "hi"}).status_code == 200  # per visitor
     assert len(drain(web.publisher)) == 3
-    with pytest.raises(ConfigError, match="messages_per_minute"):
-        build_channel(settings_for(tmp_path, CONFIG.replace("max_chars = 50", "messages_per_minute = 0"))
-                      .channel(WEB))
+
+
+def post_from(web: Web, address: str, message_id: str, **headers: str):
+    """A new visitor (a fresh cookie, as a client minting visitors would have) posting from `address`."""
+    client = web.app.test_client()
+    client.get(f"/chat/{WEB}", environ_base={"REMOTE_ADDR": address})
+    return post(client, {"id": message_id, "text": "hi"}, environ_base={"REMOTE_ADDR": address}, headers=headers)
+
+
+def test_fresh_cookies_from_one_address_meet_the_address_limit(tmp_path, events):
+    web = Web(settings_for(tmp_path, with_options("address_messages_per_minute = 2")))
+    assert [post_from(web, "198.51.100.7", f"mint-{n:04d}").status_code for n in range(2)] == [200, 200]
+    r = post_from(web, "198.51.100.7", "mint-0002")
+    assert r.status_code == 429 and r.json["error"] == "more than 2 messages a minute from this address"
+    assert 1 <= int(r.headers["Retry-After"]) <= 30 and rejected(events, 429) == [r.json["error"]]
+    assert post_from(web, "198.51.100.8", "mint-0003").status_code == 200  # another address
+    # IPv6: one host has a whole /64, so the /64 is the address; the next /64 is another one.
+    assert [post_from(web, f"2001:db8:1:2::{n}", f"six-{n:04d}").status_code for n in range(1, 4)] == [200, 200, 429]
+    assert post_from(web, "2001:db8:1:3::1", "six-0004").status_code == 200
+    assert len(drain(web.publisher)) == 6
+
+
+def test_the_address_is_the_one_a_trusted_proxy_reports_and_never_one_a_client_claims(tmp_path):
+    web = Web(settings_for(tmp_path, with_options("address_messages_per_minute = 1"), TRUSTED_PROXIES="10.0.0.0/8"))
+    # Behind the proxy: two clients, two addresses.
+    assert post_from(web, "10.0.0.2", "proxied-01", X_Forwarded_For="203.0.113.1").status_code == 200
+    assert post_from(web, "10.0.0.2", "proxied-02", X_Forwarded_For="203.0.113.2").status_code == 200
+    assert post_from(web, "10.0.0.3", "proxied-03", X_Forwarded_For="203.0.113.2").status_code == 429
+    # A client reaching the ingress directly cannot pick a new address per message.
+    assert post_from(web, "198.51.100.9", "direct-01", X_Forwarded_For="203.0.113.50").status_code == 200
+    assert post_from(web, "198.51.100.9", "direct-02", X_Forwarded_For="203.0.113.51").status_code == 429
+    # Nor through the proxy: the proxy appends the address it saw; what the client wrote is left of it.
+    assert post_from(web, "10.0.0.2", "spoofed-01", X_Forwarded_For="203.0.113.77, 198.51.100.9").status_code == 429
+
+
+def test_the_channel_limit_holds_whoever_posts(tmp_path, events):
+    web = Web(settings_for(tmp_path, with_options("channel_messages_per_minute = 3")))
+    statuses = [post_from(web, f"198.51.100.{n}", f"chan-{n:04d}").status_code for n in range(1, 5)]
+    assert statuses == [200, 200, 200, 429]
+    assert rejected(events, 429) == ["more than 3 messages a minute on this channel"]
+    assert len(drain(web.publisher)) == 3
+
+
+@pytest.mark.parametrize("option", ["messages_per_minute", "address_messages_per_minute",
+                                    "channel_messages_per_minute"])
+@pytest.mark.parametrize("value", ["0", "-1", '"30"', "true", "inf", "nan"])
+def test_bad_limits_are_config_errors(tmp_path, option, value):
+    with pytest.raises(ConfigError, match=f"options.{option} must be a positive number"):
+        build_channel(settings_for(tmp_path, with_options(f"{option} = {value}")).channel(WEB))
+
+
+def test_limits_on_redis_are_all_or_nothing_and_say_which_one_refused():
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5)
+    limiter = RedisLimiter(REDIS_URL)
+    channel = f"{WEB}-{uuid.uuid4().hex[:8]}"
+    limits = WebChatChannel(ChannelConfig(channel, "webchat", "echo", "", {}, {"address_messages_per_minute": 1},
+                                          SessionOptions()))
+    try:
+        first, second = limits.inbound_limits("visitor-a", "address-1"), limits.inbound_limits("visitor-b", "address-1")
+        assert limiter.take(list(first)) == (0.0, None)
+        wait, limited = limiter.take(list(second))
+        assert wait > 0 and second[limited] == "more than 1 message a minute from this address"
+        # The refusal took nothing: visitor b's bucket and the channel's are untouched.
+        visitor_b, _, whole = list(second)
+        assert client.hget(visitor_b.key, "tokens") is None
+        assert float(client.hget(whole.key, "tokens")) == whole.burst - 1
+    finally:
+        client.delete(*(k for k in client.scan_iter(f"webchat-rl:{channel}*")))
+        client.close()
 
 
 # -- replies: the real turn, through the box -------------------------------------------------------------------------
@@ -329,6 +536,50 @@ def test_two_visitors_each_get_only_their_own_replies_and_new_conversation_forge
         _, lines = transcript(url, session_key(WEB, DM, ana_id))
         assert {line.delivery_status for line in lines if line.kind == "assistant"} == {"sent"}
     finally:
+        engine_for(web.settings.database_url).dispose()
+
+
+def test_a_visitor_back_after_the_counter_expired_is_numbered_and_ordered_again(tmp_path):
+    """The ingress's per-session counter (real Redis) expires SEQ_TTL_S after its last number, so Redis keeps
+    nothing of sessions that ended. A visitor who comes back later is numbered from 1 again, and the store starts
+    the session's order over: the new messages are ordered like any others."""
+    web = Web(settings_for(tmp_path), ledger=RedisLedger(REDIS_URL))
+    runner = runner_for(web.settings, reply_box(None))
+    redis_client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5)
+    client, pseudonym = web.visitor()
+    counter = f"seq:{session_key(WEB, DM, pseudonym)}"
+
+    def say(*texts: str) -> list[InboundMessage]:
+        for text in texts:
+            assert post(client, {"id": uuid.uuid4().hex, "text": text}).status_code == 200
+        return [InboundMessage.from_dict(m) for _, m in drain(web.publisher)]
+
+    try:
+        for m in say("my name is Ana", "my order 48213 has not arrived"):
+            assert runner.handle(m) == "replied"
+        assert SEQ_TTL_S - 60 <= redis_client.ttl(counter) <= SEQ_TTL_S
+        redis_client.expire(counter, 100)
+        [third] = say("thanks")
+        assert third.seq == 3 and SEQ_TTL_S - 60 <= redis_client.ttl(counter)  # every number renews it
+        runner.handle(third)
+        # A month of silence: the counter expires (really, in Redis); the session keeps its last_seq of 3.
+        with engine_for(web.settings.database_url).begin() as c:
+            c.execute(ChatSession.__table__.update().where(ChatSession.key == session_key(WEB, DM, pseudonym))
+                      .values(last_activity_at=now() - timedelta(seconds=SEQ_RESTART_IDLE_S + 3600)))
+        redis_client.pexpire(counter, 1)
+        time.sleep(0.05)
+        assert redis_client.exists(counter) == 0
+        first, second = say("what is my name?", "where is my order?")
+        assert (first.seq, second.seq) == (1, 2)
+        assert runner.handle(second) == "queued"  # it waits for its predecessor, as in any session
+        assert runner.handle(first) == "replied"
+        agent = [e["text"] for e in client.get(f"/chat/{WEB}/replies").json["entries"] if e["role"] == "agent"]
+        assert agent[-2] == "Your name is Ana." and "48213" in agent[-1]
+        _, lines = transcript(web.settings.database_url, session_key(WEB, DM, pseudonym))
+        assert [line.text for line in lines if line.kind == "user"][-2:] == ["what is my name?", "where is my order?"]
+    finally:
+        redis_client.delete(counter, *redis_client.scan_iter(f"seen:{WEB}:{pseudonym}:*"))
+        redis_client.close()
         engine_for(web.settings.database_url).dispose()
 
 
@@ -433,3 +684,22 @@ def test_redis_reply_box_is_capped_and_expires():
     finally:
         client.delete(box_key(channel, visitor))
         client.close()
+
+
+def test_chatsessions_ingress_refuses_bad_web_chat_options_before_gunicorn_starts(tmp_path, monkeypatch, capsys):
+    from cli import main
+    from shared.config import get_settings
+
+    path = tmp_path / "channels.toml"
+    path.write_text(with_options("channel_messages_per_minute = 0"))
+    for name, value in {"CHATSESSIONS_CONFIG": str(path), "WC_TG_BOT_TOKEN": "1:t", "WC_TG_SECRET": "s"}.items():
+        monkeypatch.setenv(name, value)
+    started: list[list[str]] = []
+    monkeypatch.setattr(main, "_exec", lambda argv: started.append(argv) or 0)
+    get_settings.cache_clear()
+    try:
+        assert main.main(["ingress"]) == 2
+    finally:
+        get_settings.cache_clear()
+    assert started == []
+    assert "options.channel_messages_per_minute must be a positive number" in capsys.readouterr().err

@@ -42,12 +42,15 @@ REDIS_URL = os.environ.get("BROWSER_REDIS_URL", "redis://127.0.0.1:6379/10")
 ADMIN_TOKEN = "browser-admin-token-4Fq9Lw"
 WEB = "web"  # the web chat channel (demo Agent)
 WEB_TITLE = "Acme support"
+EMBED = "web-embed"  # a web chat channel that another site (http://localhost:<any port>) may show in an iframe
 
 
 
 def webchat_toml() -> str:
     return "\n".join(["[[channels]]", f'id = "{WEB}"', 'platform = "webchat"', 'agent = "demo"',
-                      f'options = {{ title = "{WEB_TITLE}" }}', ""])
+                      f'options = {{ title = "{WEB_TITLE}" }}', "",
+                      "[[channels]]", f'id = "{EMBED}"', 'platform = "webchat"', 'agent = "demo"',
+                      """options = { frame_ancestors = ["'self'", "http://localhost:*"] }""", ""])
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import json
 import os
 import struct
 import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,15 @@ from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from .conftest import ADMIN_TOKEN, WEB, WEB_TITLE
+from ingress.webchat import cookie_name
+from integration.conftest import SECRETS
+from shared.channels.webchat import visitor_pseudonym
+
+from .conftest import ADMIN_TOKEN, EMBED, WEB, WEB_TITLE
 
 pytestmark = pytest.mark.integration
 
-COOKIE = "chatsessions_visitor"
+COOKIE = cookie_name(secure=True)  # the stack runs with the production default, SECURE_COOKIES on
 REPLY_TIMEOUT = 60
 NEW_SESSION_REPLY = "Started a new conversation."  # workers.turn.NEW_SESSION_REPLY starts with this
 
@@ -83,9 +88,13 @@ class ChatPage:
         return self.lines("agent")
 
     def visitor(self) -> str:
+        """The visitor's pseudonym (what the stack stores and shows), from the cookie the server signed."""
         cookie = self.driver.get_cookie(COOKIE)
-        assert cookie is not None and cookie["httpOnly"], cookie
-        return cookie["value"]
+        assert cookie is not None and cookie["httpOnly"] and cookie["secure"], cookie
+        assert cookie["path"] == "/" and cookie["sameSite"] == "Lax" and not cookie["domain"].startswith("."), cookie
+        pseudonym = visitor_pseudonym(SECRETS["SECRET_KEY"], cookie["value"])
+        assert pseudonym is not None and pseudonym not in cookie["value"], cookie
+        return pseudonym
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +215,51 @@ def test_a_message_is_sent_once_even_if_the_page_retries(stack, chromium):
     assert page.lines("user") == ["hello"] and len(page.lines("agent")) == 1
 
 
+def test_another_site_can_embed_the_chat_its_channel_allows_and_no_other(stack, chromium):
+    """A customer's page on another site (http://localhost:<port>; the stack is http://127.0.0.1) with two iframes:
+    the channel whose frame_ancestors lists that site chats inside its frame (its visitor cookie, SameSite=None and
+    Partitioned, comes back there); the default channel ('self' only) is refused by the browser."""
+    host = ThreadingHTTPServer(("127.0.0.1", 0), _page_handler(
+        f'<iframe id="allowed" src="{stack.url}/chat/{EMBED}" width="600" height="500"></iframe>'
+        f'<iframe id="refused" src="{stack.url}/chat/{WEB}" width="300" height="200"></iframe>'))
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    try:
+        driver = chromium()
+        driver.get(f"http://localhost:{host.server_address[1]}/")
+        page = ChatPage(driver, stack.url)
+        driver.switch_to.frame("allowed")
+        page.wait(lambda d: d.find_element(By.ID, "text").is_displayed(), "the embedded chat")
+        page.send("my name is Dora")
+        assert page.wait_replies(1) == ["Nice to meet you, Dora! How can I help?"]
+        page.send("what is my name?")  # the same visitor, so the same session: the cookie came back in the frame
+        assert page.wait_replies(2)[-1] == "Your name is Dora."
+        driver.switch_to.default_content()
+        driver.switch_to.frame("refused")
+        assert driver.find_elements(By.ID, "text") == []  # blocked by frame-ancestors 'self'
+    finally:
+        host.shutdown()
+        host.server_close()
+    [session] = stack.query("SELECT key FROM sessions WHERE channel_id = %s", EMBED)
+    rows = stack.wait_settled(session["key"], 2)
+    assert [m["text"] for m in rows if m["role"] == "user"] == ["my name is Dora", "what is my name?"]
+
+
+def _page_handler(body: str) -> type[BaseHTTPRequestHandler]:
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server interface
+            data = f"<!doctype html><title>Acme shop</title><h1>Acme shop</h1>{body}".encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+    return Page
+
+
 # -- the session browser ---------------------------------------------------------------------------------------------
 
 def statuses(driver: Any, path: str) -> list[int]:
@@ -265,7 +319,7 @@ def test_session_browser_lists_both_sessions_and_shows_a_transcript(stack, pages
     driver.set_window_size(1100, 1000)
     screenshot(driver, "session-browser.png", tmp_path)
 
-    # Search by user id: the visitor id finds the session.
+    # Search by user id: the visitor's pseudonym (shown in the session key) finds the session.
     box = driver.find_element(By.ID, "user")
     box.send_keys(visitors["bob"])
     box.submit()
