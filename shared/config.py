@@ -324,6 +324,18 @@ def _secret_key(env: Mapping[str, str], embedded: bool) -> str:
     return key
 
 
+ADMIN_TOKEN_MIN_CHARS = 32
+
+
+def _admin_token(env: Mapping[str, str]) -> str | None:
+    """ADMIN_TOKEN: the session browser's password, long enough that guessing it is hopeless."""
+    token = env.get("ADMIN_TOKEN") or None
+    if token is not None and len(token) < ADMIN_TOKEN_MIN_CHARS:
+        raise ConfigError(f"ADMIN_TOKEN must be at least {ADMIN_TOKEN_MIN_CHARS} characters, got {len(token)} "
+                          "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    return token
+
+
 BROKER_QUEUE_TYPES = ("classic", "quorum")
 AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
 
@@ -451,7 +463,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_level=(env.get("LOG_LEVEL") or "INFO").upper(),
         config_path=path,
         channels=channels,
-        admin_token=env.get("ADMIN_TOKEN") or None,
+        admin_token=_admin_token(env),
         identities=identities,
         broker_queue_type=broker_queue_type,
         redis_sentinel_master=sentinel_master,

@@ -85,6 +85,14 @@ def test_secret_key_is_required_outside_the_embedded_process_and_must_be_long(tm
     assert SECRETS["SECRET_KEY"] not in repr(load_settings(env))
 
 
+def test_admin_token_must_be_long(tmp_path):
+    env = write(tmp_path, WA)
+    token = "admin-token-" + "x" * 20  # 32 characters
+    assert load_settings({**env, "ADMIN_TOKEN": token}).admin_token == token
+    with pytest.raises(ConfigError, match="ADMIN_TOKEN must be at least 32 characters, got 31"):
+        load_settings({**env, "ADMIN_TOKEN": token[:-1]})
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_settings({"CHATSESSIONS_CONFIG": str(tmp_path / "none.toml")})

@@ -26,7 +26,7 @@ from shared.store import Store
 from workers.testing import RecordingChannel
 from workers.turn import TurnRunner
 
-TOKEN = "admin-token-Jq84kLz0"
+TOKEN = "admin-token-Jq84kLz0-session-browser"
 # Distinctive values, so a leak cannot hide behind a common word.
 SECRETS = {
     "SB_WA_APP_SECRET": "wa-app-secret-R7c2Vx", "SB_WA_VERIFY_TOKEN": "wa-verify-K9d1Qe",
