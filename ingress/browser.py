@@ -3,11 +3,14 @@ platform user id — read-only pages over shared/admin.py and shared.store.trans
 
 It shows private conversations, so it exists only when ADMIN_TOKEN is set (404 otherwise) and every page
 needs that token: HTTP basic auth (any user name, the token as password) or `Authorization: Bearer <token>`.
-No page shows configuration secrets, options or Agent options; every view is logged.
+A client address that sent FAILED_LOGINS wrong tokens in FAILED_LOGIN_WINDOW_S is answered 429 until its bucket
+refills, right token or not (else guessing would simply go on). No page shows configuration secrets, options or
+Agent options; every view is logged.
 """
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timezone
 from typing import Any
 
@@ -19,6 +22,8 @@ from shared.channels.base import same_secret
 from shared.config import Settings
 from shared.models import ACTIVE, DORMANT
 from shared.partitioning import partition_of
+from shared.ratelimit import Bucket, LocalLimiter, RedisLimiter
+from shared.signing import keyed_hash
 from shared.store import transcript
 
 log = structlog.get_logger(__name__)
@@ -33,6 +38,8 @@ HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Content-Type-Options": "nosniff",
 }
+FAILED_LOGINS = 10  # wrong tokens from one client address...
+FAILED_LOGIN_WINDOW_S = 600.0  # ...in this long (a token bucket: one more every window / FAILED_LOGINS)
 
 
 def _presented_token() -> tuple[str | None, str]:
@@ -62,15 +69,35 @@ def blueprint(settings: Settings) -> Blueprint:
     channels = [{"id": c.id, "platform": c.platform, "agent": c.agent, "idle_minutes": c.session.idle_minutes}
                 for c in settings.channels.values()]
     bp.add_app_template_filter(_time, "utc")
+    limiter = RedisLimiter(settings.redis_url) if settings.redis_url else LocalLimiter()
+
+    def failed_logins(peek: bool) -> float:
+        """Count a wrong token from this client address (or only look): the seconds it must wait, 0 if none."""
+        # The address is keyed, so Redis holds no client addresses.
+        where = keyed_hash(settings.secret_key, "admin-login", request.remote_addr or "")
+        bucket = Bucket(f"admin-login:{where}", FAILED_LOGINS / FAILED_LOGIN_WINDOW_S, FAILED_LOGINS)
+        try:
+            return limiter.try_take([bucket], peek=peek)
+        except Exception as exc:  # Redis down: the token's length still makes guessing hopeless
+            log.warning("browser.limiter_failed", error=exc.__class__.__name__)
+            return 0.0
 
     @bp.before_request
     def authenticate():
         if not settings.admin_token:
             abort(404)  # off unless configured: the same answer as any unknown path
+        wait = failed_logins(peek=True)
+        if wait > 0:
+            retry = max(1, math.ceil(wait))
+            log.warning("browser.login_limited", path=request.path, remote=request.remote_addr, retry_after=retry)
+            return Response("too many failed logins, try again later\n", status=429, mimetype="text/plain",
+                            headers={"Retry-After": str(retry), **HEADERS})
         token, how = _presented_token()
         if not same_secret(token, settings.admin_token):
             reason = how if token is None else f"wrong token ({how})"
             log.warning("browser.denied", reason=reason, path=request.path, remote=request.remote_addr)
+            if token is not None:  # a browser's first request carries no credentials: not a failed login
+                failed_logins(peek=False)
             return Response("authentication required\n", status=401, mimetype="text/plain",
                             headers={"WWW-Authenticate": REALM, **HEADERS})
         log.info("browser.viewed", path=request.path, query=request.query_string.decode(errors="replace")[:200],

@@ -46,8 +46,9 @@ def buckets_for(config: ChannelConfig, chat_id: str, chat_kind: str) -> list[Buc
 
 
 class Limiter(Protocol):
-    def try_take(self, buckets: list[Bucket]) -> float:
-        """Take one token from every bucket and return 0, or take none and return the seconds to wait."""
+    def try_take(self, buckets: list[Bucket], peek: bool = False) -> float:
+        """Take one token from every bucket and return 0, or take none and return the seconds to wait.
+        `peek`: only say what taking would return, taking nothing (a check before the thing that counts)."""
 
 
 # All buckets or none, atomically, on Redis' clock (so workers on several hosts agree).
@@ -62,7 +63,7 @@ for i, key in ipairs(KEYS) do
   tokens[i] = have
   if have < 1 then wait = math.max(wait, (1 - have) / rate) end
 end
-if wait > 0 then return tostring(wait) end
+if wait > 0 or ARGV[2 * #KEYS + 1] == 'peek' then return tostring(wait) end
 for i, key in ipairs(KEYS) do
   local rate, burst = tonumber(ARGV[2*i-1]), tonumber(ARGV[2*i])
   redis.call('HSET', key, 'tokens', tokens[i] - 1, 'ts', now)
@@ -77,8 +78,8 @@ class RedisLimiter:
         self.redis = redis_client(url, socket_timeout=2, socket_connect_timeout=2)
         self.script = self.redis.register_script(_TAKE)
 
-    def try_take(self, buckets: list[Bucket]) -> float:
-        args = [v for b in buckets for v in (b.per_s, b.burst)]
+    def try_take(self, buckets: list[Bucket], peek: bool = False) -> float:
+        args = [v for b in buckets for v in (b.per_s, b.burst)] + (["peek"] if peek else [])
         return float(self.script(keys=[b.key for b in buckets], args=args))
 
 
@@ -90,7 +91,7 @@ class LocalLimiter:
         self.lock = threading.Lock()
         self.state: dict[str, tuple[float, float]] = {}
 
-    def try_take(self, buckets: list[Bucket]) -> float:
+    def try_take(self, buckets: list[Bucket], peek: bool = False) -> float:
         with self.lock:
             now = self.clock()
             have = {}
@@ -98,7 +99,7 @@ class LocalLimiter:
                 tokens, ts = self.state.get(b.key, (b.burst, now))
                 have[b.key] = min(b.burst, tokens + (now - ts) * b.per_s)
             wait = max(((1 - have[b.key]) / b.per_s for b in buckets if have[b.key] < 1), default=0.0)
-            if wait > 0:
+            if wait > 0 or peek:
                 return wait
             for b in buckets:
                 self.state[b.key] = (have[b.key] - 1, now)

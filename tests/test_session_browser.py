@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import itertools
+import os
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from workers.testing import RecordingChannel
 from workers.turn import TurnRunner
 
 TOKEN = "admin-token-Jq84kLz0-session-browser"
+REDIS_URL = os.environ.get("BROWSER_REDIS_URL", "redis://127.0.0.1:6379/10")  # unique keys per test; never flushed
 # Distinctive values, so a leak cannot hide behind a common word.
 SECRETS = {
     "SB_WA_APP_SECRET": "wa-app-secret-R7c2Vx", "SB_WA_VERIFY_TOKEN": "wa-verify-K9d1Qe",
@@ -170,6 +173,38 @@ def test_the_admin_token_is_read_once_into_settings_and_not_shown(tmp_path):
     settings = settings_for(tmp_path, ADMIN_TOKEN=TOKEN)
     assert settings.admin_token == TOKEN and TOKEN not in repr(settings)
     assert settings_for(tmp_path, ADMIN_TOKEN="").admin_token is None
+
+
+def from_address(client: Any, path: str, address: str, headers: dict[str, str]) -> tuple[int, Any]:
+    with client.get(path, headers=headers, environ_base={"REMOTE_ADDR": address}) as r:
+        return r.status_code, r.headers
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["in-process", "redis"])
+def test_failed_logins_are_limited_per_client_address(tmp_path, events, shared):
+    """After FAILED_LOGINS wrong tokens an address gets 429 (with Retry-After), even with the right token; other
+    addresses, requests without credentials and successful logins are not affected. With REDIS_URL the count is
+    shared by every ingress process."""
+    from ingress.browser import FAILED_LOGIN_WINDOW_S, FAILED_LOGINS
+
+    settings = settings_for(tmp_path, ADMIN_TOKEN=TOKEN, **({"REDIS_URL": REDIS_URL} if shared else {}))
+    seed(settings)
+    one, other = app_for(settings), app_for(settings) if shared else None
+    attacker, lead, browser = (f"10.{n}.{uuid.uuid4().int % 250}.{uuid.uuid4().int % 250}" for n in range(3))
+    for _ in range(FAILED_LOGINS + 2):  # a lead at work, and a browser's first requests (no credentials)
+        assert from_address(one, "/admin/", lead, bearer())[0] == 200
+        assert from_address(one, "/admin/", browser, {})[0] == 401
+    for n in range(FAILED_LOGINS):
+        assert from_address(other or one, "/admin/", attacker, basic("x", f"guess-{n}"))[0] == 401
+    status, headers = from_address(one, "/admin/", attacker, basic("x", "one more"))
+    assert status == 429 and 1 <= int(headers["Retry-After"]) <= FAILED_LOGIN_WINDOW_S
+    assert headers["Cache-Control"] == "no-store"
+    assert from_address(one, f"/admin/sessions/wa:dm:{ANA}", attacker, bearer())[0] == 429  # even the right token
+    assert from_address(one, "/admin/", lead, bearer())[0] == 200
+    assert from_address(one, "/admin/", browser, bearer())[0] == 200
+    limited = [e for e in events if e["event"] == "browser.login_limited"]
+    assert len(limited) == 2 and {e["remote"] for e in limited} == {attacker}
+    assert sum(e["event"] == "browser.denied" and e["remote"] == attacker for e in events) == FAILED_LOGINS
 
 
 # -- what the pages show ---------------------------------------------------------------------------------------------
