@@ -38,6 +38,7 @@ HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Content-Type-Options": "nosniff",
 }
+HSTS = "max-age=31536000"  # on responses served over TLS: the browser then never asks over plain HTTP
 FAILED_LOGINS = 10  # wrong tokens from one client address...
 FAILED_LOGIN_WINDOW_S = 600.0  # ...in this long (a token bucket: one more every window / FAILED_LOGINS)
 
@@ -107,6 +108,8 @@ def blueprint(settings: Settings) -> Blueprint:
     @bp.after_request
     def harden(response: Response) -> Response:
         response.headers.update(HEADERS)
+        if request.is_secure:
+            response.headers["Strict-Transport-Security"] = HSTS
         return response
 
     def page_number() -> int:

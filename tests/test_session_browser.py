@@ -207,6 +207,15 @@ def test_failed_logins_are_limited_per_client_address(tmp_path, events, shared):
     assert sum(e["event"] == "browser.denied" and e["remote"] == attacker for e in events) == FAILED_LOGINS
 
 
+def test_hsts_over_tls_only(admin):
+    with admin.get("/admin/", headers=bearer(), base_url="https://admin.example") as r:
+        assert r.status_code == 200 and r.headers["Strict-Transport-Security"] == "max-age=31536000"
+    with admin.get("/admin/", base_url="https://admin.example") as r:
+        assert r.status_code == 401 and "Strict-Transport-Security" in r.headers
+    with admin.get("/admin/", headers=bearer()) as r:
+        assert r.status_code == 200 and "Strict-Transport-Security" not in r.headers
+
+
 # -- what the pages show ---------------------------------------------------------------------------------------------
 
 def test_channels_and_recent_sessions(admin):
