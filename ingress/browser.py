@@ -78,7 +78,7 @@ def blueprint(settings: Settings) -> Blueprint:
         where = keyed_hash(settings.secret_key, "admin-login", request.remote_addr or "")
         bucket = Bucket(f"admin-login:{where}", FAILED_LOGINS / FAILED_LOGIN_WINDOW_S, FAILED_LOGINS)
         try:
-            return limiter.try_take([bucket], peek=peek)
+            return limiter.peek([bucket]) if peek else limiter.try_take([bucket])
         except Exception as exc:  # Redis down: the token's length still makes guessing hopeless
             log.warning("browser.limiter_failed", error=exc.__class__.__name__)
             return 0.0

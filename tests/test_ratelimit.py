@@ -70,7 +70,7 @@ def test_peek_says_what_taking_would_without_taking(redis_limiter):
     tag = uuid.uuid4().hex
     for limiter, bucket in ((LocalLimiter(FakeClock()), Bucket("logins", 0.001, 2)),
                             (redis_limiter, Bucket(f"logins{tag}", 0.001, 2))):
-        assert [limiter.try_take([bucket], peek=True) for _ in range(5)] == [0] * 5  # nothing taken
+        assert [limiter.peek([bucket]) for _ in range(5)] == [0] * 5  # nothing taken
         assert limiter.try_take([bucket]) == 0 and limiter.try_take([bucket]) == 0
-        assert limiter.try_take([bucket], peek=True) > 0  # empty now, and peeking says so
+        assert limiter.peek([bucket]) > 0  # empty now, and peeking says so
         assert limiter.try_take([bucket]) > 0
