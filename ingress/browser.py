@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import structlog
-from flask import Blueprint, Response, abort, render_template, request, url_for
+from flask import Blueprint, Flask, Response, abort, redirect, render_template, request, url_for
 
 from shared.admin import export_user, find_sessions, get_session
 from shared.channels.base import same_secret
@@ -182,3 +182,12 @@ def blueprint(settings: Settings) -> Blueprint:
         return Response("bad request\n", status=400, mimetype="text/plain")
 
     return bp
+
+
+def create_app(settings: Settings) -> Flask:
+    """The session browser alone, for its own address (`chatsessions admin`, ADMIN_BIND): a port only the support
+    leads' network reaches, while the public ingress has no /admin at all."""
+    app = Flask("chatsessions.admin")
+    app.register_blueprint(blueprint(settings))
+    app.add_url_rule("/", "home", lambda: redirect(url_for("browser.index")))
+    return app

@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import itertools
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import structlog
 from structlog.testing import capture_logs
 
+from cli.stack import free_port
 from ingress.app import create_app
 from ingress.ledger import MemoryLedger
 from ingress.publisher import Publisher
@@ -28,6 +32,7 @@ from shared.store import Store
 from workers.testing import RecordingChannel
 from workers.turn import TurnRunner
 
+REPO = Path(__file__).resolve().parents[1]
 TOKEN = "admin-token-Jq84kLz0-session-browser"
 REDIS_URL = os.environ.get("BROWSER_REDIS_URL", "redis://127.0.0.1:6379/10")  # unique keys per test; never flushed
 # Distinctive values, so a leak cannot hide behind a common word.
@@ -214,6 +219,40 @@ def test_hsts_over_tls_only(admin):
         assert r.status_code == 401 and "Strict-Transport-Security" in r.headers
     with admin.get("/admin/", headers=bearer()) as r:
         assert r.status_code == 200 and "Strict-Transport-Security" not in r.headers
+
+
+def test_the_console_on_its_own_address(tmp_path):
+    """ADMIN_BIND: `chatsessions admin` serves the browser there (gunicorn, only the browser), the ingress has no
+    /admin at all."""
+    port = free_port()
+    env = {"ADMIN_TOKEN": TOKEN, "ADMIN_BIND": f"127.0.0.1:{port}"}
+    settings = settings_for(tmp_path, **env)
+    seed(settings)
+    ingress = app_for(settings)
+    for path in PAGES:
+        assert get(ingress, path, bearer())[0] == 404
+    full = {**os.environ, **SECRETS, **env, "CHATSESSIONS_CONFIG": str(settings.config_path),
+            "DATABASE_URL": settings.database_url, "BROKER_URL": "memory://localhost/"}
+    console = subprocess.Popen([sys.executable, "-m", "cli", "admin"], env=full, cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                first = requests.get(f"{base}/", headers=bearer(), timeout=2)
+                break
+            except requests.ConnectionError:
+                assert console.poll() is None and time.monotonic() < deadline, "chatsessions admin did not start"
+                time.sleep(0.1)
+        assert first.status_code == 200 and "<h1>Channels</h1>" in first.text  # / leads to /admin/
+        assert requests.get(f"{base}/admin/sessions/wa:dm:{ANA}", headers=bearer(), timeout=5).status_code == 200
+        assert requests.get(f"{base}/admin/", timeout=5).status_code == 401
+        assert requests.post(f"{base}/webhooks/wa", timeout=5).status_code == 404  # nothing but the browser
+    finally:
+        console.terminate()
+        output = console.communicate(timeout=30)[0]
+    assert f"Listening at: {base}" in output and "browser.viewed" in output
 
 
 # -- what the pages show ---------------------------------------------------------------------------------------------
