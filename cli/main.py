@@ -31,7 +31,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from shared.logs import configure_logging
 
     settings = get_settings()
-    configure_logging(settings.log_format, settings.log_level)
+    configure_logging(settings)
     running = embedded.start(args.host, args.port, args.concurrency)
     print(f"chatsessions running at {running.url} (Ctrl-C to stop)")
     for cid, c in settings.channels.items():

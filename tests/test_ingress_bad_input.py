@@ -28,7 +28,7 @@ from ingress.app import MAX_BODY_BYTES, create_app
 from ingress.ledger import MemoryLedger
 from ingress.publisher import Publisher
 from shared.config import Settings, load_settings
-from shared.logs import REDACTED, configure_logging
+from shared.logs import REDACTED, configure_logging, pseudonym
 from shared.messages import InboundMessage
 
 WA, TG, DC = "acme-wa", "acme-tg", "acme-dc"
@@ -161,13 +161,13 @@ class _CurrentStderr:
 
 
 @pytest.fixture
-def logs(capsys) -> Iterator[Logs]:
+def logs(capsys, tmp_path) -> Iterator[Logs]:
     """Production logging (JSON, INFO) into capsys; afterwards: no secret may appear anywhere in the output."""
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
     noisy = {name: logging.getLogger(name).level for name in ("urllib3", "werkzeug", "websockets")}
     saved_structlog = structlog.get_config()
-    configure_logging("json", "INFO")
+    configure_logging(settings_for(tmp_path))  # JSON, INFO
     # Same processors and output; only keeps module-level loggers from pinning this test's configuration.
     structlog.configure(cache_logger_on_first_use=False)
     ours = root.handlers[0]
@@ -533,7 +533,8 @@ def test_valid_whatsapp_message_enqueues_exactly_one(stack):
     assert response.status_code == 200 and response.data == b"ok\n"
     assert stack.enqueued() == 1
     [line] = stack.logs.named("ingress.enqueued")
-    assert line["session_key"] == f"{WA}:dm:5511987650001" and line["seq"] == 1
+    key = stack.publisher.settings.secret_key
+    assert line["session_key"] == pseudonym(key, f"{WA}:dm:5511987650001") and line["seq"] == 1
     [task] = drain(stack.publisher)
     message = InboundMessage.from_dict(task)
     assert (message.channel_id, message.platform_message_id) == (WA, "wamid.BAD-INPUT-1")
@@ -564,7 +565,7 @@ def test_the_same_whatsapp_message_twice_enqueues_one(stack):
     assert stack.enqueued() == 1
     assert len(stack.logs.named("ingress.enqueued")) == 1
     [duplicate] = stack.logs.named("ingress.duplicate")
-    assert duplicate["platform_message_id"] == "wamid.BAD-INPUT-1"
+    assert duplicate["platform_message_id"] == pseudonym(stack.publisher.settings.secret_key, "wamid.BAD-INPUT-1")
 
 
 def test_the_same_telegram_update_twice_enqueues_one(stack):
@@ -673,11 +674,12 @@ def test_message_text_never_reaches_the_info_log(stack):
     assert "4111" not in stack.logs.text
 
 
-def test_a_text_field_is_redacted_at_info_and_shown_at_debug(logs):
+def test_a_text_field_is_redacted_at_info_and_shown_at_debug(logs, tmp_path):
     log = structlog.get_logger("tests.bad_input")
     log.info("turn.received", text=PRIVATE_TEXT, session_key=f"{WA}:dm:1")
     [line] = logs.named("turn.received")
-    assert line["text"] == REDACTED and line["session_key"] == f"{WA}:dm:1"
+    assert line["text"] == REDACTED
+    assert line["session_key"] == pseudonym(settings_for(tmp_path).secret_key, f"{WA}:dm:1")
     assert "private-marker-Ux83" not in logs.text
     logging.getLogger().setLevel(logging.DEBUG)
     log.debug("turn.received.debug", text=PRIVATE_TEXT)

@@ -26,7 +26,7 @@ from shared.queueing import (
 from workers.runtime import runner
 
 settings = get_settings()
-configure_logging(settings.log_format, settings.log_level)
+configure_logging(settings)
 app = make_celery(settings)
 log = structlog.get_logger(__name__)
 
