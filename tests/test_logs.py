@@ -1,6 +1,6 @@
 """Personal data in the logs, through the production set-up (shared.logs.configure_logging) writing into a buffer:
-personal ids as their keyed pseudonyms below DEBUG, HTTP answer bodies reduced to their size and error codes and
-console lines that no value can forge."""
+personal ids as their keyed pseudonyms below DEBUG, HTTP answer bodies reduced to their size and error codes,
+console lines that no value can forge, and Celery's view of a task (Flower, the workers' lines) without the message."""
 
 from __future__ import annotations
 
@@ -8,12 +8,17 @@ import dataclasses
 import io
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
 import structlog
 
+from ingress.ledger import MemoryLedger
+from ingress.publisher import Publisher
 from shared.logs import PERSONAL_IDS, REDACTED, configure_logging, pseudonym
+from shared.messages import DM, InboundMessage
+from shared.queueing import DRAIN_SESSION, HANDLE_INBOUND, shown_as
 from workers.testing import settings_for
 
 KEY = "log-test-secret-key-0123456789abcdefghij"
@@ -133,3 +138,30 @@ def test_console_lines_cannot_be_forged(logged):
     assert "Task x\\n2026-01-01T00:00:00Z" in foreign and "\\x1b[2J\\u2028 received" in foreign
     assert "turn.failed" in failed and "Traceback (most recent call last):" in traceback  # a traceback keeps its lines
     assert "\x1b" not in text and "\r" not in text and "\u2028" not in text
+
+
+def test_flower_and_the_workers_see_the_session_pseudonym_not_the_message():
+    """What Celery shows of a task (its name in Flower and in the workers' "Task ... received" lines, its args'
+    repr in the events Flower reads) names the session by its pseudonym; the message travels, unseen."""
+    publisher = Publisher(SETTINGS, ledger=MemoryLedger())  # Celery on the in-process broker
+    queues = [q.name for q in publisher.app.conf.task_queues]
+    message = InboundMessage(channel_id="wa", platform="whatsapp", session_key=SESSION, chat_id=PHONE, chat_kind=DM,
+                             sender_id=PHONE, sender_name="Ana Souza", text="my order 48213",
+                             platform_message_id="wamid.LOGS-1", sent_at=time.time())
+    with publisher.app.connection_for_write() as conn:
+        for name in queues:  # the in-process broker is shared by the whole test run
+            conn.default_channel._purge(name)
+        assert publisher.publish([message]) == 1
+        [sent] = [conn.default_channel.message_to_python(conn.default_channel._get(name))
+                  for name in queues if conn.default_channel._size(name)]
+    publisher.app.close()
+    session = pseudonym(KEY, SESSION)
+    assert sent.headers["shadow"] == shown_as(SETTINGS, HANDLE_INBOUND, SESSION, 1)["shadow"]
+    assert sent.headers["shadow"].startswith(f"{HANDLE_INBOUND}[p") and sent.headers["shadow"].endswith(f" {session} #1]")
+    assert sent.headers["argsrepr"] == f"(<session {session} #1>)"
+    assert sent.decode()[0][0]["text"] == "my order 48213"  # the worker still gets the message
+    drain = shown_as(SETTINGS, DRAIN_SESSION, SESSION)  # the sweeper's hand-back of a stalled session
+    assert drain == {"shadow": sent.headers["shadow"].replace(HANDLE_INBOUND, DRAIN_SESSION).replace(" #1", ""),
+                     "argsrepr": f"(<session {session}>)"}
+    shown = json.dumps([sent.headers, drain])
+    assert PHONE not in shown and "48213" not in shown and "Ana" not in shown

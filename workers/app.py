@@ -22,6 +22,7 @@ from shared.queueing import (
     MARK_DORMANT,
     SWEEP,
     make_celery,
+    shown_as,
 )
 from workers.runtime import runner
 
@@ -64,7 +65,7 @@ def sweep() -> int:
     for sid, (key, force) in found.items():
         partition = partition_of(key, settings.partitions)
         app.send_task(DRAIN_SESSION, args=[sid, key, force], queue=queue_name(partition),
-                      shadow=f"{DRAIN_SESSION}[p{partition} {key}]")
+                      **shown_as(settings, DRAIN_SESSION, key))
     if found:
         log.warning("sweep.stalled_sessions", count=len(found), forced=sum(f for _, f in found.values()))
     return len(found)
