@@ -23,6 +23,7 @@ from shared.config import Settings
 from shared.models import ACTIVE, DORMANT
 from shared.partitioning import partition_of
 from shared.ratelimit import Bucket, LocalLimiter, RedisLimiter
+from shared.logs import pseudonym
 from shared.signing import keyed_hash
 from shared.store import transcript
 
@@ -53,6 +54,21 @@ def _presented_token() -> tuple[str | None, str]:
     if auth.type == "bearer":
         return auth.token, "bearer"
     return None, f"unsupported scheme {auth.type!r}"
+
+
+def _request_fields() -> dict[str, Any]:
+    """What a log line says of the request: the page by its route (a transcript's path holds the session key), its
+    parameters, and the session key and the searched user id as fields of their own, which the logs pseudonymize
+    (shared/logs.py) like every personal id."""
+    fields: dict[str, Any] = {"page": request.url_rule.rule if request.url_rule else "?"}
+    if "key" in (request.view_args or {}):
+        fields["session_key"] = request.view_args["key"]
+    args = request.args.to_dict()
+    if "user" in args:
+        fields["user"] = args.pop("user").strip()[:200]
+    if args:
+        fields["query"] = {k[:20]: v[:50] for k, v in list(args.items())[:5]}  # channel, status, page
+    return fields
 
 
 def _time(value: datetime | None) -> str:
@@ -90,19 +106,18 @@ def blueprint(settings: Settings) -> Blueprint:
         wait = failed_logins(peek=True)
         if wait > 0:
             retry = max(1, math.ceil(wait))
-            log.warning("browser.login_limited", path=request.path, remote=request.remote_addr, retry_after=retry)
+            log.warning("browser.login_limited", **_request_fields(), remote=request.remote_addr, retry_after=retry)
             return Response("too many failed logins, try again later\n", status=429, mimetype="text/plain",
                             headers={"Retry-After": str(retry), **HEADERS})
         token, how = _presented_token()
         if not same_secret(token, settings.admin_token):
             reason = how if token is None else f"wrong token ({how})"
-            log.warning("browser.denied", reason=reason, path=request.path, remote=request.remote_addr)
+            log.warning("browser.denied", reason=reason, **_request_fields(), remote=request.remote_addr)
             if token is not None:  # a browser's first request carries no credentials: not a failed login
                 failed_logins(peek=False)
             return Response("authentication required\n", status=401, mimetype="text/plain",
                             headers={"WWW-Authenticate": REALM, **HEADERS})
-        log.info("browser.viewed", path=request.path, query=request.query_string.decode(errors="replace")[:200],
-                 remote=request.remote_addr)
+        log.info("browser.viewed", **_request_fields(), remote=request.remote_addr)
         return None
 
     @bp.after_request
@@ -155,7 +170,8 @@ def blueprint(settings: Settings) -> Blueprint:
                 generations.append((line.generation, []))
             generations[-1][1].append(line)
         return render_template("browser/session.html", summary=summary, info=info, generations=generations,
-                               partition=partition_of(key, settings.partitions))
+                               partition=partition_of(key, settings.partitions),
+                               pseudonym=pseudonym(settings.secret_key, key))
 
     @bp.get("/users")
     def users():
@@ -178,7 +194,7 @@ def blueprint(settings: Settings) -> Blueprint:
 
     @bp.errorhandler(400)
     def bad_request(_exc):
-        log.warning("ingress.rejected", status=400, reason="bad session browser query", path=request.path)
+        log.warning("ingress.rejected", status=400, reason="bad session browser query", **_request_fields())
         return Response("bad request\n", status=400, mimetype="text/plain")
 
     return bp

@@ -259,6 +259,19 @@ def test_show_prints_the_transcript_or_everything_as_json(env, capsys):
     assert code == 1 and "no session 'wa:dm:nobody'" in err
 
 
+def test_show_names_the_session_as_the_logs_do(env, capsys):
+    """Logs carry a session's pseudonym, not its key (it holds a phone number): `show` says which it is."""
+    from shared.logs import pseudonym
+
+    Chats(env.settings()).say("wa", "5511", "hello")
+    expected = pseudonym(SECRETS["SECRET_KEY"], "wa:dm:5511")
+    assert len(expected) == 22 and "5511" not in expected
+    code, doc = run_json(capsys, "sessions", "show", "wa:dm:5511")
+    assert code == 0 and doc["log_pseudonym"] == expected
+    code, out, _ = run(capsys, "sessions", "show", "wa:dm:5511")
+    assert code == 0 and f"in the logs as {expected}" in out
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # sessions new
 

@@ -26,6 +26,7 @@ from ingress.publisher import Publisher
 from shared.agents import load_agent
 from shared.config import Settings, load_settings
 from shared.db import engine_for
+from shared.logs import pseudonym
 from shared.messages import DM, GROUP, NEW_SESSION, InboundMessage
 from shared.migrate import upgrade
 from shared.store import Store
@@ -212,6 +213,26 @@ def test_failed_logins_are_limited_per_client_address(tmp_path, events, shared):
     assert sum(e["event"] == "browser.denied" and e["remote"] == attacker for e in events) == FAILED_LOGINS
 
 
+def test_views_are_logged_with_the_session_key_and_searched_id_only_where_they_are_pseudonymized(admin, events):
+    """A transcript's path holds its session key, a search's query the user id: log lines name the page by its route
+    and carry those as `session_key` and `user` only, fields shared/logs.py replaces by their pseudonyms."""
+    from shared.logs import PERSONAL_IDS
+
+    assert get(admin, f"/admin/sessions/wa:dm:{ANA}", bearer())[0] == 200
+    assert get(admin, f"/admin/users?user={ANA}%20", bearer())[0] == 200
+    assert get(admin, f"/admin/sessions/wa:dm:{ANA}?page=2", bearer("wrong"))[0] == 401
+    assert get(admin, "/admin/users?user=" + ANA * 20, bearer())[0] == 400
+    logged = [e for e in events if e["event"].startswith("browser.") or e["event"] == "ingress.rejected"]
+    assert [e["event"] for e in logged] == ["browser.viewed", "browser.viewed", "browser.denied", "browser.viewed",
+                                           "ingress.rejected"]
+    for line in logged:
+        assert ANA not in repr({k: v for k, v in line.items() if k not in PERSONAL_IDS}), line
+    transcript, search, denied = logged[:3]
+    assert transcript["page"] == "/admin/sessions/<path:key>" and transcript["session_key"] == f"wa:dm:{ANA}"
+    assert search["page"] == "/admin/users" and search["user"] == ANA
+    assert denied["session_key"] == f"wa:dm:{ANA}" and denied["query"] == {"page": "2"}
+
+
 def test_hsts_over_tls_only(admin):
     with admin.get("/admin/", headers=bearer(), base_url="https://admin.example") as r:
         assert r.status_code == 200 and r.headers["Strict-Transport-Security"] == "max-age=31536000"
@@ -240,7 +261,7 @@ def test_the_console_on_its_own_address(tmp_path):
         deadline = time.monotonic() + 20
         while True:
             try:
-                first = requests.get(f"{base}/", headers=bearer(), timeout=2)
+                first = requests.get(f"{base}/", headers=bearer(), timeout=15)
                 break
             except requests.ConnectionError:
                 assert console.poll() is None and time.monotonic() < deadline, "chatsessions admin did not start"
@@ -253,6 +274,7 @@ def test_the_console_on_its_own_address(tmp_path):
         console.terminate()
         output = console.communicate(timeout=30)[0]
     assert f"Listening at: {base}" in output and "browser.viewed" in output
+    assert ANA not in output  # its transcript was viewed: the log line has the session's pseudonym
 
 
 # -- what the pages show ---------------------------------------------------------------------------------------------
@@ -282,9 +304,11 @@ def test_sessions_are_paged_and_filtered(admin, monkeypatch):
     assert get(admin, "/admin/sessions?channel=nope", bearer())[0] == 404
 
 
-def test_transcript_shows_generations_events_and_escapes_text(admin):
+def test_transcript_shows_generations_events_and_escapes_text(admin, tmp_path):
     status, html, _ = get(admin, f"/admin/sessions/wa:dm:{ANA}", bearer())
     assert status == 200
+    in_logs = pseudonym(settings_for(tmp_path).secret_key, f"wa:dm:{ANA}")  # what to grep the logs for
+    assert f'<dt>In the logs</dt><dd><code class="pseudonym">{in_logs}</code></dd>' in html
     assert "Generation 1" in html and "Generation 2 (current)" in html
     g1, g2 = html.split('id="g1"')[1].split('id="g2"')
     assert "created" in g1 and "my name is Ana &lt;script&gt;alert(1)&lt;/script&gt;" in g1
