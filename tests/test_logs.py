@@ -165,3 +165,20 @@ def test_flower_and_the_workers_see_the_session_pseudonym_not_the_message():
                      "argsrepr": f"(<session {session}>)"}
     shown = json.dumps([sent.headers, drain])
     assert PHONE not in shown and "48213" not in shown and "Ana" not in shown
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_database_error_does_not_quote_its_parameters(backend, tmp_path, request):
+    """Celery logs a failed task's exception and traceback: a statement's values (text, session keys) stay out."""
+    import traceback
+
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    from shared.db import engine_for
+
+    url = f"sqlite:///{tmp_path}/db.sqlite" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    with pytest.raises(DBAPIError) as failed, engine_for(url).connect() as conn:
+        conn.execute(text("SELECT * FROM no_such_table WHERE key = :key"), {"key": SESSION})
+    shown = "".join(traceback.format_exception(failed.value))  # what a log line with exc_info prints
+    assert "no_such_table" in shown and PHONE not in shown
