@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     admin = sub.add_parser("admin", help="serve the session browser on its own address (see ADMIN_BIND)")
     admin.add_argument("--bind", help=f"host:port (default ADMIN_BIND, else {ADMIN_BIND_DEFAULT})")
-    admin.add_argument("--threads", type=int, default=4)
+    admin.add_argument("--threads", type=int, default=4, help="threads of its one process (default 4)")
     admin.set_defaults(fn=cmd_admin)
 
     worker = sub.add_parser("worker", help="consume a set of partitions (e.g. --partitions 0-7)")

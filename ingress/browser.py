@@ -20,10 +20,10 @@ from flask import Blueprint, Flask, Response, abort, redirect, render_template, 
 from shared.admin import export_user, find_sessions, get_session
 from shared.channels.base import same_secret
 from shared.config import Settings
+from shared.logs import pseudonym
 from shared.models import ACTIVE, DORMANT
 from shared.partitioning import partition_of
 from shared.ratelimit import Bucket, LocalLimiter, RedisLimiter
-from shared.logs import pseudonym
 from shared.signing import keyed_hash
 from shared.store import transcript
 
