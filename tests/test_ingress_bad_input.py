@@ -28,7 +28,7 @@ from ingress.app import MAX_BODY_BYTES, create_app
 from ingress.ledger import MemoryLedger
 from ingress.publisher import Publisher
 from shared.config import Settings, load_settings
-from shared.logs import REDACTED, configure_logging, pseudonym
+from shared.logs import REDACTED, configure_logging
 from shared.messages import InboundMessage
 
 WA, TG, DC = "acme-wa", "acme-tg", "acme-dc"
@@ -529,6 +529,8 @@ def test_discord_ping_is_answered_and_not_enqueued(stack):
 # -- valid messages: exactly one enqueued, redeliveries deduplicated -----------------------------------------------------
 
 def test_valid_whatsapp_message_enqueues_exactly_one(stack):
+    from shared.logs import pseudonym  # the logs name sessions and messages by it
+
     response = post_wa(stack, wa_body())
     assert response.status_code == 200 and response.data == b"ok\n"
     assert stack.enqueued() == 1
@@ -559,6 +561,8 @@ def test_valid_discord_interaction_enqueues_exactly_one(stack):
 
 
 def test_the_same_whatsapp_message_twice_enqueues_one(stack):
+    from shared.logs import pseudonym  # the logs name sessions and messages by it
+
     body = wa_body()
     assert post_wa(stack, body).status_code == 200
     assert post_wa(stack, body).status_code == 200  # Meta's redelivery: still 200, or Meta keeps retrying
@@ -675,6 +679,8 @@ def test_message_text_never_reaches_the_info_log(stack):
 
 
 def test_a_text_field_is_redacted_at_info_and_shown_at_debug(logs, tmp_path):
+    from shared.logs import pseudonym  # the logs name sessions and messages by it
+
     log = structlog.get_logger("tests.bad_input")
     log.info("turn.received", text=PRIVATE_TEXT, session_key=f"{WA}:dm:1")
     [line] = logs.named("turn.received")
