@@ -23,6 +23,7 @@ because figures taken while something else loads the machine are not comparable.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -711,10 +712,12 @@ class Bench:
                      ("commit", count("commits"))]
 
         with self.stack.applied_env():
+            from shared.config import get_settings
             from shared.logs import configure_logging
             from workers import runtime
 
-            configure_logging("console", "WARNING")  # the turn's log lines would land on stdout, in the table
+            # the turn's log lines would land on stdout, in the table
+            configure_logging(dataclasses.replace(get_settings(), log_format="console", log_level="WARNING"))
             runtime.runner.cache_clear()
             runner = runtime.runner()
             engine = engine_for(self.stack.database_url)
@@ -849,7 +852,7 @@ def profile_turns(database_url: str, turns: int = 1000, sessions: int = 100, war
                         {"bwa": DemoEcho()})
     root = logging.getLogger()
     saved_handlers, saved_level, saved_structlog = root.handlers[:], root.level, structlog.get_config()
-    configure_logging("json", "INFO")
+    configure_logging(dataclasses.replace(runner.settings, log_format="json", log_level="INFO"))
     devnull = open(os.devnull, "w")  # noqa: SIM115 - closed below
     for handler in root.handlers:
         handler.setStream(devnull)

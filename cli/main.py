@@ -22,6 +22,7 @@ def _exec(argv: list[str]) -> int:
 
 
 LOCAL_COMMANDS = {"run", "db", "sessions", "deadletters"}  # usable on a laptop with the shipped config
+ADMIN_BIND_DEFAULT = "127.0.0.1:8001"  # `chatsessions admin`: this host only unless told otherwise
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -30,7 +31,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from shared.logs import configure_logging
 
     settings = get_settings()
-    configure_logging(settings.log_format, settings.log_level)
+    configure_logging(settings)
     running = embedded.start(args.host, args.port, args.concurrency)
     print(f"chatsessions running at {running.url} (Ctrl-C to stop)")
     for cid, c in settings.channels.items():
@@ -66,6 +67,18 @@ def cmd_ingress(args: argparse.Namespace) -> int:
                   # The scheme headers only from TRUSTED_PROXIES (gunicorn's own default trusts 127.0.0.1).
                   "--forwarded-allow-ips", ",".join(str(n) for n in settings.trusted_proxies),
                   "--access-logfile", "-" if args.access_log else "/dev/null"])
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    from shared.config import get_settings
+
+    settings = get_settings()
+    if not settings.admin_token:
+        raise ConfigError("the session browser needs ADMIN_TOKEN (at least 32 random characters)")
+    bind = args.bind or settings.admin_bind or ADMIN_BIND_DEFAULT
+    # A few support leads: one process. No access log: its URLs hold session keys and searched user ids.
+    return _exec(["gunicorn", "ingress.admin_wsgi:app", "--bind", bind, "--workers", "1", "--worker-class", "gthread",
+                  "--threads", str(args.threads), "--no-control-socket", "--access-logfile", "/dev/null"])
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -231,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     ingress.add_argument("--threads", type=int, default=8)
     ingress.add_argument("--access-log", action="store_true")
     ingress.set_defaults(fn=cmd_ingress)
+
+    admin = sub.add_parser("admin", help="serve the session browser on its own address (see ADMIN_BIND)")
+    admin.add_argument("--bind", help=f"host:port (default ADMIN_BIND, else {ADMIN_BIND_DEFAULT})")
+    admin.add_argument("--threads", type=int, default=4, help="threads of its one process (default 4)")
+    admin.set_defaults(fn=cmd_admin)
 
     worker = sub.add_parser("worker", help="consume a set of partitions (e.g. --partitions 0-7)")
     worker.add_argument("--partitions", required=True, help='"0-7", "0,2,5-6" or "all"')

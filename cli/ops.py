@@ -153,6 +153,9 @@ def _sessions_show(args: argparse.Namespace, settings: Settings) -> int:
     if detail is None:
         _err(f"no session {args.key!r}")
         return FAILED
+    from shared.logs import pseudonym
+
+    detail["log_pseudonym"] = pseudonym(settings.secret_key, args.key)  # the logs name the session so (DEBUG aside)
     if args.json:
         _print_json(detail)
         return OK
@@ -162,6 +165,7 @@ def _sessions_show(args: argparse.Namespace, settings: Settings) -> int:
     s = detail["session"]
     lease = f"lease until {s['lease_until']}" if s["lease_until"] else "lease free"
     print(f"  partition {s['partition']}, last seq {s['last_seq']}, {lease}")
+    print(f"  in the logs as {detail['log_pseudonym']}")
     for item in detail["inbox"]:
         print(f"  waiting in inbox: #{item['seq']} since {item['created_at']}")
     for letter in detail["dead_letters"]:

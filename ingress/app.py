@@ -141,5 +141,6 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> Flask:
         return jsonify(response)
 
     app.register_blueprint(webchat.blueprint(settings, publisher))  # /chat/<channel_id>: the web chat page
-    app.register_blueprint(browser.blueprint(settings))  # /admin: the session browser (only with ADMIN_TOKEN)
+    if not settings.admin_bind:  # else only on its own address (`chatsessions admin`)
+        app.register_blueprint(browser.blueprint(settings))  # /admin: the session browser (only with ADMIN_TOKEN)
     return app

@@ -3,22 +3,28 @@ platform user id — read-only pages over shared/admin.py and shared.store.trans
 
 It shows private conversations, so it exists only when ADMIN_TOKEN is set (404 otherwise) and every page
 needs that token: HTTP basic auth (any user name, the token as password) or `Authorization: Bearer <token>`.
-No page shows configuration secrets, options or Agent options; every view is logged.
+A client address that sent FAILED_LOGINS wrong tokens in FAILED_LOGIN_WINDOW_S is answered 429 until its bucket
+refills, right token or not (else guessing would simply go on). No page shows configuration secrets, options or
+Agent options; every view is logged.
 """
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timezone
 from typing import Any
 
 import structlog
-from flask import Blueprint, Response, abort, render_template, request, url_for
+from flask import Blueprint, Flask, Response, abort, redirect, render_template, request, url_for
 
 from shared.admin import export_user, find_sessions, get_session
 from shared.channels.base import same_secret
 from shared.config import Settings
+from shared.logs import pseudonym
 from shared.models import ACTIVE, DORMANT
 from shared.partitioning import partition_of
+from shared.ratelimit import Bucket, LocalLimiter, RedisLimiter
+from shared.signing import keyed_hash
 from shared.store import transcript
 
 log = structlog.get_logger(__name__)
@@ -33,6 +39,9 @@ HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Content-Type-Options": "nosniff",
 }
+HSTS = "max-age=31536000"  # on responses served over TLS: the browser then never asks over plain HTTP
+FAILED_LOGINS = 10  # wrong tokens from one client address...
+FAILED_LOGIN_WINDOW_S = 600.0  # ...in this long (a token bucket: one more every window / FAILED_LOGINS)
 
 
 def _presented_token() -> tuple[str | None, str]:
@@ -45,6 +54,21 @@ def _presented_token() -> tuple[str | None, str]:
     if auth.type == "bearer":
         return auth.token, "bearer"
     return None, f"unsupported scheme {auth.type!r}"
+
+
+def _request_fields() -> dict[str, Any]:
+    """What a log line says of the request: the page by its route (a transcript's path holds the session key), its
+    parameters, and the session key and the searched user id as fields of their own, which the logs pseudonymize
+    (shared/logs.py) like every personal id."""
+    fields: dict[str, Any] = {"page": request.url_rule.rule if request.url_rule else "?"}
+    if "key" in (request.view_args or {}):
+        fields["session_key"] = request.view_args["key"]
+    args = request.args.to_dict()
+    if "user" in args:
+        fields["user"] = args.pop("user").strip()[:200]
+    if args:
+        fields["query"] = {k[:20]: v[:50] for k, v in list(args.items())[:5]}  # channel, status, page
+    return fields
 
 
 def _time(value: datetime | None) -> str:
@@ -62,24 +86,45 @@ def blueprint(settings: Settings) -> Blueprint:
     channels = [{"id": c.id, "platform": c.platform, "agent": c.agent, "idle_minutes": c.session.idle_minutes}
                 for c in settings.channels.values()]
     bp.add_app_template_filter(_time, "utc")
+    limiter = RedisLimiter(settings.redis_url) if settings.redis_url else LocalLimiter()
+
+    def failed_logins(peek: bool) -> float:
+        """Count a wrong token from this client address (or only look): the seconds it must wait, 0 if none."""
+        # The address is keyed, so Redis holds no client addresses.
+        where = keyed_hash(settings.secret_key, "admin-login", request.remote_addr or "")
+        bucket = Bucket(f"admin-login:{where}", FAILED_LOGINS / FAILED_LOGIN_WINDOW_S, FAILED_LOGINS)
+        try:
+            return limiter.peek([bucket]) if peek else limiter.try_take([bucket])
+        except Exception as exc:  # Redis down: the token's length still makes guessing hopeless
+            log.warning("browser.limiter_failed", error=exc.__class__.__name__)
+            return 0.0
 
     @bp.before_request
     def authenticate():
         if not settings.admin_token:
             abort(404)  # off unless configured: the same answer as any unknown path
+        wait = failed_logins(peek=True)
+        if wait > 0:
+            retry = max(1, math.ceil(wait))
+            log.warning("browser.login_limited", **_request_fields(), remote=request.remote_addr, retry_after=retry)
+            return Response("too many failed logins, try again later\n", status=429, mimetype="text/plain",
+                            headers={"Retry-After": str(retry), **HEADERS})
         token, how = _presented_token()
         if not same_secret(token, settings.admin_token):
             reason = how if token is None else f"wrong token ({how})"
-            log.warning("browser.denied", reason=reason, path=request.path, remote=request.remote_addr)
+            log.warning("browser.denied", reason=reason, **_request_fields(), remote=request.remote_addr)
+            if token is not None:  # a browser's first request carries no credentials: not a failed login
+                failed_logins(peek=False)
             return Response("authentication required\n", status=401, mimetype="text/plain",
                             headers={"WWW-Authenticate": REALM, **HEADERS})
-        log.info("browser.viewed", path=request.path, query=request.query_string.decode(errors="replace")[:200],
-                 remote=request.remote_addr)
+        log.info("browser.viewed", **_request_fields(), remote=request.remote_addr)
         return None
 
     @bp.after_request
     def harden(response: Response) -> Response:
         response.headers.update(HEADERS)
+        if request.is_secure:
+            response.headers["Strict-Transport-Security"] = HSTS
         return response
 
     def page_number() -> int:
@@ -125,7 +170,8 @@ def blueprint(settings: Settings) -> Blueprint:
                 generations.append((line.generation, []))
             generations[-1][1].append(line)
         return render_template("browser/session.html", summary=summary, info=info, generations=generations,
-                               partition=partition_of(key, settings.partitions))
+                               partition=partition_of(key, settings.partitions),
+                               pseudonym=pseudonym(settings.secret_key, key))
 
     @bp.get("/users")
     def users():
@@ -148,7 +194,16 @@ def blueprint(settings: Settings) -> Blueprint:
 
     @bp.errorhandler(400)
     def bad_request(_exc):
-        log.warning("ingress.rejected", status=400, reason="bad session browser query", path=request.path)
+        log.warning("ingress.rejected", status=400, reason="bad session browser query", **_request_fields())
         return Response("bad request\n", status=400, mimetype="text/plain")
 
     return bp
+
+
+def create_app(settings: Settings) -> Flask:
+    """The session browser alone, for its own address (`chatsessions admin`, ADMIN_BIND): a port only the support
+    leads' network reaches, while the public ingress has no /admin at all."""
+    app = Flask("chatsessions.admin")
+    app.register_blueprint(blueprint(settings))
+    app.add_url_rule("/", "home", lambda: redirect(url_for("browser.index")))
+    return app

@@ -282,7 +282,7 @@ def run(channel_id: str) -> None:
     from shared.channels.discord import DiscordChannel
 
     settings = get_settings()
-    configure_logging(settings.log_format, settings.log_level)
+    configure_logging(settings)
     config = settings.channel(channel_id)
     if settings.embedded:
         raise ConfigError("BROKER_URL=memory:// works only inside `chatsessions run`; set BROKER_URL=redis://...")

@@ -12,7 +12,7 @@ from shared.config import Settings
 from shared.errors import EnqueueFailed
 from shared.messages import InboundMessage
 from shared.partitioning import partition_of, queue_name
-from shared.queueing import HANDLE_INBOUND, make_celery
+from shared.queueing import HANDLE_INBOUND, make_celery, shown_as
 
 log = structlog.get_logger(__name__)
 
@@ -72,8 +72,8 @@ class Publisher:
             args=[stamped.to_dict()],
             queue=queue_name(partition),
             retry=True,
-            # Flower shows which session and partition a task belongs to.
-            shadow=f"{HANDLE_INBOUND}[p{partition} {stamped.session_key} #{stamped.seq}]",
+            # Flower shows which session (by its log pseudonym) and partition a task belongs to.
+            **shown_as(self.settings, HANDLE_INBOUND, stamped.session_key, stamped.seq),
         )
         log.info(
             "ingress.enqueued",

@@ -5,5 +5,5 @@ from shared.config import get_settings
 from shared.logs import configure_logging
 
 settings = get_settings()
-configure_logging(settings.log_format, settings.log_level)
+configure_logging(settings)
 app = create_app(settings)

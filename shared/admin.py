@@ -251,9 +251,15 @@ def _payload_of(payload: str, user_ids: Sequence[str]) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) and str(doc.get("sender_id")) in user_ids else None
 
 
+def _mentioning(model: Any, user_ids: Sequence[str]) -> Any:
+    """Rows of `model` whose JSON payload holds one of `user_ids` as a string. Escaped: a `%` or `_` in a searched
+    id (a web chat visitor id may hold `_`) matches only itself, not every other user's rows."""
+    return or_(*(model.payload.contains(json.dumps(u), autoescape=True) for u in user_ids))
+
+
 def _user_payload_rows(s: Any, model: Any, user_ids: Sequence[str], skip_sessions: set, key_column: str) -> list[Any]:
     """Rows of `model` (dead letters, inbox) holding a message the users sent outside their DM sessions."""
-    rows = s.scalars(select(model).where(or_(*(model.payload.contains(json.dumps(u)) for u in user_ids)))).all()
+    rows = s.scalars(select(model).where(_mentioning(model, user_ids))).all()
     return [r for r in rows if getattr(r, key_column) not in skip_sessions and _payload_of(r.payload, user_ids)]
 
 

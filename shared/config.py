@@ -267,6 +267,8 @@ class Settings:
     config_path: Path
     channels: Mapping[str, ChannelConfig]
     admin_token: str | None = field(default=None, repr=False)  # ADMIN_TOKEN: the session browser; None = off
+    # ADMIN_BIND: the session browser's own address (`chatsessions admin`); set, the ingress does not serve /admin
+    admin_bind: str | None = None
     identities: Mapping[str, Identity] = field(default_factory=dict, repr=False)  # [[identities]] by person
     broker_queue_type: str = "classic"  # BROKER_QUEUE_TYPE: classic | quorum (RabbitMQ quorum queues; amqp:// only)
     redis_sentinel_master: str | None = None  # REDIS_SENTINEL_MASTER: the master of sentinel:// URLs (docs/scaling.md)
@@ -395,6 +397,31 @@ def _broker_ha(env: Mapping[str, str], broker_url: str, redis_url: str | None) -
     return redis_url, queue_type, master
 
 
+ADMIN_TOKEN_MIN_CHARS = 32
+
+
+def _admin_token(env: Mapping[str, str]) -> str | None:
+    """ADMIN_TOKEN: the session browser's password, long enough that guessing it is hopeless."""
+    token = env.get("ADMIN_TOKEN") or None
+    if token is not None and len(token) < ADMIN_TOKEN_MIN_CHARS:
+        raise ConfigError(f"ADMIN_TOKEN must be at least {ADMIN_TOKEN_MIN_CHARS} characters, got {len(token)} "
+                          "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    return token
+
+
+def _admin_bind(env: Mapping[str, str], admin_token: str | None) -> str | None:
+    """ADMIN_BIND: host:port of the session browser's own process, kept off the public ingress."""
+    bind = env.get("ADMIN_BIND") or None
+    if bind is None:
+        return None
+    host, _, port = bind.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"ADMIN_BIND must be host:port (e.g. 127.0.0.1:8001), got {bind!r}")
+    if admin_token is None:
+        raise ConfigError("ADMIN_BIND is set but ADMIN_TOKEN is not: the session browser needs its token")
+    return bind
+
+
 def _channel(raw: dict[str, Any], env: Mapping[str, str], path: Path) -> ChannelConfig:
     where = f"{path}: channel {raw.get('id', '?')!r}"
     for key in ("id", "platform", "agent"):
@@ -477,6 +504,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     visibility = _number(env, "VISIBILITY_TIMEOUT", max(lease * 2, 300))
     if visibility <= lease:
         raise ConfigError("VISIBILITY_TIMEOUT must be longer than LEASE_SECONDS")
+    admin_token = _admin_token(env)
     log_format = env.get("LOG_FORMAT") or "console"
     if log_format not in ("json", "console"):
         raise ConfigError(f"LOG_FORMAT must be json or console, got {log_format!r}")
@@ -492,7 +520,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_level=(env.get("LOG_LEVEL") or "INFO").upper(),
         config_path=path,
         channels=channels,
-        admin_token=env.get("ADMIN_TOKEN") or None,
+        admin_token=admin_token,
+        admin_bind=_admin_bind(env, admin_token),
         identities=identities,
         broker_queue_type=broker_queue_type,
         redis_sentinel_master=sentinel_master,

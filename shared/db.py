@@ -35,7 +35,8 @@ STALE_RETRIES = 2  # fresh connections run_transaction tries after finding the o
 def engine_for(url: str) -> Engine:
     """One pooled engine per URL per process."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=20)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=20,
+                               hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):
@@ -53,8 +54,9 @@ def engine_for(url: str) -> Engine:
 
         return engine
     # LIFO: a busy process keeps reusing its few warm connections; the rest stay idle (pinged when next used).
+    # hide_parameters: an error's text (logged by Celery with its traceback) must not quote message text or keys.
     engine = create_engine(url, pool_size=20, max_overflow=20, pool_recycle=RECYCLE_S, pool_use_lifo=True,
-                           connect_args=driver_options(url))
+                           connect_args=driver_options(url), hide_parameters=True)
     _ping_when_idle(engine)
     return engine
 

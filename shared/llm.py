@@ -23,7 +23,7 @@ import threading
 import time
 import unicodedata
 from typing import Any, Callable, Mapping
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import requests
 import structlog
@@ -31,7 +31,7 @@ from requests.adapters import HTTPAdapter
 
 from shared.agents import Conversation, Utterance
 from shared.errors import ConfigError
-from shared.outbound import HttpSender
+from shared.outbound import HttpSender, safe_url
 
 log = structlog.get_logger(__name__)
 
@@ -116,14 +116,6 @@ def api_name(display_name: str) -> str | None:
     return cleaned or None
 
 
-def _safe_url(url: str) -> str:
-    """The URL without credentials or query, for logs."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
 def _number(name: str, value: Any, *, low: float = 0, high: float | None = None, kind: type = float,
             allow_low: bool = False) -> Any:
     """A numeric option, validated: above `low` (or equal if allow_low), at most `high`."""
@@ -194,7 +186,7 @@ class OpenAIChatAgent:
             self.api_key_env = DEFAULT_API_KEY_ENV
             api_key = env.get(DEFAULT_API_KEY_ENV) or None
             if api_key is None and urlsplit(self.base_url).hostname not in ("127.0.0.1", "localhost", "::1"):
-                log.warning("agent.no_api_key", base_url=_safe_url(self.base_url), api_key_env=DEFAULT_API_KEY_ENV)
+                log.warning("agent.no_api_key", base_url=safe_url(self.base_url), api_key_env=DEFAULT_API_KEY_ENV)
         self._secrets = tuple(s for s in (api_key,) if s)
 
         self._local = threading.local()
@@ -209,7 +201,7 @@ class OpenAIChatAgent:
         self.failures = FailureCounter()
 
     def __repr__(self) -> str:  # never the key
-        return f"OpenAIChatAgent(model={self.model!r}, base_url={_safe_url(self.base_url)!r})"
+        return f"OpenAIChatAgent(model={self.model!r}, base_url={safe_url(self.base_url)!r})"
 
     def close(self) -> None:
         self.sender.session.close()
@@ -276,7 +268,8 @@ class OpenAIChatAgent:
             return self._failed(conversation, reason, status, error, delivery.attempts)
         text = self._completion_text(answer.get("body"))
         if text is None:
-            return self._failed(conversation, "malformed", 200, f"unexpected answer: {str(answer.get('body'))[:200]}",
+            # In HttpSender's form, so the log shows the status and not the answer (it may quote the conversation).
+            return self._failed(conversation, "malformed", 200, f"http 200: {str(answer.get('body'))[:200]}",
                                 delivery.attempts)
         log.debug("agent.backend_replied", model=self.model, attempts=delivery.attempts,
                   duration_ms=round((time.monotonic() - started) * 1000))
@@ -304,7 +297,7 @@ class OpenAIChatAgent:
             error = error.replace(secret, "[redacted]")
         error = _SECRETISH.sub(r"\1[redacted]", error)
         fields = dict(reason=reason, status=status, error=error, attempts=attempts, model=self.model,
-                      base_url=_safe_url(self.base_url), channel_id=conversation.channel_id)
+                      base_url=safe_url(self.base_url), channel_id=conversation.channel_id)
         if reason == "http_4xx":  # a bad key, model name or request: the operator must fix the configuration
             log.error("agent.backend_failed", **fields)
         else:

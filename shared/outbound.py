@@ -6,6 +6,7 @@ import random
 import threading
 import time
 from typing import Any, Callable
+from urllib.parse import urlsplit, urlunsplit
 
 import requests
 import structlog
@@ -58,6 +59,14 @@ def retry_after(response: requests.Response) -> float | None:
         if isinstance(params, dict) and isinstance(params.get("retry_after"), (int, float)):
             return float(params["retry_after"])
     return None
+
+
+def safe_url(url: str, path: bool = True) -> str:
+    """The URL without credentials or query (and without its path if `path` is false), for logs."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path if path else "", "", ""))
 
 
 _fenced = threading.local()  # this thread's current request: the monotonic time its fencing check stops counting
@@ -124,7 +133,9 @@ class HttpSender:
             if attempt == MAX_ATTEMPTS:
                 break
             delay = min(wait if wait is not None else 0.5 * 2 ** (attempt - 1) * (1 + random.random()), MAX_WAIT)
-            log.warning("outbound.retry", url=url.split("/bot")[0], attempt=attempt, wait_s=round(delay, 2), error=error)
+            # Only the host: a path may hold a bot token (Telegram) or a chat id (Discord).
+            log.warning("outbound.retry", url=safe_url(url, path=False), attempt=attempt, wait_s=round(delay, 2),
+                        error=error)
             self.sleep(delay)
         return Delivery(ok=False, error=error, attempts=MAX_ATTEMPTS)
 

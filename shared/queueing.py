@@ -10,7 +10,8 @@ from kombu import Exchange, Queue
 
 from shared import broker
 from shared.config import Settings
-from shared.partitioning import queue_name
+from shared.logs import pseudonym
+from shared.partitioning import partition_of, queue_name
 from shared.redis_client import sentinel_kwargs
 
 HANDLE_INBOUND = "chat.handle_inbound"
@@ -35,6 +36,16 @@ def task_queues(settings: Settings) -> list[Queue]:
         exchange = Exchange(QUORUM_EXCHANGE, type="topic")
         return [Queue(n, exchange, routing_key=n, queue_arguments={"x-queue-type": "quorum"}) for n in names]
     return [Queue(n) for n in names]
+
+
+def shown_as(settings: Settings, task: str, session_key: str, seq: int | None = None) -> dict[str, str]:
+    """send_task options naming a session's task in Flower and in the workers' "Task ... received" lines: its
+    partition and the session's log pseudonym (the key holds a phone number); never the arguments, the message
+    itself, which Celery would show otherwise."""
+    session = pseudonym(settings.secret_key, session_key)
+    number = "" if seq is None else f" #{seq}"
+    return {"shadow": f"{task}[p{partition_of(session_key, settings.partitions)} {session}{number}]",
+            "argsrepr": f"(<session {session}{number}>)"}
 
 
 def make_celery(settings: Settings) -> Celery:

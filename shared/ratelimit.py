@@ -49,6 +49,9 @@ class Limiter(Protocol):
     def try_take(self, buckets: list[Bucket]) -> float:
         """Take one token from every bucket and return 0, or take none and return the seconds to wait."""
 
+    def peek(self, buckets: list[Bucket]) -> float:
+        """What try_take would return, taking nothing: a check made before the thing that counts."""
+
 
 # All buckets or none, atomically, on Redis' clock (so workers on several hosts agree).
 _TAKE = """
@@ -72,10 +75,30 @@ return {'0', 0}
 """
 
 
+# The wait _TAKE would answer, changing nothing.
+_PEEK = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local wait = 0
+for i, key in ipairs(KEYS) do
+  local rate, burst = tonumber(ARGV[2*i-1]), tonumber(ARGV[2*i])
+  local s = redis.call('HMGET', key, 'tokens', 'ts')
+  local have = math.min(burst, (tonumber(s[1]) or burst) + (now - (tonumber(s[2]) or now)) * rate)
+  if have < 1 then wait = math.max(wait, (1 - have) / rate) end
+end
+return tostring(wait)
+"""
+
+
 class RedisLimiter:
     def __init__(self, url: str):
         self.redis = redis_client(url, socket_timeout=2, socket_connect_timeout=2)
         self.script = self.redis.register_script(_TAKE)
+        self.peek_script = self.redis.register_script(_PEEK)
+
+    def peek(self, buckets: list[Bucket]) -> float:
+        args = [v for b in buckets for v in (b.per_s, b.burst)]
+        return float(self.peek_script(keys=[b.key for b in buckets], args=args))
 
     def try_take(self, buckets: list[Bucket]) -> float:
         return self.take(buckets)[0]
@@ -95,6 +118,15 @@ class LocalLimiter:
         self.clock = clock
         self.lock = threading.Lock()
         self.state: dict[str, tuple[float, float]] = {}
+
+    def peek(self, buckets: list[Bucket]) -> float:
+        with self.lock:
+            now = self.clock()
+            return max((max(0.0, 1 - self._have(b, now)) / b.per_s for b in buckets), default=0.0)
+
+    def _have(self, b: Bucket, now: float) -> float:
+        tokens, ts = self.state.get(b.key, (b.burst, now))
+        return min(b.burst, tokens + (now - ts) * b.per_s)
 
     def try_take(self, buckets: list[Bucket]) -> float:
         return self.take(buckets)[0]

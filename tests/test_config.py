@@ -73,6 +73,26 @@ def test_non_redis_broker_needs_redis_for_the_ledger(tmp_path):
     assert load_settings({**env, "REDIS_URL": "redis://127.0.0.1:6379/0"}).redis_url == "redis://127.0.0.1:6379/0"
 
 
+def test_admin_token_must_be_long(tmp_path):
+    env = write(tmp_path, WA)
+    token = "admin-token-" + "x" * 20  # 32 characters
+    assert load_settings({**env, "ADMIN_TOKEN": token}).admin_token == token
+    with pytest.raises(ConfigError, match="ADMIN_TOKEN must be at least 32 characters, got 31"):
+        load_settings({**env, "ADMIN_TOKEN": token[:-1]})
+
+
+def test_admin_bind_is_an_address_and_needs_the_token(tmp_path):
+    env = {**write(tmp_path, WA), "ADMIN_TOKEN": "admin-token-" + "x" * 20}
+    assert load_settings(env).admin_bind is None  # /admin on the ingress
+    assert load_settings({**env, "ADMIN_BIND": "127.0.0.1:8001"}).admin_bind == "127.0.0.1:8001"
+    assert load_settings({**env, "ADMIN_BIND": "[::1]:8001"}).admin_bind == "[::1]:8001"
+    for bad in ("8001", "127.0.0.1", "127.0.0.1:0", "localhost:http", ":8001", "127.0.0.1:70000"):
+        with pytest.raises(ConfigError, match="ADMIN_BIND must be host:port"):
+            load_settings({**env, "ADMIN_BIND": bad})
+    with pytest.raises(ConfigError, match="ADMIN_BIND is set but ADMIN_TOKEN is not"):
+        load_settings({**env, "ADMIN_TOKEN": "", "ADMIN_BIND": "127.0.0.1:8001"})
+
+
 def test_secret_key_is_required_outside_the_embedded_process_and_must_be_long(tmp_path):
     env = {**write(tmp_path, WA), "BROKER_URL": "redis://127.0.0.1:6379/0"}
     assert load_settings(env).secret_key == SECRETS["SECRET_KEY"]

@@ -168,13 +168,13 @@ class _CurrentStderr:
 
 
 @pytest.fixture
-def logs(capsys) -> Iterator[Logs]:
+def logs(capsys, tmp_path) -> Iterator[Logs]:
     """Production logging (JSON, INFO) into capsys; afterwards: no secret may appear anywhere in the output."""
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
     noisy = {name: logging.getLogger(name).level for name in ("urllib3", "werkzeug", "websockets")}
     saved_structlog = structlog.get_config()
-    configure_logging("json", "INFO")
+    configure_logging(settings_for(tmp_path))  # JSON, INFO
     # Same processors and output; only keeps module-level loggers from pinning this test's configuration.
     structlog.configure(cache_logger_on_first_use=False)
     ours = root.handlers[0]
@@ -573,11 +573,14 @@ def test_discord_ping_is_answered_and_not_enqueued(stack):
 # -- valid messages: exactly one enqueued, redeliveries deduplicated -----------------------------------------------------
 
 def test_valid_whatsapp_message_enqueues_exactly_one(stack):
+    from shared.logs import pseudonym  # the logs name sessions and messages by it
+
     response = post_wa(stack, wa_body())
     assert response.status_code == 200 and response.data == b"ok\n"
     assert stack.enqueued() == 1
     [line] = stack.logs.named("ingress.enqueued")
-    assert line["session_key"] == f"{WA}:dm:5511987650001" and line["seq"] == 1
+    key = stack.publisher.settings.secret_key
+    assert line["session_key"] == pseudonym(key, f"{WA}:dm:5511987650001") and line["seq"] == 1
     [task] = drain(stack.publisher)
     message = InboundMessage.from_dict(task)
     assert (message.channel_id, message.platform_message_id) == (WA, "wamid.BAD-INPUT-1")
@@ -602,13 +605,15 @@ def test_valid_discord_interaction_enqueues_exactly_one(stack):
 
 
 def test_the_same_whatsapp_message_twice_enqueues_one(stack):
+    from shared.logs import pseudonym  # the logs name sessions and messages by it
+
     body = wa_body()
     assert post_wa(stack, body).status_code == 200
     assert post_wa(stack, body).status_code == 200  # Meta's redelivery: still 200, or Meta keeps retrying
     assert stack.enqueued() == 1
     assert len(stack.logs.named("ingress.enqueued")) == 1
     [duplicate] = stack.logs.named("ingress.duplicate")
-    assert duplicate["platform_message_id"] == "wamid.BAD-INPUT-1"
+    assert duplicate["platform_message_id"] == pseudonym(stack.publisher.settings.secret_key, "wamid.BAD-INPUT-1")
 
 
 def test_the_same_telegram_update_twice_enqueues_one(stack):
@@ -802,11 +807,14 @@ def test_message_text_never_reaches_the_info_log(stack):
     assert "4111" not in stack.logs.text
 
 
-def test_a_text_field_is_redacted_at_info_and_shown_at_debug(logs):
+def test_a_text_field_is_redacted_at_info_and_shown_at_debug(logs, tmp_path):
+    from shared.logs import pseudonym  # the logs name sessions and messages by it
+
     log = structlog.get_logger("tests.bad_input")
     log.info("turn.received", text=PRIVATE_TEXT, session_key=f"{WA}:dm:1")
     [line] = logs.named("turn.received")
-    assert line["text"] == REDACTED and line["session_key"] == f"{WA}:dm:1"
+    assert line["text"] == REDACTED
+    assert line["session_key"] == pseudonym(settings_for(tmp_path).secret_key, f"{WA}:dm:1")
     assert "private-marker-Ux83" not in logs.text
     logging.getLogger().setLevel(logging.DEBUG)
     log.debug("turn.received.debug", text=PRIVATE_TEXT)

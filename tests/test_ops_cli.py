@@ -259,6 +259,19 @@ def test_show_prints_the_transcript_or_everything_as_json(env, capsys):
     assert code == 1 and "no session 'wa:dm:nobody'" in err
 
 
+def test_show_names_the_session_as_the_logs_do(env, capsys):
+    """Logs carry a session's pseudonym, not its key (it holds a phone number): `show` says which it is."""
+    from shared.logs import pseudonym
+
+    Chats(env.settings()).say("wa", "5511", "hello")
+    expected = pseudonym(SECRETS["SECRET_KEY"], "wa:dm:5511")
+    assert len(expected) == 22 and "5511" not in expected
+    code, doc = run_json(capsys, "sessions", "show", "wa:dm:5511")
+    assert code == 0 and doc["log_pseudonym"] == expected
+    code, out, _ = run(capsys, "sessions", "show", "wa:dm:5511")
+    assert code == 0 and f"in the logs as {expected}" in out
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # sessions new
 
@@ -385,6 +398,25 @@ def test_export_has_everything_of_the_user_and_nothing_of_others(env, capsys, tm
     target = tmp_path / "export.json"
     code, _, err = run(capsys, "sessions", "export", "--user", "5511", "--output", str(target))
     assert code == 0 and json.loads(target.read_text())["user_id"] == "5511" and "2 session(s)" in err
+
+
+def test_a_percent_or_underscore_in_a_user_id_matches_only_itself(env, capsys):
+    """The search of dead letters and waiting messages by user id is a LIKE: `%` and `_` are escaped."""
+    from shared.admin import _mentioning
+
+    chats = Chats(env.settings())
+    senders = ["55_1", "5591", "55%", "55123"]
+    with transaction(env.url) as s:
+        for n, sender in enumerate(senders):
+            m = chats.message("wa", sender, f"message {n}", chat="grp9", kind=GROUP)
+            s.add(DeadLetter(channel_id="wa", session_key=m.session_key, platform_message_id=m.platform_message_id,
+                             payload=json.dumps(m.to_dict()), error="boom", attempts=3, created_at=now()))
+    with transaction(env.url) as s:
+        for user in senders:
+            found = s.scalars(select(DeadLetter.payload).where(_mentioning(DeadLetter, [user]))).all()
+            assert [json.loads(p)["sender_id"] for p in found] == [user], user
+    code, out, _ = run(capsys, "sessions", "export", "--user", "55_1")
+    assert code == 0 and [d["message"]["sender_id"] for d in json.loads(out)["group_dead_letters"]] == ["55_1"]
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -146,3 +146,16 @@ def test_a_sender_paused_after_its_fencing_check_sends_nothing():
         assert server.requests == []
         fresh = sender.post(server.base + "/send", {"a": 2}, id_of, before_attempt=lambda: time.monotonic() + 30)
         assert fresh.ok and [r.body for r in server.requests] == [{"a": 2}]
+
+
+def test_a_retry_is_logged_with_the_host_only():
+    """The path of a send URL may hold a bot token (Telegram) or a chat id (Discord DMs): never logged."""
+    from structlog.testing import capture_logs
+
+    with StandIn(Reply(500, b"oops"), default=Reply(body={"id": "m"})) as server:
+        sender = HttpSender({})
+        no_sleep(sender)
+        with capture_logs() as logs:
+            assert sender.post(server.base + "/api/v10/channels/1290000000000000001/messages?wait=true", {}, id_of).ok
+    [retry] = [e for e in logs if e["event"] == "outbound.retry"]
+    assert retry["url"] == server.base and retry["error"] == "http 500: oops"

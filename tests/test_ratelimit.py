@@ -64,3 +64,13 @@ def test_redis_buckets_are_shared_and_all_or_nothing(redis_limiter):
     assert other_worker.try_take([account, chat_b]) == 0
     assert redis_limiter.try_take([account, chat_b]) == 0
     assert redis_limiter.try_take([account, chat_b]) > 0
+
+
+def test_peek_says_what_taking_would_without_taking(redis_limiter):
+    tag = uuid.uuid4().hex
+    for limiter, bucket in ((LocalLimiter(FakeClock()), Bucket("logins", 0.001, 2)),
+                            (redis_limiter, Bucket(f"logins{tag}", 0.001, 2))):
+        assert [limiter.peek([bucket]) for _ in range(5)] == [0] * 5  # nothing taken
+        assert limiter.try_take([bucket]) == 0 and limiter.try_take([bucket]) == 0
+        assert limiter.peek([bucket]) > 0  # empty now, and peeking says so
+        assert limiter.try_take([bucket]) > 0

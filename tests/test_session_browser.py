@@ -5,28 +5,37 @@ from __future__ import annotations
 
 import base64
 import itertools
+import os
+import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import structlog
 from structlog.testing import capture_logs
 
+from cli.stack import free_port
 from ingress.app import create_app
 from ingress.ledger import MemoryLedger
 from ingress.publisher import Publisher
 from shared.agents import load_agent
 from shared.config import Settings, load_settings
 from shared.db import engine_for
+from shared.logs import pseudonym
 from shared.messages import DM, GROUP, NEW_SESSION, InboundMessage
 from shared.migrate import upgrade
 from shared.store import Store
 from workers.testing import RecordingChannel
 from workers.turn import TurnRunner
 
-TOKEN = "admin-token-Jq84kLz0"
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "admin-token-Jq84kLz0-session-browser"
+REDIS_URL = os.environ.get("BROWSER_REDIS_URL", "redis://127.0.0.1:6379/10")  # unique keys per test; never flushed
 # Distinctive values, so a leak cannot hide behind a common word.
 SECRETS = {
     "SB_WA_APP_SECRET": "wa-app-secret-R7c2Vx", "SB_WA_VERIFY_TOKEN": "wa-verify-K9d1Qe",
@@ -172,6 +181,102 @@ def test_the_admin_token_is_read_once_into_settings_and_not_shown(tmp_path):
     assert settings_for(tmp_path, ADMIN_TOKEN="").admin_token is None
 
 
+def from_address(client: Any, path: str, address: str, headers: dict[str, str]) -> tuple[int, Any]:
+    with client.get(path, headers=headers, environ_base={"REMOTE_ADDR": address}) as r:
+        return r.status_code, r.headers
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["in-process", "redis"])
+def test_failed_logins_are_limited_per_client_address(tmp_path, events, shared):
+    """After FAILED_LOGINS wrong tokens an address gets 429 (with Retry-After), even with the right token; other
+    addresses, requests without credentials and successful logins are not affected. With REDIS_URL the count is
+    shared by every ingress process."""
+    from ingress.browser import FAILED_LOGIN_WINDOW_S, FAILED_LOGINS
+
+    settings = settings_for(tmp_path, ADMIN_TOKEN=TOKEN, **({"REDIS_URL": REDIS_URL} if shared else {}))
+    seed(settings)
+    one, other = app_for(settings), app_for(settings) if shared else None
+    attacker, lead, browser = (f"10.{n}.{uuid.uuid4().int % 250}.{uuid.uuid4().int % 250}" for n in range(3))
+    for _ in range(FAILED_LOGINS + 2):  # a lead at work, and a browser's first requests (no credentials)
+        assert from_address(one, "/admin/", lead, bearer())[0] == 200
+        assert from_address(one, "/admin/", browser, {})[0] == 401
+    for n in range(FAILED_LOGINS):
+        assert from_address(other or one, "/admin/", attacker, basic("x", f"guess-{n}"))[0] == 401
+    status, headers = from_address(one, "/admin/", attacker, basic("x", "one more"))
+    assert status == 429 and 1 <= int(headers["Retry-After"]) <= FAILED_LOGIN_WINDOW_S
+    assert headers["Cache-Control"] == "no-store"
+    assert from_address(one, f"/admin/sessions/wa:dm:{ANA}", attacker, bearer())[0] == 429  # even the right token
+    assert from_address(one, "/admin/", lead, bearer())[0] == 200
+    assert from_address(one, "/admin/", browser, bearer())[0] == 200
+    limited = [e for e in events if e["event"] == "browser.login_limited"]
+    assert len(limited) == 2 and {e["remote"] for e in limited} == {attacker}
+    assert sum(e["event"] == "browser.denied" and e["remote"] == attacker for e in events) == FAILED_LOGINS
+
+
+def test_views_are_logged_with_the_session_key_and_searched_id_only_where_they_are_pseudonymized(admin, events):
+    """A transcript's path holds its session key, a search's query the user id: log lines name the page by its route
+    and carry those as `session_key` and `user` only, fields shared/logs.py replaces by their pseudonyms."""
+    from shared.logs import PERSONAL_IDS
+
+    assert get(admin, f"/admin/sessions/wa:dm:{ANA}", bearer())[0] == 200
+    assert get(admin, f"/admin/users?user={ANA}%20", bearer())[0] == 200
+    assert get(admin, f"/admin/sessions/wa:dm:{ANA}?page=2", bearer("wrong"))[0] == 401
+    assert get(admin, "/admin/users?user=" + ANA * 20, bearer())[0] == 400
+    logged = [e for e in events if e["event"].startswith("browser.") or e["event"] == "ingress.rejected"]
+    assert [e["event"] for e in logged] == ["browser.viewed", "browser.viewed", "browser.denied", "browser.viewed",
+                                           "ingress.rejected"]
+    for line in logged:
+        assert ANA not in repr({k: v for k, v in line.items() if k not in PERSONAL_IDS}), line
+    transcript, search, denied = logged[:3]
+    assert transcript["page"] == "/admin/sessions/<path:key>" and transcript["session_key"] == f"wa:dm:{ANA}"
+    assert search["page"] == "/admin/users" and search["user"] == ANA
+    assert denied["session_key"] == f"wa:dm:{ANA}" and denied["query"] == {"page": "2"}
+
+
+def test_hsts_over_tls_only(admin):
+    with admin.get("/admin/", headers=bearer(), base_url="https://admin.example") as r:
+        assert r.status_code == 200 and r.headers["Strict-Transport-Security"] == "max-age=31536000"
+    with admin.get("/admin/", base_url="https://admin.example") as r:
+        assert r.status_code == 401 and "Strict-Transport-Security" in r.headers
+    with admin.get("/admin/", headers=bearer()) as r:
+        assert r.status_code == 200 and "Strict-Transport-Security" not in r.headers
+
+
+def test_the_console_on_its_own_address(tmp_path):
+    """ADMIN_BIND: `chatsessions admin` serves the browser there (gunicorn, only the browser), the ingress has no
+    /admin at all."""
+    port = free_port()
+    env = {"ADMIN_TOKEN": TOKEN, "ADMIN_BIND": f"127.0.0.1:{port}"}
+    settings = settings_for(tmp_path, **env)
+    seed(settings)
+    ingress = app_for(settings)
+    for path in PAGES:
+        assert get(ingress, path, bearer())[0] == 404
+    full = {**os.environ, **SECRETS, **env, "CHATSESSIONS_CONFIG": str(settings.config_path),
+            "DATABASE_URL": settings.database_url, "BROKER_URL": "memory://localhost/"}
+    console = subprocess.Popen([sys.executable, "-m", "cli", "admin"], env=full, cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                first = requests.get(f"{base}/", headers=bearer(), timeout=15)
+                break
+            except requests.ConnectionError:
+                assert console.poll() is None and time.monotonic() < deadline, "chatsessions admin did not start"
+                time.sleep(0.1)
+        assert first.status_code == 200 and "<h1>Channels</h1>" in first.text  # / leads to /admin/
+        assert requests.get(f"{base}/admin/sessions/wa:dm:{ANA}", headers=bearer(), timeout=5).status_code == 200
+        assert requests.get(f"{base}/admin/", timeout=5).status_code == 401
+        assert requests.post(f"{base}/webhooks/wa", timeout=5).status_code == 404  # nothing but the browser
+    finally:
+        console.terminate()
+        output = console.communicate(timeout=30)[0]
+    assert f"Listening at: {base}" in output and "browser.viewed" in output
+    assert ANA not in output  # its transcript was viewed: the log line has the session's pseudonym
+
+
 # -- what the pages show ---------------------------------------------------------------------------------------------
 
 def test_channels_and_recent_sessions(admin):
@@ -199,9 +304,11 @@ def test_sessions_are_paged_and_filtered(admin, monkeypatch):
     assert get(admin, "/admin/sessions?channel=nope", bearer())[0] == 404
 
 
-def test_transcript_shows_generations_events_and_escapes_text(admin):
+def test_transcript_shows_generations_events_and_escapes_text(admin, tmp_path):
     status, html, _ = get(admin, f"/admin/sessions/wa:dm:{ANA}", bearer())
     assert status == 200
+    in_logs = pseudonym(settings_for(tmp_path).secret_key, f"wa:dm:{ANA}")  # what to grep the logs for
+    assert f'<dt>In the logs</dt><dd><code class="pseudonym">{in_logs}</code></dd>' in html
     assert "Generation 1" in html and "Generation 2 (current)" in html
     g1, g2 = html.split('id="g1"')[1].split('id="g2"')
     assert "created" in g1 and "my name is Ana &lt;script&gt;alert(1)&lt;/script&gt;" in g1

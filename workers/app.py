@@ -22,11 +22,12 @@ from shared.queueing import (
     MARK_DORMANT,
     SWEEP,
     make_celery,
+    shown_as,
 )
 from workers.runtime import runner
 
 settings = get_settings()
-configure_logging(settings.log_format, settings.log_level)
+configure_logging(settings)
 app = make_celery(settings)
 log = structlog.get_logger(__name__)
 
@@ -64,7 +65,7 @@ def sweep() -> int:
     for sid, (key, force) in found.items():
         partition = partition_of(key, settings.partitions)
         app.send_task(DRAIN_SESSION, args=[sid, key, force], queue=queue_name(partition),
-                      shadow=f"{DRAIN_SESSION}[p{partition} {key}]")
+                      **shown_as(settings, DRAIN_SESSION, key))
     if found:
         log.warning("sweep.stalled_sessions", count=len(found), forced=sum(f for _, f in found.values()))
     return len(found)

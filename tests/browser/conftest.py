@@ -39,7 +39,7 @@ CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--disable-dev-shm-usage", "--window-size=1100,800"]
 REDIS_URL = os.environ.get("BROWSER_REDIS_URL", "redis://127.0.0.1:6379/10")
-ADMIN_TOKEN = "browser-admin-token-4Fq9Lw"
+ADMIN_TOKEN = "browser-admin-token-4Fq9Lw-session-browser"
 WEB = "web"  # the web chat channel (demo Agent)
 WEB_TITLE = "Acme support"
 EMBED = "web-embed"  # a web chat channel that another site (http://localhost:<any port>) may show in an iframe

@@ -20,7 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .harness import FaultStack
+from shared.logs import pseudonym
+
+from .harness import SECRETS, FaultStack
 from .traffic import Sent, Traffic
 
 REPLY = re.compile(r"^echo: (?P<text>(?P<label>[\w-]+)#(?P<i>\d+)(?: slow)?)$")
@@ -203,7 +205,8 @@ def check(stack: FaultStack, traffic: Traffic, fault: str, fault_end: float | No
 def collect_evidence(stack: FaultStack, report: Report, sent: list[Sent], lines: int = 12) -> None:
     """The log lines of every process that mention these messages' platform ids (the failure's evidence)."""
     for s in sent:
-        found = stack.grep(f'"{s.platform_message_id}"', workers_only=False)
+        logged_as = pseudonym(SECRETS["SECRET_KEY"], s.platform_message_id)  # as the log lines name it at INFO
+        found = stack.grep(f'"{logged_as}"', workers_only=False)
         report.evidence[s.text] = found[:lines] or [f"(no log line mentions {s.platform_message_id})"]
 
 

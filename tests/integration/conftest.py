@@ -45,6 +45,7 @@ from cli.standins.payloads import (
     whatsapp_text,
 )
 from cli.standins.platforms import StandInPlatforms
+from shared.logs import pseudonym
 from shared.partitioning import partition_of
 
 REPO = Path(__file__).resolve().parents[2]
@@ -531,13 +532,16 @@ def _wait_consuming(stack: Stack) -> None:
         stack.whatsapp(WA_ECHO, phone, "warm-up")
     for phone in phones.values():
         stack.wait_replies(WA_ECHO, phone, 1, timeout=START_TIMEOUT)
-    # The partition split is real: each pool's log names only the session keys of its own partitions.
+    # The partition split is real: each pool's log names only the sessions of its own partitions (by the pseudonym
+    # of their key, as every log line does at INFO).
     logs = {p.name: p for p in stack.procs}
     for pool, phone in phones.items():
         other = "worker-b" if pool == "worker-a" else "worker-a"
         key = session_key(WA_ECHO, "dm", phone)
-        stack.wait_until(lambda key=key, pool=pool: key in logs[pool].log(), 15, f"{pool}'s log to mention {key}")
-        if key in logs[other].log():
+        named = pseudonym(SECRETS["SECRET_KEY"], key)
+        stack.wait_until(lambda named=named, pool=pool: named in logs[pool].log(), 15,
+                         f"{pool}'s log to mention {key} ({named})")
+        if named in logs[other].log():
             stack.fail(f"{key} (partition {partition_of(key, PARTITIONS)}) was handled by {other}")
 
 

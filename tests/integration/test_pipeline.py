@@ -561,3 +561,39 @@ def test_whatsapp_rate_limit_reported_as_400_is_retried(stack):
     assert stack.wait_replies(WA_ECHO, phone, 1) == ["echo: slow down"]
     row = _delivery(stack, key, "echo: slow down")
     assert row["delivery_status"] == "sent" and row["delivery_attempts"] == 2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Personal data in the logs
+
+
+def test_no_phone_number_or_message_text_in_any_process_log(stack):
+    """At INFO every process logs a session by its pseudonym: the ingress, the turn, Celery's own task lines (the
+    task is named by it), and a platform's refusal that echoes the phone number is logged as status and code."""
+    import json
+
+    from integration.conftest import PARTITIONS, SECRETS
+    from shared.logs import pseudonym
+    from shared.partitioning import partition_of
+
+    phone = "5591900000001"
+    key = session_key(WA_ECHO, "dm", phone)
+    stack.standin.fail_next(400, {"error": {"message": f"(#130429) Rate limit hit sending to {phone}",
+                                            "type": "OAuthException", "code": 130429, "fbtrace_id": "AbCdEf"}})
+    stack.whatsapp(WA_ECHO, phone, "private words 9931")
+    assert stack.wait_replies(WA_ECHO, phone, 1) == ["echo: private words 9931"]
+    session = pseudonym(SECRETS["SECRET_KEY"], key)
+    task = f"chat.handle_inbound[p{partition_of(key, PARTITIONS)} {session} #1]"
+
+    def lines() -> list[dict]:
+        return [json.loads(line) for p in stack.procs for line in p.log().splitlines() if line.startswith("{")]
+
+    stack.wait_until(lambda: any(task in e["event"] and "succeeded" in e["event"] for e in lines()), 15,
+                     "the worker's 'Task ... succeeded' line")
+    assert [p.name for p in stack.procs if phone in p.log() or "private words 9931" in p.log()] == []
+    events = lines()
+    assert any(e["event"] == "ingress.enqueued" and e["session_key"] == session for e in events)
+    assert any(e["event"] == "turn.reply_sent" and e.get("session_key") == session for e in events)
+    assert any(e["event"].startswith(f"Task {task}[") and e["event"].endswith("received") for e in events)
+    [retry] = [e for e in events if e["event"] == "outbound.retry" and e.get("session_key") == session]
+    assert retry["error"].startswith("http 400: [body redacted, ") and retry["error"].endswith("; code=130429]")
