@@ -64,9 +64,13 @@ def cmd_ingress(args: argparse.Namespace) -> int:
                   "--worker-class", "gthread", "--threads", str(args.threads), "--graceful-timeout", "20",
                   # gunicorn's admin socket is one path per user: a second ingress on the host would take it.
                   "--no-control-socket",
-                  # The scheme headers only from TRUSTED_PROXIES (gunicorn's own default trusts 127.0.0.1).
-                  "--forwarded-allow-ips", ",".join(str(n) for n in settings.trusted_proxies),
+                  *_forwarded_allow_ips(settings),
                   "--access-logfile", "-" if args.access_log else "/dev/null"])
+
+
+def _forwarded_allow_ips(settings) -> list[str]:
+    """gunicorn believes the scheme headers only from TRUSTED_PROXIES (its own default trusts 127.0.0.1)."""
+    return ["--forwarded-allow-ips", ",".join(str(n) for n in settings.trusted_proxies)]
 
 
 def cmd_admin(args: argparse.Namespace) -> int:
@@ -78,7 +82,8 @@ def cmd_admin(args: argparse.Namespace) -> int:
     bind = args.bind or settings.admin_bind or ADMIN_BIND_DEFAULT
     # A few support leads: one process. No access log: its URLs hold session keys and searched user ids.
     return _exec(["gunicorn", "ingress.admin_wsgi:app", "--bind", bind, "--workers", "1", "--worker-class", "gthread",
-                  "--threads", str(args.threads), "--no-control-socket", "--access-logfile", "/dev/null"])
+                  "--threads", str(args.threads), "--no-control-socket", *_forwarded_allow_ips(settings),
+                  "--access-logfile", "/dev/null"])
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

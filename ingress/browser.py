@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 from flask import Blueprint, Flask, Response, abort, redirect, render_template, request, url_for
 
+from ingress.proxies import TrustedProxies
 from shared.admin import export_user, find_sessions, get_session
 from shared.channels.base import same_secret
 from shared.config import Settings
@@ -204,6 +205,7 @@ def create_app(settings: Settings) -> Flask:
     """The session browser alone, for its own address (`chatsessions admin`, ADMIN_BIND): a port only the support
     leads' network reaches, while the public ingress has no /admin at all."""
     app = Flask("chatsessions.admin")
+    app.wsgi_app = TrustedProxies(app.wsgi_app, settings.trusted_proxies)  # the lead's address (login limit), TLS
     app.register_blueprint(blueprint(settings))
     app.add_url_rule("/", "home", lambda: redirect(url_for("browser.index")))
     return app

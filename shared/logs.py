@@ -97,10 +97,10 @@ def configure_logging(settings: Settings) -> None:
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _redact_text,
-        _pseudonymize(settings.secret_key),
-        _redact_bodies,
     ]
+    # Personal data is taken out where every line is written (structlog's and the libraries' alike), by the handler
+    # this call installs: loggers cached under an earlier configuration write through it too.
+    private = [_redact_text, _pseudonymize(settings.secret_key), _redact_bodies]
     if settings.log_format == "json":
         rendering = [structlog.processors.JSONRenderer()]  # JSON escapes control characters itself
     else:
@@ -114,7 +114,7 @@ def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared_processors,
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *private,
                     structlog.processors.format_exc_info, *rendering],
     ))
     root = logging.getLogger()

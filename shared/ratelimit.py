@@ -53,8 +53,10 @@ class Limiter(Protocol):
         """What try_take would return, taking nothing: a check made before the thing that counts."""
 
 
-# All buckets or none, atomically, on Redis' clock (so workers on several hosts agree).
+# All buckets or none, atomically, on Redis' clock (so workers on several hosts agree). With a last argument "peek",
+# only the wait is answered, nothing is taken.
 _TAKE = """
+local peek = ARGV[2 * #KEYS + 1] == 'peek'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local wait, worst, tokens = 0, 0, {}
@@ -65,7 +67,7 @@ for i, key in ipairs(KEYS) do
   tokens[i] = have
   if have < 1 and (1 - have) / rate > wait then wait, worst = (1 - have) / rate, i end
 end
-if wait > 0 then return {tostring(wait), worst} end
+if wait > 0 or peek then return {tostring(wait), worst} end
 for i, key in ipairs(KEYS) do
   local rate, burst = tonumber(ARGV[2*i-1]), tonumber(ARGV[2*i])
   redis.call('HSET', key, 'tokens', tokens[i] - 1, 'ts', now)
@@ -75,38 +77,22 @@ return {'0', 0}
 """
 
 
-# The wait _TAKE would answer, changing nothing.
-_PEEK = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local wait = 0
-for i, key in ipairs(KEYS) do
-  local rate, burst = tonumber(ARGV[2*i-1]), tonumber(ARGV[2*i])
-  local s = redis.call('HMGET', key, 'tokens', 'ts')
-  local have = math.min(burst, (tonumber(s[1]) or burst) + (now - (tonumber(s[2]) or now)) * rate)
-  if have < 1 then wait = math.max(wait, (1 - have) / rate) end
-end
-return tostring(wait)
-"""
-
 
 class RedisLimiter:
     def __init__(self, url: str):
         self.redis = redis_client(url, socket_timeout=2, socket_connect_timeout=2)
         self.script = self.redis.register_script(_TAKE)
-        self.peek_script = self.redis.register_script(_PEEK)
 
     def peek(self, buckets: list[Bucket]) -> float:
-        args = [v for b in buckets for v in (b.per_s, b.burst)]
-        return float(self.peek_script(keys=[b.key for b in buckets], args=args))
+        return self.take(buckets, peek=True)[0]
 
     def try_take(self, buckets: list[Bucket]) -> float:
         return self.take(buckets)[0]
 
-    def take(self, buckets: list[Bucket]) -> tuple[float, Bucket | None]:
+    def take(self, buckets: list[Bucket], peek: bool = False) -> tuple[float, Bucket | None]:
         """try_take, and the bucket that made the caller wait longest (None when it need not wait): which limit
-        a refusal was for."""
-        args = [v for b in buckets for v in (b.per_s, b.burst)]
+        a refusal was for. `peek`: the same answer, taking nothing."""
+        args = [v for b in buckets for v in (b.per_s, b.burst)] + (["peek"] if peek else [])
         wait, worst = self.script(keys=[b.key for b in buckets], args=args)
         return float(wait), buckets[int(worst) - 1] if int(worst) else None
 
@@ -120,18 +106,12 @@ class LocalLimiter:
         self.state: dict[str, tuple[float, float]] = {}
 
     def peek(self, buckets: list[Bucket]) -> float:
-        with self.lock:
-            now = self.clock()
-            return max((max(0.0, 1 - self._have(b, now)) / b.per_s for b in buckets), default=0.0)
-
-    def _have(self, b: Bucket, now: float) -> float:
-        tokens, ts = self.state.get(b.key, (b.burst, now))
-        return min(b.burst, tokens + (now - ts) * b.per_s)
+        return self.take(buckets, peek=True)[0]
 
     def try_take(self, buckets: list[Bucket]) -> float:
         return self.take(buckets)[0]
 
-    def take(self, buckets: list[Bucket]) -> tuple[float, Bucket | None]:
+    def take(self, buckets: list[Bucket], peek: bool = False) -> tuple[float, Bucket | None]:
         with self.lock:
             now = self.clock()
             have = {}
@@ -140,7 +120,7 @@ class LocalLimiter:
                 have[b.key] = min(b.burst, tokens + (now - ts) * b.per_s)
             wait, worst = max((((1 - have[b.key]) / b.per_s, b) for b in buckets if have[b.key] < 1),
                               default=(0.0, None), key=lambda pair: pair[0])
-            if wait > 0:
+            if wait > 0 or peek:
                 return wait, worst
             for b in buckets:
                 self.state[b.key] = (have[b.key] - 1, now)

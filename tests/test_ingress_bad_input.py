@@ -778,7 +778,7 @@ def test_every_answer_good_or_bad_is_never_sniffed_nor_framed(stack):
 def test_the_session_browser_keeps_its_own_stricter_headers(tmp_path, logs):
     from ingress.browser import HEADERS
 
-    settings = settings_for(tmp_path, ADMIN_TOKEN="admin-token-Zq81Lx")
+    settings = settings_for(tmp_path, ADMIN_TOKEN="admin-token-Zq81Lx-0123456789abcdefghij")
     client = create_app(settings, CountingPublisher(settings, ledger=MemoryLedger())).test_client()
     for response in (client.get("/admin/"), client.get("/admin/", headers={"Authorization": "Bearer wrong"})):
         assert response.status_code == 401

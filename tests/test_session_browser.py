@@ -233,6 +233,27 @@ def test_views_are_logged_with_the_session_key_and_searched_id_only_where_they_a
     assert denied["session_key"] == f"wa:dm:{ANA}" and denied["query"] == {"page": "2"}
 
 
+def test_the_console_on_its_own_address_knows_the_client_behind_a_trusted_proxy(tmp_path):
+    """`chatsessions admin` behind a load balancer: the login limit counts the lead's address, not the proxy's,
+    and a request that reached the proxy over TLS gets HSTS."""
+    from ingress.browser import FAILED_LOGINS, create_app
+
+    settings = settings_for(tmp_path, ADMIN_TOKEN=TOKEN, TRUSTED_PROXIES="127.0.0.1")
+    seed(settings)
+    client = create_app(settings).test_client()
+
+    def via_proxy(client_address: str, headers: dict[str, str]) -> int:
+        forwarded = {"X-Forwarded-For": client_address, "X-Forwarded-Proto": "https", **headers}
+        with client.get("/admin/", headers=forwarded, environ_base={"REMOTE_ADDR": "127.0.0.1"}) as r:
+            assert "Strict-Transport-Security" in r.headers
+            return r.status_code
+
+    for n in range(FAILED_LOGINS):
+        assert via_proxy("203.0.113.7", basic("x", f"guess-{n}")) == 401
+    assert via_proxy("203.0.113.7", bearer()) == 429
+    assert via_proxy("198.51.100.2", bearer()) == 200  # another lead behind the same proxy
+
+
 def test_hsts_over_tls_only(admin):
     with admin.get("/admin/", headers=bearer(), base_url="https://admin.example") as r:
         assert r.status_code == 200 and r.headers["Strict-Transport-Security"] == "max-age=31536000"
