@@ -34,10 +34,11 @@ TEXT_LIMIT = 4096
 MEDIA_TYPES = ("image", "video", "audio", "document", "sticker")
 # Error codes WhatsApp may return with HTTP 400 that are really "slow down": throughput and pair rate limit.
 RATE_LIMIT_CODES = frozenset({130429, 131056})
-# Id formats: a user is their phone number (wa_id, digits); message ids ("wamid.…") and group ids are base64 text.
+# Id formats: a user is their phone number (wa_id, digits); message ids ("wamid.…") and group ids are base64 text
+# (Cloud API groups; "<digits>@g.us" where a provider passes WhatsApp's own group ids on).
 USER_ID = re.compile(r"[0-9]{1,20}")
 MESSAGE_ID = re.compile(r"[A-Za-z0-9._=+/-]{1,200}")
-GROUP_ID = re.compile(r"[A-Za-z0-9._=+/-]{1,100}")
+GROUP_ID = re.compile(r"[A-Za-z0-9._=+/@-]{1,100}")
 
 
 def _rate_limited(response: requests.Response) -> bool:
