@@ -38,7 +38,7 @@ agent = "demo"
 api_base = "{standin}/acme-whatsapp"
 secrets = {{ app_secret = "ACME_WA_APP_SECRET", verify_token = "ACME_WA_VERIFY_TOKEN", access_token = "ACME_WA_ACCESS_TOKEN" }}
 options = {{ phone_number_id = "{phone_id}", api_version = "v21.0" }}
-session = {{ group_reply = "always" }}  # WhatsApp groups cannot @mention the number (README, Session policies)
+session = {{ group_reply = "always" }}  # WhatsApp groups cannot @mention the number (docs/session-policies.md)
 
 [[channels]]
 id = "acme-telegram"

@@ -4,7 +4,7 @@ reply outside its window (the turn side, plain functions that workers/turn.py ca
 
 Every channel adapter derives its session key through `route` (one helper, no copies), so the ingress, the
 ops CLI and the tests agree on one format. The options come from `[channels.session]` and `[[identities]]`
-(shared/config.py); README "Session policies" says how a turn applies each of them.
+(shared/config.py); docs/session-policies.md says how a turn applies each of them.
 
 Session keys
 ------------

@@ -2,7 +2,7 @@
 page -> gunicorn ingress -> Redis partition queues -> worker pools -> PostgreSQL -> reply box -> page.
 
 Screenshots of both pages are written to a temporary directory, or to CHATSESSIONS_SCREENSHOTS (e.g. docs/img,
-for the README) when that is set.
+for docs/webchat.md) when that is set.
 """
 
 from __future__ import annotations

@@ -139,8 +139,8 @@ def kill_worker_scenario(stack: FaultStack, fault: str) -> None:
     notes.append(f"pool-a back {fault_end - killed_at:.1f}s after the kill")
 
     def in_duplicate_window(sent, arrivals: list[float]) -> bool:
-        """README: a reply is sent twice only if its worker died after the platform accepted it and before
-        delivery_status=sent was committed. So: two copies, the first before the kill, of a turn of pool-a."""
+        """docs/guarantees.md: a reply is sent twice only if its worker died after the platform accepted it and
+        before delivery_status=sent was committed. So: two copies, the first before the kill, of a turn of pool-a."""
         return len(arrivals) == 2 and arrivals[0] <= killed_at < arrivals[1] and \
             partition_of(sent.session.key, PARTITIONS) in parse_partitions("0-7")
 
@@ -148,8 +148,8 @@ def kill_worker_scenario(stack: FaultStack, fault: str) -> None:
     report.notes += notes
     report.problems += problems
     if report.dup_excused:
-        report.notes.append(f"{len(report.dup_excused)} replies sent twice in the README's duplicate window (*: sent "
-                            "by the killed worker, not yet marked sent)")
+        report.notes.append(f"{len(report.dup_excused)} replies sent twice in the duplicate window of "
+                            "docs/guarantees.md (*: sent by the killed worker, not yet marked sent)")
         if len(report.dup_excused) > stack.options.concurrency:
             report.problems.append(f"{len(report.dup_excused)} duplicates from one kill: more than the "
                                       f"{stack.options.concurrency} turns the worker could have had in flight")
@@ -233,8 +233,8 @@ def test_b_sigstop_past_lease_then_sigcont(make_stack, broker):
     paused_at, fault_end = pause_past_lease(stack, traffic)
 
     def in_duplicate_window(sent, arrivals: list[float]) -> bool:
-        """README: a reply goes out twice only if its sender stopped after the platform accepted it and before
-        delivery_status=sent was committed — here the pause: the first copy arrived before it, and the second
+        """docs/guarantees.md: a reply goes out twice only if its sender stopped after the platform accepted it and
+        before delivery_status=sent was committed — here the pause: the first copy arrived before it, and the second
         from the holder that took the session over once the lease had expired. A copy the paused holder sent
         AFTER the pause (past its fencing check) is never excused, nor any Discord duplicate: there the enforced
         nonce closes the window."""
@@ -244,8 +244,9 @@ def test_b_sigstop_past_lease_then_sigcont(make_stack, broker):
     report = finish(stack, traffic, "b. SIGSTOP past lease + SIGCONT" + LABEL[broker], fault_end,
                     excuse_dup=in_duplicate_window)
     if report.dup_excused:
-        report.notes.append(f"{len(report.dup_excused)} replies sent twice in the README's duplicate window (*: "
-                            "sent just before the pause, not yet marked sent; WhatsApp and Telegram only)")
+        report.notes.append(f"{len(report.dup_excused)} replies sent twice in the duplicate window of "
+                            "docs/guarantees.md (*: sent just before the pause, not yet marked sent; WhatsApp and "
+                            "Telegram only)")
     note_pause(stack, report, paused_at, fault_end)
     note_nonce_resends(stack, report)
     assert_clean(report)
@@ -256,8 +257,8 @@ DISCORD_ANSWER_DELAY_S = 0.5  # Discord creates the message, then answers this m
 
 def test_b_discord_sigstop_mid_send_no_duplicate(make_stack):
     """(b) on Discord alone, with Discord slow to answer: the pause lands while pool-a's creates are accepted but
-    unanswered (the README's duplicate window, made wide), so its successors resend those replies. The enforced
-    nonce must make every resend return the first message: 0 duplicates, not 0+N*; and at least one resend must
+    unanswered (the duplicate window of docs/guarantees.md, made wide), so its successors resend those replies. The
+    enforced nonce must make every resend return the first message: 0 duplicates, not 0+N*; and at least one resend must
     have happened, or the window was not exercised."""
     stack = make_stack("b-discord-nonce", pools={"pool-a": "0-15", "pool-b": "0-15"})
     stack.standin.delay_answers(DC, DISCORD_ANSWER_DELAY_S)
