@@ -100,7 +100,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise ConfigError(str(exc)) from None
     queues = [queue_name(p) for p in partitions] + ([] if args.no_maintenance else [MAINTENANCE_QUEUE])
     name = args.name or f"pool-{args.partitions.replace(',', '_')}@%h"
-    return _exec(["celery", "-A", "workers.app", "worker", "-E", "-P", "threads",
+    return _exec(["celery", "-A", "workers.app", "worker", *(["-E"] if args.events else []), "-P", "threads",
                   "-c", str(args.concurrency or settings.worker_concurrency), "-Q", ",".join(queues),
                   "-n", name, "--without-mingle", "--without-gossip", "-l", args.loglevel])
 
@@ -261,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--name", help="Celery node name (default pool-<partitions>@host)")
     worker.add_argument("--no-maintenance", action="store_true", help="do not also consume the maintenance queue")
     worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--events", action="store_true",
+                        help="send task events from the start (Flower turns them on by itself while it runs)")
     worker.set_defaults(fn=cmd_worker)
 
     beat = sub.add_parser("beat", help="run the periodic scheduler (exactly one per deployment)")

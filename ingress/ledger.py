@@ -10,9 +10,8 @@ import threading
 from typing import Protocol
 
 from shared.errors import ChatSessionsError
-from shared.messages import REPLAY_WINDOW_S
+from shared.messages import REPLAY_WINDOW_S, SEQ_TTL_S
 from shared.redis_client import redis_client
-from shared.store import SEQ_TTL_S
 
 DEDUPE_TTL_S = REPLAY_WINDOW_S  # parsers refuse messages older than this, so every accepted copy is still known here
 PENDING_TTL_S = 30  # a claim whose publish never confirmed (the ingress died, Redis went away) lapses

@@ -1,4 +1,9 @@
-"""Normalized messages -> partition queues. 2xx only after the broker accepted every message."""
+"""Normalized messages -> partition queues. 2xx only after the broker accepted every message.
+
+With one Redis as broker and ledger (the default), each message is deduped, numbered and enqueued by one script
+(ingress/redis_enqueue.py). Otherwise (RabbitMQ, a separate ledger Redis, the embedded process): a two-phase claim
+in the ledger, the number, Celery's `send_task`, then the claim confirmed.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import time
 import structlog
 from celery import Celery
 
+from ingress import redis_enqueue
 from ingress.ledger import InFlight, Ledger, MemoryLedger, RedisLedger
 from shared.config import Settings
 from shared.errors import EnqueueFailed
@@ -21,6 +27,7 @@ class Publisher:
     def __init__(self, settings: Settings, app: Celery | None = None, ledger: Ledger | None = None):
         self.settings = settings
         self.app = app or make_celery(settings)
+        self.direct = redis_enqueue.RedisEnqueue(settings) if ledger is None and redis_enqueue.usable(settings) else None
         if ledger is None:
             ledger = RedisLedger(settings.redis_url) if settings.redis_url else MemoryLedger()
         self.ledger = ledger
@@ -32,6 +39,8 @@ class Publisher:
         message are released so the platform's retry is not mistaken for a duplicate.
         `dedupe=False` is for operators replaying a dead letter (its id was seen before).
         """
+        if self.direct is not None:
+            return sum(self._enqueue_directly(message, dedupe) for message in messages)
         enqueued = 0
         for message in messages:
             try:
@@ -56,6 +65,26 @@ class Publisher:
             enqueued += 1
         return enqueued
 
+    def _enqueue_directly(self, message: InboundMessage, dedupe: bool) -> bool:
+        """One script, one round trip: it did everything or nothing. A lost answer (the connection broke) is a 503;
+        the platform's retry then finds the id seen if the script ran, or runs it."""
+        try:
+            seq = self.direct.enqueue(message, time.time(), dedupe)
+        except redis_enqueue.Duplicate:
+            log.info("ingress.duplicate", channel=message.channel_id, platform_message_id=message.platform_message_id)
+            return False
+        except redis_enqueue.InFlight:
+            raise EnqueueFailed("another copy of this message is being enqueued") from None
+        except Exception as exc:
+            raise EnqueueFailed(f"broker unreachable: {exc.__class__.__name__}") from exc
+        self._enqueued(message, seq)
+        return True
+
+    def _enqueued(self, message: InboundMessage, seq: int) -> None:
+        log.debug("ingress.enqueued", channel=message.channel_id, session_key=message.session_key,
+                  partition=partition_of(message.session_key, self.settings.partitions), seq=seq,
+                  platform_message_id=message.platform_message_id)
+
     def _undo(self, message: InboundMessage, seq: int | None) -> None:
         """After a failed publish: forget the message (the platform retries it) and its number."""
         try:
@@ -75,17 +104,13 @@ class Publisher:
             # Flower shows which session (by its log pseudonym) and partition a task belongs to.
             **shown_as(self.settings, HANDLE_INBOUND, stamped.session_key, stamped.seq),
         )
-        log.info(
-            "ingress.enqueued",
-            channel=stamped.channel_id,
-            session_key=stamped.session_key,
-            partition=partition,
-            seq=stamped.seq,
-            platform_message_id=stamped.platform_message_id,
-        )
+        self._enqueued(stamped, stamped.seq)
 
     def ready(self) -> None:
         """Raise unless both the ledger and the broker answer (for /readyz)."""
+        if self.direct is not None:
+            self.direct.ready()
+            return
         self.ledger.ping()
         with self.app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)

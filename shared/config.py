@@ -273,6 +273,8 @@ class Settings:
     broker_queue_type: str = "classic"  # BROKER_QUEUE_TYPE: classic | quorum (RabbitMQ quorum queues; amqp:// only)
     redis_sentinel_master: str | None = None  # REDIS_SENTINEL_MASTER: the master of sentinel:// URLs (docs/scaling.md)
     # SECRET_KEY: keys the pseudonyms of personal ids in logs and signs web chat visitor ids (shared/signing.py)
+    # LOG_TASK_LINES: Celery's own "Task ... received" / "succeeded" INFO lines, two per message (off: the turn's line)
+    log_task_lines: bool = False
     secret_key: str = field(default="", repr=False)
     # TRUSTED_PROXIES: the reverse proxies whose X-Forwarded-For/-Proto the ingress believes (ingress/proxies.py)
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
@@ -354,15 +356,19 @@ def _trusted_proxies(env: Mapping[str, str]) -> tuple[ipaddress.IPv4Network | ip
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw not in _TRUE + _FALSE:
+        raise ConfigError(f"{name} must be true or false, got {env.get(name)!r}")
+    return raw in _TRUE
+
+
 def _secure_cookies(env: Mapping[str, str], embedded: bool) -> bool:
     """SECURE_COOKIES: true unless set false. `chatsessions run` (embedded) defaults to false: it serves plain
     http on one's own machine, where some browsers refuse Secure cookies."""
-    raw = (env.get("SECURE_COOKIES") or "").strip().lower()
-    if not raw:
-        return not embedded
-    if raw not in _TRUE + _FALSE:
-        raise ConfigError(f"SECURE_COOKIES must be true or false, got {env.get('SECURE_COOKIES')!r}")
-    return raw in _TRUE
+    return _flag(env, "SECURE_COOKIES", not embedded)
 
 
 BROKER_QUEUE_TYPES = ("classic", "quorum")
@@ -518,6 +524,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         worker_concurrency=_number(env, "WORKER_CONCURRENCY", 16, int),
         log_format=log_format,
         log_level=(env.get("LOG_LEVEL") or "INFO").upper(),
+        log_task_lines=_flag(env, "LOG_TASK_LINES", False),
         config_path=path,
         channels=channels,
         admin_token=admin_token,

@@ -120,5 +120,8 @@ def configure_logging(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
-    for noisy in ("urllib3", "werkzeug", "websockets"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    noisy = ["urllib3", "werkzeug", "websockets"]
+    if not settings.log_task_lines:  # two lines per message; the turn logs its own
+        noisy += ["celery.worker.strategy", "celery.app.trace"]
+    for name in noisy:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

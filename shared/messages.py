@@ -16,6 +16,9 @@ NEW_SESSION = "new"
 # this is a captured webhook sent again, not a retry: it is refused, so it cannot bring back a conversation that was
 # erased or purged meanwhile (whose ids the database no longer holds).
 REPLAY_WINDOW_S = 7 * 24 * 3600
+# The ingress's per-session sequence counters (`seq:<key>` in Redis) expire this long after their last number, so
+# Redis keeps nothing of sessions that ended; shared/store.py starts a session's order over when one comes back.
+SEQ_TTL_S = 30 * 24 * 3600
 
 # The longest value each field may hold: the sizes of the columns they are stored in (shared/models.py). Adapters
 # check each platform's id format; this is the last guard, so no message can fail in the store for its size.

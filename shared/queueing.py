@@ -38,7 +38,7 @@ def task_queues(settings: Settings) -> list[Queue]:
     return [Queue(n) for n in names]
 
 
-def shown_as(settings: Settings, task: str, session_key: str, seq: int | None = None) -> dict[str, str]:
+def shown_as(settings: Settings, task: str, session_key: str, seq: int | str | None = None) -> dict[str, str]:
     """send_task options naming a session's task in Flower and in the workers' "Task ... received" lines: its
     partition and the session's log pseudonym (the key holds a phone number); never the arguments, the message
     itself, which Celery would show otherwise."""
@@ -63,8 +63,10 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         worker_concurrency=settings.worker_concurrency,
         worker_hijack_root_logger=False,
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        # Task events cost three more publishes per task (and a "sent" event one per webhook): off unless asked
+        # (`chatsessions worker --events`). Flower turns them on by itself while it runs (its enable_events).
+        worker_send_task_events=False,
+        task_send_sent_event=False,
         broker_connection_retry_on_startup=True,
         # A redelivery must mean a dead worker, not a slow one: longer than the lease.
         broker_transport_options={

@@ -55,7 +55,7 @@ from sqlalchemy.exc import IntegrityError
 from shared.config import ChannelConfig
 from shared.db import DB_UNAVAILABLE, engine_for, run_statement, run_transaction, transaction
 from shared.errors import ChatSessionsError, LeaseLost  # noqa: F401 - LeaseLost is part of the store's surface
-from shared.messages import Delivery, InboundMessage
+from shared.messages import SEQ_TTL_S, Delivery, InboundMessage
 from shared.models import (
     ACTIVE,
     CREATED,
@@ -85,7 +85,6 @@ log = structlog.get_logger(__name__)
 # than SEQ_RESTART_IDLE_S with nothing waiting — and starts the session's order over (last_seq 0), so the restarted
 # numbers are ordered like any others. Half the TTL: a counter expires only SEQ_TTL_S after its last number, and
 # the session's last activity is that number's turn, committed well within the other half (15 days) of it.
-SEQ_TTL_S = 30 * 24 * 3600
 SEQ_RESTART_IDLE_S = SEQ_TTL_S // 2
 
 

@@ -573,17 +573,14 @@ def test_discord_ping_is_answered_and_not_enqueued(stack):
 # -- valid messages: exactly one enqueued, redeliveries deduplicated -----------------------------------------------------
 
 def test_valid_whatsapp_message_enqueues_exactly_one(stack):
-    from shared.logs import pseudonym  # the logs name sessions and messages by it
-
     response = post_wa(stack, wa_body())
     assert response.status_code == 200 and response.data == b"ok\n"
     assert stack.enqueued() == 1
-    [line] = stack.logs.named("ingress.enqueued")
-    key = stack.publisher.settings.secret_key
-    assert line["session_key"] == pseudonym(key, f"{WA}:dm:5511987650001") and line["seq"] == 1
+    assert stack.logs.named("ingress.enqueued") == []  # an accepted webhook costs no INFO line (DEBUG has one)
     [task] = drain(stack.publisher)
     message = InboundMessage.from_dict(task)
     assert (message.channel_id, message.platform_message_id) == (WA, "wamid.BAD-INPUT-1")
+    assert message.session_key == f"{WA}:dm:5511987650001" and message.seq == 1
     assert message.text == "Hi, my order 48213 has not arrived"
 
 
@@ -611,7 +608,6 @@ def test_the_same_whatsapp_message_twice_enqueues_one(stack):
     assert post_wa(stack, body).status_code == 200
     assert post_wa(stack, body).status_code == 200  # Meta's redelivery: still 200, or Meta keeps retrying
     assert stack.enqueued() == 1
-    assert len(stack.logs.named("ingress.enqueued")) == 1
     [duplicate] = stack.logs.named("ingress.duplicate")
     assert duplicate["platform_message_id"] == pseudonym(stack.publisher.settings.secret_key, "wamid.BAD-INPUT-1")
 
@@ -802,7 +798,6 @@ def test_message_text_never_reaches_the_info_log(stack):
     assert post_dc(stack, dc_ask_body(question=PRIVATE_TEXT), timestamp=int(time.time()) - 600).status_code == 401
     assert stack.enqueued() == 3
     stack.logs.read()
-    assert len(stack.logs.named("ingress.enqueued")) == 3
     assert "private-marker-Ux83" not in stack.logs.text
     assert "4111" not in stack.logs.text
 

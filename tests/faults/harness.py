@@ -245,6 +245,7 @@ class FaultStack:
             VISIBILITY_TIMEOUT=str(VISIBILITY_TIMEOUT),
             SWEEP_SECONDS="1",
             LOG_FORMAT="json",
+            LOG_TASK_LINES="true",  # (b) counts the turns in flight at the pause from Celery's task lines
             PYTHONUNBUFFERED="1",
             PYTHONPATH=str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""),
             PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
