@@ -63,6 +63,7 @@ _PERSON_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _TEMPLATE_NAME = re.compile(r"[a-z0-9_]{1,512}")
 _LANGUAGE_CODE = re.compile(r"[a-z]{2,3}(_[A-Za-z]{2,4})?")
 _WHATSAPP_ONLY = ("window_hours", "window_template", "window_template_language")
+TELEGRAM_SECRET_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")  # what setWebhook accepts as secret_token
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,8 @@ class ChannelConfig:
     agent_options: Mapping[str, Any] = field(default_factory=dict)  # keyword arguments for the Agent's class
     # [[identities]] of this channel's platform: user id -> person (shared/policies.py derives keys from it)
     people: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # secrets.<name> -> the environment variable that holds it: what messages name instead of a value
+    secret_env: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -433,14 +436,22 @@ def _channel(raw: dict[str, Any], env: Mapping[str, str], path: Path) -> Channel
     spec = PLATFORMS[platform]
     secret_env = raw.get("secrets", {})
     secrets: dict[str, str] = {}
+    unset: list[str] = []
     for name in spec["secrets"]:
         var = secret_env.get(name)
         if not var:
             raise ConfigError(f"{where}: secrets.{name} must name an environment variable")
         value = env.get(var)
         if not value:
-            raise ConfigError(f"{where}: environment variable {var} (secrets.{name}) is not set")
+            unset.append(f"{var} (secrets.{name})")
         secrets[name] = value
+    if unset:  # all of them at once: a new channel has several to set
+        raise ConfigError(f"{where}: environment variable{'s' if len(unset) > 1 else ''} {', '.join(unset)} "
+                          f"{'are' if len(unset) > 1 else 'is'} not set")
+    if platform == "telegram" and not TELEGRAM_SECRET_TOKEN.fullmatch(secrets["secret_token"]):
+        raise ConfigError(f"{where}: environment variable {secret_env['secret_token']} (secrets.secret_token) must "
+                          "be 1-256 characters of A-Z, a-z, 0-9, _ and - (Telegram's setWebhook refuses others), "
+                          "e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'")
     options = dict(raw.get("options", {}))
     for name in spec["options"]:
         if name not in options:
@@ -466,6 +477,7 @@ def _channel(raw: dict[str, Any], env: Mapping[str, str], path: Path) -> Channel
         options=options,
         session=session,
         agent_options=dict(agent_options),
+        secret_env={name: secret_env[name] for name in spec["secrets"]},
     )
 
 

@@ -381,3 +381,27 @@ def test_secure_cookies_is_on_outside_the_embedded_process_and_can_be_turned_off
         assert load_settings({**write(tmp_path, WA), "SECURE_COOKIES": value}).secure_cookies is secure
     with pytest.raises(ConfigError, match="SECURE_COOKIES must be true or false, got 'maybe'"):
         load_settings({**env, "SECURE_COOKIES": "maybe"})
+
+
+def test_every_unset_secret_of_a_channel_is_named_at_once(tmp_path):
+    env = write(tmp_path, WA)
+    for name in ("WA_TOKEN", "WA_VERIFY"):
+        del env[name]
+    with pytest.raises(ConfigError, match=r"environment variables WA_VERIFY \(secrets.verify_token\), WA_TOKEN "
+                                          r"\(secrets.access_token\) are not set"):
+        load_settings(env)
+
+
+def test_a_channel_knows_which_variable_holds_each_secret(tmp_path):
+    wa = load_settings(write(tmp_path, WA)).channel("wa")
+    assert wa.secret_env == {"app_secret": "WA_SECRET", "verify_token": "WA_VERIFY", "access_token": "WA_TOKEN"}
+    assert "WA_TOKEN" in repr(wa) and "'t'" not in repr(wa)  # the names may be shown, the values never
+
+
+@pytest.mark.parametrize("secret", ["abc+/=", "has space", "x" * 257, "ünïcode"])
+def test_a_telegram_secret_token_is_what_setwebhook_accepts(tmp_path, secret):
+    env = {**write(tmp_path, TG), "TG_TOKEN": "123:abc"}
+    assert load_settings({**env, "TG_SECRET": "Az09_-" * 42 + "xxxx"}).channel("tg").secrets["secret_token"]
+    with pytest.raises(ConfigError, match="TG_SECRET \\(secrets.secret_token\\) must be 1-256 characters of A-Z") as e:
+        load_settings({**env, "TG_SECRET": secret})
+    assert secret not in str(e.value)
