@@ -292,7 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
         action.set_defaults(fn=cmd_deadletters)
 
     from cli import bench as bench_cmd  # light at import: heavy imports wait for a run
+    from cli import config_init
     from cli import loadgen as loadgen_cmd
+
+    config = sub.add_parser("config", help="the channels file")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    init = config_sub.add_parser("init", help="write a commented channels file for the platforms asked for",
+                                 description=config_init.__doc__)
+    config_init.add_arguments(init)
+    init.set_defaults(fn=config_init.main)
 
     lg = sub.add_parser("loadgen", help="play the platforms against an ingress: throughput, latency, correctness")
     loadgen_cmd.add_arguments(lg)
