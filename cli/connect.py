@@ -28,6 +28,7 @@ from cli.platform_api import PlatformError, call
 OK, FAILED, USAGE = 0, 1, 2
 TELEGRAM_PORTS = (443, 80, 88, 8443)  # setWebhook: "Ports currently supported for webhooks"
 TELEGRAM_UPDATES = ("message",)  # the only update kind shared/channels/telegram.py reads
+TELEGRAM_SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")  # setWebhook's secret_token: only A-Z, a-z, 0-9, _ and -
 MANAGE = "whatsapp_business_management"  # the Graph API permission POST /<WABA-ID>/subscribed_apps needs
 MESSAGE_CONTENT_FLAGS = (1 << 18) | (1 << 19)  # application flags GATEWAY_MESSAGE_CONTENT and its _LIMITED form
 # The bot's permissions in a server: VIEW_CHANNEL, SEND_MESSAGES, SEND_MESSAGES_IN_THREADS (replies never mention).
@@ -183,6 +184,16 @@ def fill_option(path: Path, channel_id: str, key: str, value: str) -> bool:
     return False
 
 
+def telegram_secret_problem(channel: Any) -> str | None:
+    """Why Telegram's setWebhook would refuse the channel's secret token (never quoting it); None if it would not.
+    A token it refuses can never be set, so the ingress would never get an update (`check` says it too)."""
+    if channel.platform != "telegram" or TELEGRAM_SECRET.fullmatch(channel.secrets["secret_token"]):
+        return None
+    return (f"${channel.secret_env.get('secret_token', 'secrets.secret_token')} must be 1-256 characters of A-Z, a-z, "
+            "0-9, _ and - (Telegram's setWebhook refuses others), e.g. python -c 'import secrets; "
+            "print(secrets.token_urlsafe(32))'")
+
+
 def _telegram_refused(setup: Setup) -> Callable[[PlatformError], str]:
     token = setup.var("bot_token")
 
@@ -250,6 +261,8 @@ def telegram(setup: Setup) -> None:
     if port not in TELEGRAM_PORTS:
         raise SetupFailed("url", f"Telegram calls webhooks only on ports 443, 80, 88 and 8443, not {port}: have the "
                                  "proxy listen on 443 (it may forward to the ingress on any port).")
+    if problem := telegram_secret_problem(setup.channel):
+        raise SetupFailed("secret", problem)
     api = f"{setup.channel.api_base}/bot{setup.channel.secrets['bot_token']}"
     shown = f"{setup.channel.api_base}/bot<token>"  # the token is part of the URL: never shown
     refused = _telegram_refused(setup)

@@ -538,8 +538,12 @@ def run_checks(settings: Settings, platforms: bool, timeout: float) -> list[Chec
                                            f"{settings.partitions} partitions, lease {settings.lease_seconds:g}s")]
     for cid, c in settings.channels.items():
         def channel_check(c=c) -> str:
+            from cli.connect import telegram_secret_problem
+
             build_channel(c)
             load_agent(c.agent)
+            if problem := telegram_secret_problem(c):
+                raise RuntimeError(problem)
             return f"{c.platform}, agent {c.agent}"
         results.append(_attempt(f"channel {cid}", channel_check))
     results.append(_attempt("database", lambda: _check_database(settings.database_url, timeout)))

@@ -63,7 +63,6 @@ _PERSON_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _TEMPLATE_NAME = re.compile(r"[a-z0-9_]{1,512}")
 _LANGUAGE_CODE = re.compile(r"[a-z]{2,3}(_[A-Za-z]{2,4})?")
 _WHATSAPP_ONLY = ("window_hours", "window_template", "window_template_language")
-TELEGRAM_SECRET_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")  # what setWebhook accepts as secret_token
 
 
 @dataclass(frozen=True)
@@ -448,10 +447,6 @@ def _channel(raw: dict[str, Any], env: Mapping[str, str], path: Path) -> Channel
     if unset:  # all of them at once: a new channel has several to set
         raise ConfigError(f"{where}: environment variable{'s' if len(unset) > 1 else ''} {', '.join(unset)} "
                           f"{'are' if len(unset) > 1 else 'is'} not set")
-    if platform == "telegram" and not TELEGRAM_SECRET_TOKEN.fullmatch(secrets["secret_token"]):
-        raise ConfigError(f"{where}: environment variable {secret_env['secret_token']} (secrets.secret_token) must "
-                          "be 1-256 characters of A-Z, a-z, 0-9, _ and - (Telegram's setWebhook refuses others), "
-                          "e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'")
     options = dict(raw.get("options", {}))
     for name in spec["options"]:
         if name not in options:

@@ -185,6 +185,21 @@ def test_telegrams_own_refusal_of_a_webhook_address_is_explained(configured, sta
     assert bot.webhook == {}
 
 
+@pytest.mark.parametrize("secret", ["abc+/=", "has space", "x" * 257, "ünïcode"])
+def test_a_secret_token_telegram_would_refuse_is_caught_by_check_and_setup(configured, standin, capsys, monkeypatch,
+                                                                           secret):
+    bot = standin.accounts.telegram_bot(TG_TOKEN, "AcmeSupportBot")
+    monkeypatch.setenv("TELEGRAM_SECRET_TOKEN", secret)
+    why = "$TELEGRAM_SECRET_TOKEN must be 1-256 characters of A-Z, a-z, 0-9, _ and - (Telegram's setWebhook refuses"
+    capsys.readouterr()
+    assert main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL  channel telegram  {why}" in out and "ok    channel whatsapp" in out
+    code, out = setup(capsys, "telegram", "--url", URL)
+    assert code == 2 and f"FAIL  secret        {why}" in out and bot.webhook == {}
+    assert secret not in out
+
+
 def test_no_address_is_a_usage_error(configured, standin, capsys, monkeypatch):
     code, out = setup(capsys, "telegram")
     assert code == 2 and "setup needs the ingress's public address" in out
