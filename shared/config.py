@@ -441,9 +441,10 @@ def _channel(raw: dict[str, Any], env: Mapping[str, str], path: Path) -> Channel
         if not var:
             raise ConfigError(f"{where}: secrets.{name} must name an environment variable")
         value = env.get(var)
-        if not value:
+        if value:
+            secrets[name] = value
+        else:
             unset.append(f"{var} (secrets.{name})")
-        secrets[name] = value
     if unset:  # all of them at once: a new channel has several to set
         raise ConfigError(f"{where}: environment variable{'s' if len(unset) > 1 else ''} {', '.join(unset)} "
                           f"{'are' if len(unset) > 1 else 'is'} not set")
