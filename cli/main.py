@@ -27,6 +27,7 @@ ADMIN_BIND_DEFAULT = "127.0.0.1:8001"  # `chatsessions admin`: this host only un
 
 def cmd_run(args: argparse.Namespace) -> int:
     from cli import embedded
+    from cli.connect import endpoint_path
     from shared.config import get_settings
     from shared.logs import configure_logging
 
@@ -35,8 +36,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     running = embedded.start(args.host, args.port, args.concurrency)
     print(f"chatsessions running at {running.url} (Ctrl-C to stop)")
     for cid, c in settings.channels.items():
-        path = {"discord": f"/webhooks/{cid}/interactions", "webchat": f"/chat/{cid}"}.get(c.platform, f"/webhooks/{cid}")
-        print(f"  {c.platform:9} {cid:20} {running.url}{path}")
+        print(f"  {c.platform:9} {cid:20} {running.url}{endpoint_path(c)}")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -294,7 +294,19 @@ def build_parser() -> argparse.ArgumentParser:
         action.set_defaults(fn=cmd_deadletters)
 
     from cli import bench as bench_cmd  # light at import: heavy imports wait for a run
+    from cli import config_init, connect
     from cli import loadgen as loadgen_cmd
+
+    setup = sub.add_parser("setup", help="connect a channel to its platform (webhook, commands), print the steps left",
+                           description=connect.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    connect.add_arguments(setup)
+    setup.set_defaults(fn=connect.main)
+    config = sub.add_parser("config", help="the channels file")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    init = config_sub.add_parser("init", help="write a commented channels file for the platforms asked for",
+                                 description=config_init.__doc__)
+    config_init.add_arguments(init)
+    init.set_defaults(fn=config_init.main)
 
     lg = sub.add_parser("loadgen", help="play the platforms against an ingress: throughput, latency, correctness")
     loadgen_cmd.add_arguments(lg)

@@ -492,21 +492,13 @@ def _check_redis(url: str | None, timeout: float) -> str:
 
 
 def _http_get(url: str, headers: dict[str, str], timeout: float, shown: str) -> Any:
-    """GET a platform API; errors name `shown` (the URL without credentials), never the URL itself."""
-    import requests
+    """GET a platform API; errors name `shown` (the URL without credentials) and the platform's own words."""
+    from cli.platform_api import PlatformError, call
 
     try:
-        response = requests.get(url, headers=headers, timeout=timeout)
-    except requests.RequestException as exc:
-        raise RuntimeError(f"{shown}: {exc.__class__.__name__}") from None
-    if response.status_code in (401, 403):
-        raise RuntimeError(f"{shown}: HTTP {response.status_code}: the credentials were refused")
-    if not response.ok:
-        raise RuntimeError(f"{shown}: HTTP {response.status_code}")
-    try:
-        return response.json()
-    except ValueError:
-        raise RuntimeError(f"{shown}: HTTP {response.status_code} but the answer is not JSON") from None
+        return call("GET", url, headers=headers, timeout=timeout, shown=shown)
+    except PlatformError as exc:
+        raise RuntimeError(str(exc)) from None  # worded already: `check` prints it as it is
 
 
 def _check_platform(channel: Any, timeout: float) -> str:
@@ -546,8 +538,12 @@ def run_checks(settings: Settings, platforms: bool, timeout: float) -> list[Chec
                                            f"{settings.partitions} partitions, lease {settings.lease_seconds:g}s")]
     for cid, c in settings.channels.items():
         def channel_check(c=c) -> str:
+            from cli.connect import telegram_secret_problem
+
             build_channel(c)
             load_agent(c.agent)
+            if problem := telegram_secret_problem(c):
+                raise RuntimeError(problem)
             return f"{c.platform}, agent {c.agent}"
         results.append(_attempt(f"channel {cid}", channel_check))
     results.append(_attempt("database", lambda: _check_database(settings.database_url, timeout)))

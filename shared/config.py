@@ -251,6 +251,8 @@ class ChannelConfig:
     agent_options: Mapping[str, Any] = field(default_factory=dict)  # keyword arguments for the Agent's class
     # [[identities]] of this channel's platform: user id -> person (shared/policies.py derives keys from it)
     people: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # secrets.<name> -> the environment variable that holds it: what messages name instead of a value
+    secret_env: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -439,14 +441,19 @@ def _channel(raw: dict[str, Any], env: Mapping[str, str], path: Path) -> Channel
     spec = PLATFORMS[platform]
     secret_env = raw.get("secrets", {})
     secrets: dict[str, str] = {}
+    unset: list[str] = []
     for name in spec["secrets"]:
         var = secret_env.get(name)
         if not var:
             raise ConfigError(f"{where}: secrets.{name} must name an environment variable")
         value = env.get(var)
-        if not value:
-            raise ConfigError(f"{where}: environment variable {var} (secrets.{name}) is not set")
-        secrets[name] = value
+        if value:
+            secrets[name] = value
+        else:
+            unset.append(f"{var} (secrets.{name})")
+    if unset:  # all of them at once: a new channel has several to set
+        raise ConfigError(f"{where}: environment variable{'s' if len(unset) > 1 else ''} {', '.join(unset)} "
+                          f"{'are' if len(unset) > 1 else 'is'} not set")
     options = dict(raw.get("options", {}))
     for name in spec["options"]:
         if name not in options:
@@ -472,6 +479,7 @@ def _channel(raw: dict[str, Any], env: Mapping[str, str], path: Path) -> Channel
         options=options,
         session=session,
         agent_options=dict(agent_options),
+        secret_env={name: secret_env[name] for name in spec["secrets"]},
     )
 
 

@@ -381,3 +381,18 @@ def test_secure_cookies_is_on_outside_the_embedded_process_and_can_be_turned_off
         assert load_settings({**write(tmp_path, WA), "SECURE_COOKIES": value}).secure_cookies is secure
     with pytest.raises(ConfigError, match="SECURE_COOKIES must be true or false, got 'maybe'"):
         load_settings({**env, "SECURE_COOKIES": "maybe"})
+
+
+def test_every_unset_secret_of_a_channel_is_named_at_once(tmp_path):
+    env = write(tmp_path, WA)
+    for name in ("WA_TOKEN", "WA_VERIFY"):
+        del env[name]
+    with pytest.raises(ConfigError, match=r"environment variables WA_VERIFY \(secrets.verify_token\), WA_TOKEN "
+                                          r"\(secrets.access_token\) are not set"):
+        load_settings(env)
+
+
+def test_a_channel_knows_which_variable_holds_each_secret(tmp_path):
+    wa = load_settings(write(tmp_path, WA)).channel("wa")
+    assert wa.secret_env == {"app_secret": "WA_SECRET", "verify_token": "WA_VERIFY", "access_token": "WA_TOKEN"}
+    assert "WA_TOKEN" in repr(wa) and "'t'" not in repr(wa)  # the names may be shown, the values never

@@ -595,6 +595,9 @@ def test_check_fails_on_refused_credentials_without_printing_them(env, capsys, p
     checks = {c["name"]: c for c in doc["checks"]}
     assert not checks["platform tg"]["ok"] and "credentials were refused" in checks["platform tg"]["detail"]
     assert not checks["platform wa"]["ok"] and "HTTP 401" in checks["platform wa"]["detail"]
+    # ... in the platform's own words
+    assert checks["platform tg"]["detail"].endswith("(Unauthorized)")
+    assert checks["platform wa"]["detail"].endswith("(Invalid OAuth access token)")
     assert checks["platform dc"]["ok"] and checks["database"]["ok"]
     assert "revoked-token" not in json.dumps(doc) and "expired-access-token" not in json.dumps(doc)
 

@@ -6,6 +6,9 @@ channels apart in the records. Routes, after the prefix:
   POST /bot{token}/sendMessage                 Telegram Bot API
   POST /channels/{channel_id}/messages         Discord
 
+The account and setup endpoints (getMe, setWebhook, the Graph API's phone number and subscribed_apps, Discord's
+application and commands) answer from `accounts` (cli/standins/accounts.py), where a test registers its bots.
+
 Discord's Create Message deduplicates like the real one: with `nonce` and `enforce_nonce: true`, a create from the same
 author (bot token) with a nonce seen in the last `nonce_window_s` returns the first message and posts nothing (the
 absorbed creates are kept in `deduplicated`); a nonce Discord would refuse (not an int64 or a string of at most 25
@@ -22,6 +25,8 @@ import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from cli.standins.accounts import Accounts
 
 NONCE_WINDOW_S = 120.0  # Discord: "checked for uniqueness in the past few minutes"; the low end of "a few"
 NONCE_CHARS = 25
@@ -69,6 +74,7 @@ class StandInPlatforms:
         self._fail: list[tuple[int, dict[str, Any], dict[str, str]]] = []  # queued error answers
         self._nonces: dict[tuple[str, Any], tuple[float, dict[str, Any]]] = {}  # (author, nonce) -> (at, answer)
         self._delays: dict[str, float] = {}  # prefix -> seconds between creating a message and answering
+        self.accounts = Accounts()  # the bots, numbers and applications the setup endpoints know
         standin = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -77,10 +83,16 @@ class StandInPlatforms:
             def log_message(self, *_args):  # keep test and demo output clean
                 pass
 
-            def do_POST(self):
+            def do_GET(self):
+                self.do_POST("GET")
+
+            def do_PUT(self):
+                self.do_POST("PUT")
+
+            def do_POST(self, method: str = "POST"):
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length)
-                status, answer, headers = standin._handle(self.path, dict(self.headers), raw)
+                status, answer, headers = standin._handle(self.path, dict(self.headers), raw, method)
                 data = json.dumps(answer).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -118,7 +130,14 @@ class StandInPlatforms:
         with self._lock:
             self._delays[prefix] = seconds
 
-    def _handle(self, path: str, headers: dict[str, str], raw: bytes) -> tuple[int, dict[str, Any], dict[str, str]]:
+    def _handle(self, path: str, headers: dict[str, str], raw: bytes,
+                method: str = "POST") -> tuple[int, Any, dict[str, str]]:
+        with self._lock:
+            account = self.accounts.answer(method, path, headers, raw)
+        if account is not None:
+            return account[0], account[1], {}
+        if method != "POST":
+            return 404, {"error": f"no route {method} {path}"}, {}
         try:
             body = json.loads(raw)
         except ValueError:

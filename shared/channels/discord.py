@@ -33,6 +33,14 @@ TEXT_LIMIT = 2000
 MAX_SKEW = 300.0  # seconds an interaction timestamp may differ from now (replay protection)
 DISCORD_EPOCH_MS = 1420070400000
 NEW_COMMANDS = ("/new", "!new")
+# The application commands `interaction` answers, as `chatsessions setup` registers them (Bulk Overwrite Global
+# Application Commands): chat-input commands (type 1), usable in servers and in DMs with the bot (contexts 0, 1).
+APPLICATION_COMMANDS = (
+    {"name": "new", "type": 1, "description": "Start a new conversation (the assistant forgets this one)",
+     "contexts": [0, 1]},
+    {"name": "ask", "type": 1, "description": "Ask the assistant a question", "contexts": [0, 1],
+     "options": [{"type": 3, "name": "question", "description": "Your question", "required": True}]},
+)
 THREAD_TYPES = (10, 11, 12)  # channel types ANNOUNCEMENT_THREAD, PUBLIC_THREAD, PRIVATE_THREAD
 MAX_KNOWN_THREADS = 100_000  # thread -> parent entries kept from gateway events (oldest forgotten first)
 NONCE_CHARS = 25  # Create Message: a nonce is an integer or a string of at most 25 characters
