@@ -14,8 +14,6 @@ README = REPO / "README.md"
 DOCS = REPO / "docs"
 PAGES = [README, REPO / "deploy" / "README.md", REPO / "tests" / "faults" / "README.md", *sorted(DOCS.glob("*.md"))]
 FRONT_PAGE_MAX_LINES = 150
-# Linked from the front page, written on another branch: exempt from the link check only while it does not exist.
-PENDING = {DOCS / "connecting.md"}
 
 
 def prose(text: str) -> str:
@@ -47,8 +45,7 @@ def test_every_relative_link_resolves(page: Path):
         path, _, anchor = link.partition("#")
         target = (page.parent / path).resolve() if path else page
         if not target.exists():
-            if target not in PENDING:
-                broken.append(link)
+            broken.append(link)
             continue
         if anchor and target.suffix == ".md" and anchor not in anchors(target):
             broken.append(link)
@@ -59,7 +56,6 @@ def test_the_front_page_links_every_docs_page():
     linked = {(README.parent / link.partition("#")[0]).resolve() for link in links(README)}
     missing = [p.name for p in sorted(DOCS.glob("*.md")) if p.resolve() not in linked]
     assert not missing, f"docs pages the README does not link: {missing}"
-    assert PENDING <= linked
 
 
 def test_each_sentence_lives_in_one_page():
