@@ -695,7 +695,7 @@ class Bench:
         capture every statement it sends, and EXPLAIN ANALYZE each one (rolled back)."""
         from sqlalchemy import event
 
-        from shared.db import engine_for
+        from shared.db import STATEMENT_LISTENERS, engine_for
         from shared.messages import InboundMessage
 
         captured: list[tuple[str, Any]] = []
@@ -703,6 +703,9 @@ class Bench:
 
         def capture(_conn, _cursor, statement, parameters, _context, executemany):
             captured.append((statement, parameters[0] if executemany and parameters else parameters))
+
+        def capture_direct(_conn: Any, statement: str, parameters: dict) -> None:  # shared.db.execute's statements
+            captured.append((statement, parameters))
 
         def count(name: str):
             def inc(*_args: Any) -> None:
@@ -732,12 +735,14 @@ class Bench:
             for name, fn in listeners:
                 event.listen(engine, name, fn)
             event.listen(engine.pool, "checkout", checkout)
+            STATEMENT_LISTENERS.append(capture_direct)
             try:
                 outcome = runner.handle(msg)
             finally:
                 for name, fn in listeners:
                     event.remove(engine, name, fn)
                 event.remove(engine.pool, "checkout", checkout)
+                STATEMENT_LISTENERS.remove(capture_direct)
                 runtime.runner.cache_clear()
         plans = []
         seen = set()
@@ -836,12 +841,12 @@ def profile_turns(database_url: str, turns: int = 1000, sessions: int = 100, war
 
     from cli.bench_agents import DemoEcho
     from shared.config import ChannelConfig, SessionOptions
-    from shared.db import engine_for
+    from shared.db import STATEMENT_LISTENERS, engine_for
     from shared.logs import configure_logging
     from shared.messages import DM, InboundMessage
     from shared.store import Store
     from workers.testing import RecordingChannel, settings_for
-    from workers.turn import TurnRunner
+    from workers.runner import TurnRunner
 
     config = ChannelConfig(id="bwa", platform="whatsapp", agent="cli.bench_agents:DemoEcho", api_base="http://unused",
                            secrets={}, options={}, session=SessionOptions(idle_minutes=30, history_limit=50))
@@ -891,6 +896,12 @@ def profile_turns(database_url: str, turns: int = 1000, sessions: int = 100, war
         counts["transactions"] += 1
         if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
             counts["autocommit_statements"] += 1
+    def count_direct(conn: Any, *_args: Any) -> None:  # the statements shared.db.execute runs straight on psycopg
+        counts["statements"] += 1
+        if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":  # its own transaction
+            counts["transactions"] += 1
+            counts["autocommit_statements"] += 1
+
     listeners = [(engine, "begin", begin), (engine, "before_cursor_execute", count("statements")),
                  (engine.pool, "checkout", count("pool_checkouts"))]
     try:
@@ -912,11 +923,14 @@ def profile_turns(database_url: str, turns: int = 1000, sessions: int = 100, war
         # every statement down, so nothing listens to them while the time is taken.
         for target, name, fn in listeners:
             event.listen(target, name, fn)
+        STATEMENT_LISTENERS.append(count_direct)
         play("1", turns, sessions)
     finally:
         for target, name, fn in listeners:
             if event.contains(target, name, fn):
                 event.remove(target, name, fn)
+        if count_direct in STATEMENT_LISTENERS:
+            STATEMENT_LISTENERS.remove(count_direct)
         root.handlers[:], root.level = saved_handlers, saved_level
         structlog.configure(**saved_structlog)
         devnull.close()

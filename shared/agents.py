@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import importlib
 import re
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Mapping, Protocol, runtime_checkable
 
+import structlog
+
 from shared.errors import ConfigError
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,32 @@ class Conversation:
 class Agent(Protocol):
     def reply(self, conversation: Conversation) -> str | None:
         """The reply text, or None to stay silent."""
+
+
+class AgentFailed(Exception):
+    """The Agent raised on every attempt for one message."""
+
+
+@dataclass(frozen=True)
+class Retrying:
+    """An Agent retried in place (the session keeps its lease, so order holds): `attempts` calls at most, waiting
+    `backoff_s`, doubled each time, in between; then AgentFailed (the message becomes a dead letter)."""
+
+    agent: Agent
+    attempts: int
+    backoff_s: float
+
+    def reply(self, conversation: Conversation) -> str | None:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return self.agent.reply(conversation)
+            except Exception as exc:  # noqa: BLE001 - any failure of the Agent's code is retried, then dead-lettered
+                error = f"{exc.__class__.__name__}: {exc}"
+                log.warning("turn.agent_failed", attempt=attempt, error=error)
+                if attempt == self.attempts:
+                    raise AgentFailed(error) from exc
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+        raise AgentFailed("no attempt allowed")
 
 
 class EchoAgent:

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 import structlog
+import urllib3
 
 from shared.errors import LeaseLost
 from shared.messages import Delivery
@@ -72,14 +73,50 @@ def safe_url(url: str, path: bool = True) -> str:
 _fenced = threading.local()  # this thread's current request: the monotonic time its fencing check stops counting
 
 
+def _check_fence() -> None:
+    until = getattr(_fenced, "until", None)
+    if until is not None and time.monotonic() > until:
+        raise LeaseLost("the fencing check expired before the request was sent (the sender was paused)")
+
+
+class _FencedSend:
+    """Every write of a request to its socket — the headers, then each part of the body — comes right after the
+    fencing check is found still counting. A sender stopped (SIGSTOP, a long GC pause) anywhere before a write
+    finds it expired when it resumes and writes nothing more: a request whose headers left without its body is
+    never complete, so the platform acts on nothing. What is left is the write itself."""
+
+    def send(self, data) -> None:  # http.client.HTTPConnection.send, under urllib3's request()
+        if self.sock is None:  # type: ignore[attr-defined]  # connect first (http.client would, inside send)
+            self.connect()  # type: ignore[attr-defined]
+        _check_fence()
+        super().send(data)  # type: ignore[misc]
+
+
+class _FencedHTTPConnection(_FencedSend, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _FencedHTTPSConnection(_FencedSend, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _FencedHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _FencedHTTPConnection
+
+
+class _FencedHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _FencedHTTPSConnection
+
+
 class FencedAdapter(requests.adapters.HTTPAdapter):
-    """The last check before a request goes on the wire: the sender's fencing check must still count. A sender
-    stopped (SIGSTOP, a long GC pause) between that check and here finds it expired when it resumes."""
+    """Requests whose every socket write is preceded by the sender's fencing check (see _FencedSend)."""
+
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _FencedHTTPPool, "https": _FencedHTTPSPool}
 
     def send(self, request, *args, **kwargs):
-        until = getattr(_fenced, "until", None)
-        if until is not None and time.monotonic() > until:
-            raise LeaseLost("the fencing check expired before the request was sent (the sender was paused)")
+        _check_fence()  # before a connection is even taken
         return super().send(request, *args, **kwargs)
 
 

@@ -60,8 +60,9 @@ bot's messages, or it is a command for the bot. The evidence each adapter reads:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Callable, Sequence, TypeVar
 
 from shared.config import PERSON_KEY_PREFIX, THREADS_DEFAULT, ChannelConfig, SessionOptions, normalize_user_id
@@ -145,6 +146,35 @@ def addressed(kind: str, *, mentioned: bool = False, replied_to_bot: bool = Fals
 
 # -- Turn policies: what a worker's turn does with a message under the channel's [channels.session] -----------------
 # Pure functions of the options and the facts the turn read under the session's lease (workers/turn.py).
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a turn does, decided before the Agent runs."""
+
+    new_session: bool  # the message is /new: it closes its generation, the Agent does not run
+    reset: bool  # a reset policy is due: a new generation starts with this turn, its context is empty
+    answer: bool  # the Agent runs (group_reply); otherwise the messages are stored as context only
+    supersede: bool  # burst = "latest": a reply made stale by a newer waiting message is stored, never sent
+    notice: str  # put before the reply of a turn a reset opened ("" = nothing)
+
+    def reply(self, text: str | None) -> str | None:
+        """The Agent's reply as it is stored and sent: after a reset, with the notice first."""
+        return with_notice(self.notice, text) if self.reset else text
+
+
+def plan_turn(options: SessionOptions, messages: Sequence[InboundMessage], last_activity: datetime | None,
+              new_session: bool) -> Plan:
+    """The decisions of a turn of `messages` (oldest first; one, or a burst), the session's last activity before
+    them being `last_activity`. A reset is decided under the lease, by the time the ingress received the first
+    message (a dormant session past the threshold is resumed and reset)."""
+    reset = False
+    if not new_session and options.reset != "never" and last_activity is not None:
+        first = messages[0]
+        at = datetime.fromtimestamp(first.received_at or first.sent_at or time.time(), timezone.utc)
+        reset = reset_due(options, last_activity, at)
+    return Plan(new_session=new_session, reset=reset, answer=should_answer(options, messages),
+                supersede=options.burst == "latest", notice=options.reset_notice)
 
 
 def should_answer(options: SessionOptions, messages: Sequence[InboundMessage]) -> bool:

@@ -53,7 +53,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from shared.config import ChannelConfig
-from shared.db import DB_UNAVAILABLE, engine_for, run_statement, run_transaction, transaction
+from shared.db import DB_UNAVAILABLE, engine_for, execute, run_statement, run_transaction, transaction
 from shared.errors import ChatSessionsError, LeaseLost  # noqa: F401 - LeaseLost is part of the store's surface
 from shared.messages import SEQ_TTL_S, Delivery, InboundMessage
 from shared.models import (
@@ -100,6 +100,17 @@ class AlreadyStored(ChatSessionsError):
 class Accepted:
     session_id: int
     new: bool  # False: the message is already in the inbox (a redelivery)
+    claim: Claim | None = None  # the session's lease, when accept was asked to take it and it was free
+
+
+@dataclass(frozen=True)
+class Lease:
+    """What a claim reads besides the lease: how long it lasts, the channels' history limits and how many ready
+    messages make one turn (see Store.claim)."""
+
+    seconds: float
+    history_limits: Mapping[str, int] | None = None
+    take: Mapping[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,8 @@ class Claim:
     chat_id: str
     chat_kind: str
     last_activity_at: datetime | None = None  # the session's last turn before this one (reset policies)
+    lease_seconds: float = 0.0  # how long each renewal holds (the claim, every commit, every fencing check)
+    renewed_at: float = 0.0  # time.monotonic() when the statement that renewed the lease for this claim was sent
     # What the new holder has to do, read with the claim (Store.claim only; empty on the claim a Turn carries):
     outbox: tuple[PendingReply, ...] = ()  # replies committed by an earlier holder and never sent, in order
     turn: Turn | None = field(default=None, repr=False, compare=False)  # the first ready message (with context)
@@ -165,10 +178,18 @@ class Settled:
     replies: tuple[PendingReply, ...]
     more: bool
     superseded: bool = False  # burst = "latest": the reply was stored skipped, a newer message being there
+    renewed_at: float | None = None  # time.monotonic() when the commit that renewed the lease was sent
 
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _clock() -> tuple[datetime, float]:
+    """The time a lease renewal is computed from, and the monotonic time no later than it, which the holder may
+    trust the renewal from (workers/dispatch.py, Fence)."""
+    monotonic = time.monotonic()
+    return now(), monotonic
 
 
 def _insert(url: str):
@@ -197,7 +218,7 @@ _SEQ_FORWARD = case((_sessions.c.last_seq < _seq, _seq), else_=_sessions.c.last_
 _PENDING = _messages.c.delivery_status == literal_column(f"'{PENDING}'")  # inline: the partial index's predicate
 
 _SESSION_STATE = (_sessions.c.id, _sessions.c.status, _sessions.c.generation, _sessions.c.last_seq,
-                  _sessions.c.last_activity_at)
+                  _sessions.c.last_activity_at, _sessions.c.lease_until)
 _FIND_SESSION = select(*_SESSION_STATE).where(_sessions.c.key == bindparam("key"))
 # The ingress's counter restarted (SEQ_TTL_S): the session's order starts over. Checked again under the row lock,
 # and never for a message already stored (a very late redelivery) or while anything waits in the inbox.
@@ -215,8 +236,9 @@ _ADD_EVENT = insert(_events)
 
 _CLAIM = (update(_sessions).where(_sessions.c.id == bindparam("sid"), _FREE)
           .values(lease_token=_sessions.c.lease_token + 1, lease_until=bindparam("until"))
-          .returning(_sessions.c.channel_id, _sessions.c.lease_token, _sessions.c.generation, _sessions.c.last_seq,
-                     _sessions.c.chat_id, _sessions.c.chat_kind, _sessions.c.status, _sessions.c.last_activity_at))
+          .returning(_sessions.c.id, _sessions.c.channel_id, _sessions.c.lease_token, _sessions.c.generation,
+                     _sessions.c.last_seq, _sessions.c.chat_id, _sessions.c.chat_kind, _sessions.c.status,
+                     _sessions.c.last_activity_at))
 _RENEW = update(_sessions).where(_HELD).values(lease_until=bindparam("until"))
 _RENEW_FOR_TURN = _RENEW.returning(_sessions.c.generation, _sessions.c.last_seq, _sessions.c.last_activity_at)
 _RELEASE = update(_sessions).where(_HELD).values(lease_until=None).returning(_sessions.c.last_seq)
@@ -238,9 +260,9 @@ _HISTORY = (select(_messages.c.role, _messages.c.sender_id, _messages.c.sender_n
 _READY = select(exists().where(_inbox.c.session_id == bindparam("sid"), _inbox.c.seq <= bindparam("upto")))
 _NEWER = select(exists().where(_inbox.c.session_id == bindparam("sid"), _inbox.c.seq > bindparam("seq")))
 
-_COMMIT = (update(_sessions).where(_HELD)
+_COMMIT = (update(_sessions).where(_HELD)  # fenced, and a renewal of the lease: the send that follows needs no other
            .values(message_count=_sessions.c.message_count + bindparam("count"), last_activity_at=bindparam("t"),
-                   generation=bindparam("gen"), status=ACTIVE, last_seq=_SEQ_FORWARD)
+                   generation=bindparam("gen"), status=ACTIVE, last_seq=_SEQ_FORWARD, lease_until=bindparam("until"))
            .returning(_sessions.c.message_count, _sessions.c.last_seq))
 _SETTLE_SEQ = update(_sessions).where(_HELD).values(last_seq=_SEQ_FORWARD).returning(_sessions.c.last_seq)
 _SETTLE_DEAD = (update(_sessions).where(_HELD).values(last_seq=_SEQ_FORWARD, last_activity_at=bindparam("t"))
@@ -276,7 +298,7 @@ def _transactional(method: Callable[..., T]) -> Callable[..., T]:
 
 def _ready(c: Connection, session_id: int, last_seq: int) -> bool:
     """Whether the session's inbox head may run now: it is the next message (or an earlier one, replayed)."""
-    return bool(c.execute(_READY, {"sid": session_id, "upto": last_seq + 1}).scalar())
+    return bool(execute(c, _READY, {"sid": session_id, "upto": last_seq + 1}).scalar())
 
 
 def _pending(r, chat_id: str, chat_kind: str) -> PendingReply:
@@ -287,7 +309,7 @@ def _pending(r, chat_id: str, chat_kind: str) -> PendingReply:
 
 
 def _outbox(c: Connection, claim: Claim) -> tuple[PendingReply, ...]:
-    return tuple(_pending(r, claim.chat_id, claim.chat_kind) for r in c.execute(_OUTBOX, {"sid": claim.session_id}))
+    return tuple(_pending(r, claim.chat_id, claim.chat_kind) for r in execute(c, _OUTBOX, {"sid": claim.session_id}))
 
 
 def _take(take: Mapping[str, int] | None, claim: Claim) -> int:
@@ -321,10 +343,15 @@ def _turn(c: Connection, claim: Claim, heads, history_limit: int | Mapping[str, 
     item_id, message = burst[-1]
     if not isinstance(history_limit, int):
         history_limit = history_limit.get(message.channel_id) or history_limit[claim.channel_id]
-    history = c.execute(_HISTORY, {"sid": claim.session_id, "generation": claim.generation,
+    history = execute(c, _HISTORY, {"sid": claim.session_id, "generation": claim.generation,
                                    "limit": history_limit}).all()
     return Turn(claim, item_id, message, [StoredMessage(*r) for r in reversed(history)], stored=False,
                 earlier=tuple(burst[:-1]))
+
+
+def _delivery_params(reply_id: int, delivery: Delivery) -> dict:
+    return {"rid": reply_id, "outcome": SENT if delivery.ok else FAILED, "error": delivery.error,
+            "attempts": delivery.attempts, "at": now() if delivery.ok else None}
 
 
 def _event(session_id: int, generation: int, event: str, at: datetime) -> dict:
@@ -351,43 +378,53 @@ class Store:
     # -- accepting ----------------------------------------------------------------------------------------------
 
     @_transactional
-    def accept(self, c: Connection, msg: InboundMessage) -> Accepted:
+    def accept(self, c: Connection, msg: InboundMessage, lease: Lease | None = None) -> Accepted:
         """Record a message in its session's inbox (creating the session, or waking a dormant one).
 
         After this commits the message is durable: the broker's copy may be acknowledged. The session's row is
         only read, unless the session is new or dormant: a flooded session's messages do not queue on its row
         lock (behind each other and behind the holder's commits). Its activity time is set when a turn commits.
+
+        With `lease`, and the session's lease free as read, the same transaction claims it (see `claim`) *before*
+        the message joins the inbox, and returns the claim: the common case (a session nobody is serving) costs one
+        transaction, not two. Claimed first, nobody else can hold the lease when the message goes in. When the lease
+        is held, or taken between the read and the claim, the message only joins the inbox, as without `lease`,
+        and the caller claims in a transaction of its own once this one has committed: the release protocol (see
+        `release`) relies on the message being committed before that claim is tried.
         """
-        t = now()
-        row = c.execute(_FIND_SESSION, {"key": msg.session_key}).first()
+        t, monotonic = _clock()
+        row = execute(c, _FIND_SESSION, {"key": msg.session_key}).first()
         if row is None:
-            row = c.execute(self._create_session, {
+            row = execute(c, self._create_session, {
                 "channel_id": msg.channel_id, "key": msg.session_key, "chat_kind": msg.chat_kind,
                 "chat_id": msg.chat_id, "status": ACTIVE, "generation": 1, "message_count": 0, "last_seq": 0,
                 "lease_token": 0, "lease_until": None, "created_at": t, "last_activity_at": t,
             }).first()
             if row is not None:
-                c.execute(_ADD_EVENT, _event(row.id, row.generation, CREATED, t))
+                execute(c, _ADD_EVENT, _event(row.id, row.generation, CREATED, t))
             else:  # a concurrent accept created it (and committed: ON CONFLICT waited for it)
-                row = c.execute(_FIND_SESSION, {"key": msg.session_key}).one()
+                row = execute(c, _FIND_SESSION, {"key": msg.session_key}).one()
         if row.status == DORMANT:
             self._wake(c, row.id, t)
         if 0 < msg.seq <= row.last_seq and _as_utc(row.last_activity_at) < t - timedelta(seconds=SEQ_RESTART_IDLE_S):
             self._restart_seq(c, row.id, msg, t)
+        free = row.lease_until is None or _as_utc(row.lease_until) < t
+        held = self._take_lease(c, row.id, t, lease) if lease is not None and free else None
         # A redelivery of an answered message goes through the inbox too: its turn, in seq order,
         # only records that this seq is settled, so later messages don't wait for it.
-        inserted = c.execute(self._enqueue, {
+        inserted = execute(c, self._enqueue, {
             "session_id": row.id, "channel_id": msg.channel_id, "platform_message_id": msg.platform_message_id,
             "seq": msg.seq, "payload": json.dumps(msg.to_dict()), "created_at": t,
         }).rowcount
-        return Accepted(row.id, new=bool(inserted))
+        claim = self._read_work(c, held, t, lease, monotonic) if held is not None else None
+        return Accepted(row.id, new=bool(inserted), claim=claim)
 
     @staticmethod
     def _restart_seq(c: Connection, session_id: int, msg: InboundMessage, t: datetime) -> None:
         """A new message numbered at or below last_seq of a session idle past SEQ_RESTART_IDLE_S: the ingress's
         counter expired and restarted at 1. Without this, the restarted numbers would all look like replays, run
         whenever they arrive, unordered, until they passed the old last_seq."""
-        restarted = c.execute(_RESTART_SEQ, {"sid": session_id, "seq": msg.seq, "channel": msg.channel_id,
+        restarted = execute(c, _RESTART_SEQ, {"sid": session_id, "seq": msg.seq, "channel": msg.channel_id,
                                              "pmid": msg.platform_message_id,
                                              "idle_since": t - timedelta(seconds=SEQ_RESTART_IDLE_S)}).rowcount
         if restarted:
@@ -396,9 +433,9 @@ class Store:
     @staticmethod
     def _wake(c: Connection, session_id: int, t: datetime) -> None:
         """A dormant session becomes active again (once: the update is conditional), with its `resumed` event."""
-        woke = c.execute(_WAKE, {"sid": session_id, "t": t}).first()
+        woke = execute(c, _WAKE, {"sid": session_id, "t": t}).first()
         if woke is not None:
-            c.execute(_ADD_EVENT, _event(session_id, woke.generation, RESUMED, t))
+            execute(c, _ADD_EVENT, _event(session_id, woke.generation, RESUMED, t))
 
     # -- the lease ----------------------------------------------------------------------------------------------
 
@@ -412,30 +449,42 @@ class Store:
         a holder before it committed but never sent, and — given the channels' history limits — `turn`, the
         first ready inbox message with its context (see `next_turn`; `force` passes a gap; `take`: how many ready
         messages one turn may take, by the session's channel — above 1, a burst)."""
-        t = now()
-        row = c.execute(_CLAIM, {"sid": session_id, "t": t, "until": t + timedelta(seconds=lease_seconds)}).first()
-        if row is None:
+        (t, monotonic), lease = _clock(), Lease(lease_seconds, history_limits, take)
+        held = self._take_lease(c, session_id, t, lease)
+        if held is None:
             raise LeaseBusy(str(session_id))
-        claim = Claim(session_id, row.channel_id, row.lease_token, row.generation, row.last_seq, row.chat_id,
-                      row.chat_kind, _as_utc(row.last_activity_at))
+        return self._read_work(c, held, t, lease, monotonic, force)
+
+    @staticmethod
+    def _take_lease(c: Connection, session_id: int, t: datetime, lease: Lease):
+        """The lease with a new fencing token, if it is free (the claim's UPDATE ... RETURNING row), else None."""
+        return execute(c, _CLAIM, {"sid": session_id, "t": t, "until": t + timedelta(seconds=lease.seconds)}).first()
+
+    def _read_work(self, c: Connection, row, t: datetime, lease: Lease, monotonic: float, force: bool = False) -> Claim:
+        """What the new holder has to do: the outbox, and (with history limits) the first ready turn."""
+        claim = Claim(row.id, row.channel_id, row.lease_token, row.generation, row.last_seq, row.chat_id,
+                      row.chat_kind, _as_utc(row.last_activity_at), lease.seconds, monotonic)
         outbox = _outbox(c, claim)
-        if history_limits is None:
+        if lease.history_limits is None:
             return replace(claim, outbox=outbox)
-        heads = c.execute(_HEAD, {"sid": session_id, "take": _take(take, claim)}).all()
+        heads = execute(c, _HEAD, {"sid": claim.session_id, "take": _take(lease.take, claim)}).all()
         if heads and row.status == DORMANT:  # the dormancy sweep raced an accept: active again
-            self._wake(c, session_id, t)
-        turn = _turn(c, claim, heads, history_limits, force)
+            self._wake(c, claim.session_id, t)
+        turn = _turn(c, claim, heads, lease.history_limits, force)
         return replace(claim, outbox=outbox, turn=turn)
 
     @_transactional
-    def release(self, c: Connection, claim: Claim) -> bool:
-        """Give the lease up. True if an inbox message is ready after all: it came in while the holder finished
-        its last turn, and its own worker found the lease taken; the holder must claim again.
+    def release(self, c: Connection, claim: Claim, deliveries: Iterable[tuple[int, Delivery]] = ()) -> bool:
+        """Give the lease up, recording the outcomes of the last sends in the same transaction. True if an inbox
+        message is ready after all: it came in while the holder finished its last turn, and its own worker found
+        the lease taken; the holder must claim again.
 
         Race-free because the release's UPDATE locks the session's row before the inbox is read (a new
         statement, a new snapshot): an accept that committed before that read is seen here; one that committed
         after it then claims, and that claim waits for this transaction's row lock, then finds the lease free."""
-        row = c.execute(_RELEASE, {"sid": claim.session_id, "token": claim.token}).first()
+        for reply_id, delivery in deliveries:
+            execute(c, _MARK_DELIVERY, _delivery_params(reply_id, delivery))
+        row = execute(c, _RELEASE, {"sid": claim.session_id, "token": claim.token}).first()
         return row is not None and _ready(c, claim.session_id, row.last_seq)
 
     def renew(self, claim: Claim, lease_seconds: float) -> None:
@@ -453,13 +502,14 @@ class Store:
         """The inbox message whose turn it is (lowest seq, right after last_seq), with its context; renews the
         lease. None if the inbox is empty or its head waits for an earlier message (unless `force`). With `take`
         (see `claim`), the ready messages after it too, up to that many: a burst."""
-        row = c.execute(_RENEW_FOR_TURN, {"sid": claim.session_id, "token": claim.token,
-                                          "until": now() + timedelta(seconds=lease_seconds)}).first()
+        t, monotonic = _clock()
+        row = execute(c, _RENEW_FOR_TURN, {"sid": claim.session_id, "token": claim.token,
+                                          "until": t + timedelta(seconds=lease_seconds)}).first()
         if row is None:
             raise LeaseLost(str(claim.session_id))
         claim = replace(claim, generation=row.generation, last_seq=row.last_seq,
-                        last_activity_at=_as_utc(row.last_activity_at), outbox=(), turn=None)
-        heads = c.execute(_HEAD, {"sid": claim.session_id, "take": _take(take, claim)}).all()
+                        last_activity_at=_as_utc(row.last_activity_at), renewed_at=monotonic, outbox=(), turn=None)
+        heads = execute(c, _HEAD, {"sid": claim.session_id, "take": _take(take, claim)}).all()
         return _turn(c, claim, heads, history_limit, force)
 
     @_transactional
@@ -474,24 +524,25 @@ class Store:
         A burst's messages are stored in order and all their seqs settle here. `supersede` (burst = "latest"): if a
         newer message of the session is already waiting, the reply is stored `skipped`, never sent (that message's
         turn answers the whole burst)."""
-        claim, msg, t = turn.claim, turn.message, now()
+        claim, msg, (t, monotonic) = turn.claim, turn.message, _clock()
         generation = claim.generation + 1 if new_generation or reset else claim.generation
         inbound = turn.messages
         count = len(inbound) + (1 if reply else 0)
-        row = c.execute(_COMMIT, {"sid": claim.session_id, "token": claim.token, "count": count, "t": t,
-                                  "gen": generation, "seq": msg.seq}).first()  # the newest: a burst's highest seq
+        row = execute(c, _COMMIT, {"sid": claim.session_id, "token": claim.token, "count": count, "t": t,
+                                  "gen": generation, "seq": msg.seq,  # the newest: a burst's highest seq
+                                  "until": t + timedelta(seconds=claim.lease_seconds)}).first()
         if row is None:
             raise LeaseLost(msg.session_key)
         for item_id, _ in turn.earlier:
-            c.execute(_TAKE_ITEM, {"item": item_id})
-        c.execute(_TAKE_ITEM, {"item": turn.item_id})
+            execute(c, _TAKE_ITEM, {"item": item_id})
+        execute(c, _TAKE_ITEM, {"item": turn.item_id})
         position = row.message_count - count
         if reset:
-            c.execute(_ADD_EVENT, _event(claim.session_id, generation, NEW_GENERATION, t))
+            execute(c, _ADD_EVENT, _event(claim.session_id, generation, NEW_GENERATION, t))
             claim = replace(claim, generation=generation)  # the messages and the reply belong to the new one
         try:
             for m in inbound:
-                inbound_id = c.execute(_ADD_MESSAGE, self._message(
+                inbound_id = execute(c, _ADD_MESSAGE, self._message(
                     claim, m, position, "user", m.sender_id, m.sender_name, m.text, t,
                     platform_message_id=m.platform_message_id, ingress_seq=m.seq)).scalar_one()
                 position += 1
@@ -500,19 +551,19 @@ class Store:
                 raise AlreadyStored(msg.platform_message_id) from None
             raise
         if new_generation:
-            c.execute(_ADD_EVENT, _event(claim.session_id, generation, NEW_GENERATION, t))
+            execute(c, _ADD_EVENT, _event(claim.session_id, generation, NEW_GENERATION, t))
         replies: tuple[PendingReply, ...] = ()
         stale = False
         if reply:
-            stale = supersede and bool(c.execute(_NEWER, {"sid": claim.session_id, "seq": msg.seq}).scalar())
+            stale = supersede and bool(execute(c, _NEWER, {"sid": claim.session_id, "seq": msg.seq}).scalar())
             user_sent_at = datetime.fromtimestamp(msg.sent_at, timezone.utc) if msg.sent_at else None
-            reply_id = c.execute(_ADD_MESSAGE, self._message(
+            reply_id = execute(c, _ADD_MESSAGE, self._message(
                 claim, msg, position, "assistant", "agent", "Agent", reply, t, in_reply_to=inbound_id,
                 delivery_status=SKIPPED if stale else PENDING, user_sent_at=user_sent_at)).scalar_one()
             if not stale:
                 replies = (PendingReply(reply_id, msg.channel_id, msg.chat_id, msg.chat_kind, reply, msg.thread_id,
                                         user_sent_at),)
-        return Settled(replies, _ready(c, claim.session_id, row.last_seq), superseded=stale)
+        return Settled(replies, _ready(c, claim.session_id, row.last_seq), superseded=stale, renewed_at=monotonic)
 
     @staticmethod
     def _message(claim: Claim, route: InboundMessage, position: int, role: str, sender_id: str, sender_name: str,
@@ -532,11 +583,11 @@ class Store:
     def discard(self, c: Connection, turn: Turn) -> Settled:
         """Drop an inbox message that turned out to be stored already (a redelivery); returns the session's unsent
         replies (its own, if it was committed but never sent) and whether the next message is ready."""
-        row = c.execute(_SETTLE_SEQ, {"sid": turn.claim.session_id, "token": turn.claim.token,
+        row = execute(c, _SETTLE_SEQ, {"sid": turn.claim.session_id, "token": turn.claim.token,
                                       "seq": turn.message.seq}).first()
         if row is None:  # another holder took over: it takes the inbox; our next fencing check stops us
             return Settled((), False)
-        c.execute(_TAKE_ITEM, {"item": turn.item_id})
+        execute(c, _TAKE_ITEM, {"item": turn.item_id})
         return Settled(_outbox(c, turn.claim), _ready(c, turn.claim.session_id, row.last_seq))
 
     @_transactional
@@ -545,12 +596,12 @@ class Store:
         (a burst: each of its messages becomes a dead letter of its own)."""
         msg, t = turn.message, now()
         error = error.replace("\x00", "\ufffd")[:4000]  # an error may quote the value PostgreSQL refused
-        row = c.execute(_SETTLE_DEAD, {"sid": turn.claim.session_id, "token": turn.claim.token, "seq": msg.seq,
+        row = execute(c, _SETTLE_DEAD, {"sid": turn.claim.session_id, "token": turn.claim.token, "seq": msg.seq,
                                        "t": t}).first()
         if row is None:
             raise LeaseLost(msg.session_key)
         for item_id, m in (*turn.earlier, (turn.item_id, msg)):
-            c.execute(_TAKE_ITEM, {"item": item_id})
+            execute(c, _TAKE_ITEM, {"item": item_id})
             c.execute(self.insert(DeadLetter).values(
                 channel_id=m.channel_id, session_key=m.session_key, platform_message_id=m.platform_message_id,
                 payload=json.dumps(m.to_dict()), error=error, attempts=attempts, created_at=t,
@@ -592,8 +643,7 @@ class Store:
     def mark_delivery(self, reply_id: int, delivery: Delivery, retry_for_s: float = 60.0) -> None:
         """Record a send's outcome. Retried in place on a database outage: the reply already left, and a
         retried turn would find it still pending and send it again."""
-        params = {"rid": reply_id, "outcome": SENT if delivery.ok else FAILED, "error": delivery.error,
-                  "attempts": delivery.attempts, "at": now() if delivery.ok else None}
+        params = _delivery_params(reply_id, delivery)
         deadline, wait = time.monotonic() + retry_for_s, 0.2
         while True:
             try:

@@ -31,7 +31,7 @@ from shared.models import ChatSession, DeadLetter, InboxItem, Message
 from shared.partitioning import partition_of, queue_name
 from shared.store import Store, now
 from workers.testing import RecordingChannel
-from workers.turn import TurnRunner
+from workers.runner import TurnRunner
 
 REPO = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("OPS_REDIS_URL", "redis://127.0.0.1:6379/12")  # this file's own database

@@ -148,6 +148,31 @@ def test_a_sender_paused_after_its_fencing_check_sends_nothing():
         assert fresh.ok and [r.body for r in server.requests] == [{"a": 2}]
 
 
+def test_a_sender_paused_between_its_last_check_and_the_socket_sends_nothing(monkeypatch):
+    """The pause falls after the adapter's check, while the connection is made: the check before each socket write
+    still stops the request, so nothing reaches the platform (fault b once caught a reply written 60 ms after the
+    holder resumed from a pause there)."""
+    import time
+
+    import urllib3
+
+    from shared.errors import LeaseLost
+
+    connect = urllib3.connection.HTTPConnection.connect
+
+    def paused_connect(self):  # the process is stopped right here, for longer than its check counts
+        connect(self)
+        time.sleep(0.2)
+
+    monkeypatch.setattr(urllib3.connection.HTTPConnection, "connect", paused_connect)
+    with StandIn(default=Reply(body={"id": "m1"})) as server:
+        sender = HttpSender({})
+        with pytest.raises(LeaseLost):
+            sender.post(server.base + "/send", {"a": 1}, id_of, before_attempt=lambda: time.monotonic() + 0.1)
+        time.sleep(0.1)
+        assert server.requests == []
+
+
 def test_a_retry_is_logged_with_the_host_only():
     """The path of a send URL may hold a bot token (Telegram) or a chat id (Discord DMs): never logged."""
     from structlog.testing import capture_logs

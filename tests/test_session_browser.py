@@ -31,7 +31,7 @@ from shared.messages import DM, GROUP, NEW_SESSION, InboundMessage
 from shared.migrate import upgrade
 from shared.store import Store
 from workers.testing import RecordingChannel
-from workers.turn import TurnRunner
+from workers.runner import TurnRunner
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "admin-token-Jq84kLz0-session-browser"

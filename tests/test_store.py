@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import event, select, update
 
 from shared.agents import EchoAgent
-from shared.db import engine_for, transaction
+from shared.db import STATEMENT_LISTENERS, engine_for, transaction
 from shared.models import ChatSession, Message, SessionEvent
 from shared.store import SEQ_RESTART_IDLE_S, LeaseBusy, _as_utc, now, transcript
 from test_turn import _hours, make_runner, msg, sent
@@ -22,7 +22,7 @@ LEASE = 30
 
 
 def limits(runner) -> dict[str, int]:
-    return runner._history_limits()
+    return runner.lease.history_limits
 
 
 def test_the_claim_brings_the_first_ready_turn_with_its_context(database_url):
@@ -110,26 +110,49 @@ class Counter:
     def _statement(self, *_args) -> None:
         self.statements += 1
 
+    def _direct(self, conn, *_args) -> None:
+        """A statement shared.db.execute ran straight on psycopg; on an autocommit connection, its own transaction
+        (SQLAlchemy's begin event does not fire for it)."""
+        self.statements += 1
+        if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+            self.transactions += 1
+
     def __enter__(self) -> Counter:
         event.listen(self.engine, "begin", self._begin)
         event.listen(self.engine, "before_cursor_execute", self._statement)
+        STATEMENT_LISTENERS.append(self._direct)  # the turn's statements, run straight on psycopg
         return self
 
     def __exit__(self, *_exc) -> None:
         event.remove(self.engine, "begin", self._begin)
         event.remove(self.engine, "before_cursor_execute", self._statement)
+        STATEMENT_LISTENERS.remove(self._direct)
 
 
-def test_a_turn_takes_six_transactions(database_url):
-    """accept, claim (with the turn's context), commit (with the reply to send), the fence before the send,
-    the delivery, release: the floor with a separate fencing check before each send."""
+def test_a_turn_takes_three_transactions(database_url):
+    """accept with the claim (the lease is free: taken first, then the message joins the inbox, then the turn and
+    its context are read), the commit (fenced, renewing the lease: the send right after it needs no fencing
+    statement of its own), the release with the delivery recorded."""
     r = make_runner(database_url, EchoAgent())
     r.handle(msg("one", seq=1))
     with Counter(database_url) as counted:
         assert r.handle(msg("two", seq=2)) == "replied"
-    assert counted.transactions == 6
+    assert counted.transactions == 3
     sqlite_begins = counted.transactions if database_url.startswith("sqlite") else 0  # BEGIN IMMEDIATE statements
-    assert counted.statements - sqlite_begins == 15
+    assert counted.statements - sqlite_begins == 14
+    assert sent(r)[-1] == ("5511", "echo: two")
+    assert transcript(database_url, "wa:dm:5511")[1][-1].delivery_status == "sent"
+
+
+def test_a_busy_session_costs_its_accept_one_more_transaction(database_url):
+    """The lease is held (a holder is busy): the message only joins the inbox, then the claim is tried on its own
+    (the release protocol needs the message committed first); the holder takes it."""
+    r = make_runner(database_url, EchoAgent())
+    held = r.store.claim(r.store.accept(msg("one", seq=1)).session_id, LEASE)
+    with Counter(database_url) as counted:
+        assert r.handle(msg("two", seq=2)) == "queued"
+    assert counted.transactions == 2
+    r.store.release(held)
 
 
 def test_a_backlog_takes_four_transactions_a_turn(database_url):
@@ -140,8 +163,9 @@ def test_a_backlog_takes_four_transactions_a_turn(database_url):
         r.store.accept(msg(str(i), seq=i))
     with Counter(database_url) as counted:
         assert len(r.drain(sid)) == 5
-    # claim + release, then per turn: commit, fence, delivery, and next_turn for every turn but the first
-    assert counted.transactions == 2 + 5 * 3 + 4
+    # claim + release (with the last delivery), then per turn a commit (it renews the lease: no fencing statement),
+    # and for every turn but the first the next turn's read and the previous turn's delivery
+    assert counted.transactions == 2 + 5 + 4 + 4
     assert [text for _, text in sent(r)][-5:] == [f"echo: {x}" for x in ("two", "3", "4", "5", "6")]
 
 
@@ -280,8 +304,8 @@ def test_the_bench_turn_profile_counts_a_turn(tmp_path):
     finally:
         engine_for(url).dispose()
     assert result["outcomes"] == {"replied": 20} and result["replies_sent"] == 20
-    assert result["per_turn"]["transactions"] == 6 and result["cpu_ms_per_turn"] > 0
-    assert "store.claim" in result["parts"] and "store.commit_turn" in print_turn_profile(result)
+    assert result["per_turn"]["transactions"] == 3 and result["cpu_ms_per_turn"] > 0
+    assert "store.accept" in result["parts"] and "store.commit_turn" in print_turn_profile(result)
 
 
 def test_a_connection_idle_in_the_pool_is_pinged_before_use(postgres_url, monkeypatch):

@@ -25,7 +25,7 @@ from shared.store import (
     transcript,
 )
 from workers.testing import RecordingChannel, settings_for
-from workers.turn import TurnRunner
+from workers.runner import TurnRunner
 
 
 def make_runner(url: str, agent=None, **session) -> TurnRunner:
@@ -319,7 +319,7 @@ def test_stale_holder_does_not_send(database_url):
     with transaction(database_url) as s:  # another holder took the session over meanwhile
         s.execute(update(ChatSession).values(lease_token=ChatSession.lease_token + 1))
     with pytest.raises(LeaseLost):
-        r._dispatch(claim, settled.replies)
+        r.dispatch(claim, settled.replies)
     assert sent(r) == []
 
 
@@ -385,25 +385,24 @@ def test_a_holder_that_loses_the_session_while_paced_sends_nothing(database_url)
         claim = r.store.claim(r.store.accept(msg("hello", seq=1)).session_id, lease_seconds=30)
         settled = r.store.commit_turn(r.store.next_turn(claim, 30, history_limit=10), "echo: hello")
         with pytest.raises(LeaseLost):
-            r._dispatch(claim, settled.replies)
+            r.dispatch(claim, settled.replies)
         assert platform.requests == []  # the fencing check runs after the pacing wait, right before the POST
     assert transcript(database_url, "wa:dm:5511")[1][-1].delivery_status == "pending"  # the new holder sends it
 
 
 def test_a_holder_paused_inside_the_renewal_does_not_send(database_url):
     r = make_runner(database_url, EchoAgent())
-    claim = r.store.claim(r.store.accept(msg("hello", seq=1)).session_id, lease_seconds=30)
-    settled = r.store.commit_turn(r.store.next_turn(claim, 30, history_limit=10), "echo: hello")
+    claim = r.store.claim(r.store.accept(msg("hello", seq=1)).session_id, lease_seconds=0.2)
+    settled = r.store.commit_turn(r.store.next_turn(claim, 0.2, history_limit=10), "echo: hello")
     renew = r.store.renew
 
     def paused_renew(c, lease_seconds):  # the database answered, then the process was stopped for a while
         renew(c, lease_seconds)
-        time.sleep(r.settings.lease_seconds / 2 + 0.1)
+        time.sleep(lease_seconds / 2 + 0.1)
 
     r.store.renew = paused_renew
-    r.settings = settings_for(database_url, r.settings.channels.values(), lease_seconds=0.2)
     with pytest.raises(LeaseLost):
-        r._dispatch(claim, settled.replies)
+        r.dispatch(claim, settled.replies)
     assert sent(r) == []
 
 
@@ -420,11 +419,18 @@ def test_a_reply_sent_while_the_database_was_down_is_not_sent_again_by_the_next_
     def database_down(reply_id, delivery, retry_for_s=60.0):
         raise OperationalError("UPDATE messages", {}, Exception("the database is restarting"))
 
-    first.store.mark_delivery = database_down  # the sender gives up (or dies) before the database is back
+    released = first.store.release
+
+    def release(claim, deliveries=()):  # the release would record the outcome with it: the database is gone
+        if deliveries:
+            raise OperationalError("UPDATE messages", {}, Exception("the database is restarting"))
+        return released(claim)
+
+    first.store.mark_delivery, first.store.release = database_down, release  # the sender gives up (or dies)
     with pytest.raises(OperationalError):
         first.handle(msg("hello", seq=1))
     assert sent(first) == [("5511", "echo: hello")]
-    first.store.mark_delivery = recorded
+    first.store.mark_delivery, first.store.release = recorded, released
 
     successor = make_runner(database_url, EchoAgent())
     successor.journal = journal

@@ -17,7 +17,8 @@ from shared.models import ChatSession, Message
 from shared.store import Store, now, transcript
 from test_turn import make_runner, msg, sent
 from workers.testing import RecordingChannel, settings_for
-from workers.turn import NEW_SESSION_REPLY, TurnRunner
+from workers.runner import TurnRunner
+from workers.turn import NEW_SESSION_REPLY
 
 
 class Recording:

@@ -39,7 +39,8 @@ from shared.replybox import MemoryReplyBox, RedisReplyBox, box_key, reply_box
 from shared.signing import keyed_hash, sign, unsign
 from shared.models import ChatSession
 from shared.store import SEQ_RESTART_IDLE_S, SEQ_TTL_S, LeaseLost, Store, now, transcript
-from workers.turn import NEW_SESSION_REPLY, TurnRunner
+from workers.runner import TurnRunner
+from workers.turn import NEW_SESSION_REPLY
 
 WEB = "web"
 REDIS_URL = os.environ.get("WEBCHAT_REDIS_URL", "redis://127.0.0.1:6379/15")  # keys are unique and deleted

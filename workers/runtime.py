@@ -10,7 +10,7 @@ from shared.config import get_settings
 from shared.deliveries import MemoryJournal, RedisJournal
 from shared.ratelimit import LocalLimiter, RedisLimiter
 from shared.store import Store
-from workers.turn import TurnRunner
+from workers.runner import TurnRunner
 
 
 @functools.cache

@@ -25,7 +25,7 @@ from shared.db import engine_for
 from shared.messages import DM, GROUP, NEW_SESSION, Delivery, InboundMessage
 from shared.migrate import upgrade
 from shared.store import Store
-from workers.turn import TurnRunner
+from workers.runner import TurnRunner
 
 CHANNEL_ID = "test"
 DEFAULT_USER = "Ana"

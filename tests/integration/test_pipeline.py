@@ -388,7 +388,7 @@ def test_redelivery_past_the_ingress_ledger_is_stopped_by_the_store(stack):
     rows = stack.wait_settled(key, 2)
     assert [m["text"] for m in rows if m["role"] == "user"] == ["only once please", "next"]
     # The duplicate's turn is done (nothing to do), so the next message must not wait for it as for a
-    # missing predecessor (workers.turn.ORDER_WAIT_S = 30 s, then a false "turn.gap").
+    # missing predecessor (workers.app.ORDER_WAIT_S = 30 s, then a false "turn.gap").
     assert waited < 10, f"the message after a duplicate waited {waited:.1f}s for its turn (seq gap after duplicate)"
 
 
