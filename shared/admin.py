@@ -504,8 +504,19 @@ class BrokerView:
         return [t for t in (decode_task(r, queue) for r in reversed(raws)) if t]
 
     def in_flight(self) -> list[QueuedTask]:
+        """Messages a worker took and has not acknowledged. The ingress files each message in the unacked hash
+        already when it enqueues it (ingress/redis_enqueue.py), so those still waiting in a queue are left out."""
+        queued = set()
+        for queue in [queue_name(p) for p in range(self.partitions)]:
+            for raw in self.redis.lrange(queue, 0, -1):
+                try:
+                    queued.add(json.loads(raw)["properties"]["delivery_tag"])
+                except (ValueError, TypeError, KeyError):
+                    continue
         out = []
-        for _tag, raw in self.redis.hscan_iter(UNACKED_KEY, count=1000):
+        for tag, raw in self.redis.hscan_iter(UNACKED_KEY, count=1000):
+            if (tag.decode() if isinstance(tag, bytes) else tag) in queued:
+                continue
             try:
                 payload, _exchange, routing_key = json.loads(raw)
             except (ValueError, TypeError):

@@ -147,3 +147,23 @@ def test_a_worker_that_files_and_acks_the_message_leaves_nothing_behind(tmp_path
         assert client.hlen("unacked") == 1
         qos.ack(raw.delivery_tag)
     assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+
+
+def test_the_operators_view_counts_a_message_in_flight_only_once_a_worker_took_it(tmp_path, client):
+    """`chatsessions partitions` / `sessions stuck` read in-flight turns from the unacked hash: a message the
+    ingress filed there but which still waits in its queue is queued, not in flight."""
+    from shared.admin import BrokerView
+
+    publisher = Publisher(settings_for(tmp_path))
+    waiting, taken = message(chat="5511"), message(chat="5522")
+    assert publisher.publish([waiting, taken]) == 2
+    view = BrokerView(client, 16)
+    assert view.in_flight() == []
+    queue = queue_name(partition_of(taken.session_key, 16))
+    raw = client.rpop(queue)  # a worker took it (BRPOP) and has not acked it
+    if taken.platform_message_id not in raw.decode():  # both may share a partition: take the right one
+        client.rpush(queue, raw)
+        client.lrem(queue, 1, next(r for r in client.lrange(queue, 0, -1) if taken.platform_message_id in r.decode()))
+    [flying] = view.in_flight()
+    assert flying.session_key == taken.session_key and flying.seq == 1
+    assert sum(view.depth(queue_name(p)) for p in range(16)) == 1

@@ -77,15 +77,28 @@ def assert_clean(report: Report) -> None:
     assert not problems, report.describe()
 
 
+def _body(message: dict) -> bytes | str:
+    """A kombu message's body: base64 as Celery's send_task writes it, plain JSON as the ingress's script does."""
+    return base64.b64decode(message["body"]) if message["properties"].get("body_encoding") == "base64" \
+        else message["body"]
+
+
 def orphans_in_redis(stack: FaultStack, partitions: set[int]) -> dict[str, str]:
-    """Turns a dead worker had taken but not acked: kombu's `unacked` hash, limited to its partitions.
+    """Turns a dead worker had taken but not acked: kombu's `unacked` hash, limited to its partitions, less the
+    messages still waiting in their queue (the ingress files each message there when it enqueues it).
     Returns delivery tag -> message text."""
+    r = stack.redis()
+    unacked = r.hgetall("unacked")
+    queued = {json.loads(raw)["properties"]["delivery_tag"]
+              for p in partitions for raw in r.lrange(f"sessions.{p}", 0, -1)}
     out = {}
-    for tag, raw in stack.redis().hgetall("unacked").items():
+    for tag, raw in unacked.items():
         message, _exchange, routing_key = json.loads(raw)
         if not routing_key.startswith("sessions.") or int(routing_key.split(".")[1]) not in partitions:
             continue
-        args = json.loads(base64.b64decode(message["body"]))[0]
+        if tag.decode() in queued:
+            continue
+        args = json.loads(_body(message))[0]
         if args and isinstance(args[0], dict) and "platform_message_id" in args[0]:
             out[tag.decode()] = args[0].get("text", "")
     return out
