@@ -10,6 +10,7 @@ escapes control characters, so no value can forge a log line (or drive the termi
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -38,7 +39,12 @@ _CONTROL_BUT_LINES = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u20
 
 def pseudonym(secret_key: str, value: Any) -> str:
     """What the logs say instead of a personal id (below DEBUG): grep them for it."""
-    return keyed_hash(secret_key, "log", str(value))
+    return _pseudonym(secret_key, str(value))
+
+
+@functools.lru_cache(maxsize=65536)  # a session's key and ids come back in every line of its turns
+def _pseudonym(secret_key: str, value: str) -> str:
+    return keyed_hash(secret_key, "log", value)
 
 
 def _debug() -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -134,6 +135,11 @@ class HttpSender:
     ):
         self.session = requests.Session()
         self.session.headers.update(headers)
+        # requests reads the environment again on every request (proxies, .netrc, the CA bundle): a third of a send's
+        # CPU. Read once instead: the CA bundle here, each host's proxies at its first request.
+        self.session.trust_env = False
+        self.session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+        self._proxies: dict[tuple[str, str], dict[str, str]] = {}
         adapter = FencedAdapter(pool_connections=4, pool_maxsize=64)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
@@ -150,7 +156,7 @@ class HttpSender:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             _fenced.until = before_attempt() if before_attempt is not None else None
             try:
-                response = self.session.post(url, json=payload, timeout=TIMEOUT)
+                response = self.session.post(url, json=payload, timeout=TIMEOUT, proxies=self._proxies_for(url))
             except requests.RequestException as exc:
                 error = f"network: {exc.__class__.__name__}"
                 wait = None
@@ -175,6 +181,13 @@ class HttpSender:
                         error=error)
             self.sleep(delay)
         return Delivery(ok=False, error=error, attempts=MAX_ATTEMPTS)
+
+    def _proxies_for(self, url: str) -> dict[str, str]:
+        """HTTP(S)_PROXY / NO_PROXY from the environment for this URL's host, read once per host."""
+        host = urlsplit(url)[:2]
+        if host not in self._proxies:
+            self._proxies[host] = requests.utils.get_environ_proxies(url)
+        return self._proxies[host]
 
 
 def send_chunks(text: str, limit: int, send_one: Callable[[int, str], Delivery]) -> Delivery:

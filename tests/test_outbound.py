@@ -184,3 +184,17 @@ def test_a_retry_is_logged_with_the_host_only():
             assert sender.post(server.base + "/api/v10/channels/1290000000000000001/messages?wait=true", {}, id_of).ok
     [retry] = [e for e in logs if e["event"] == "outbound.retry"]
     assert retry["url"] == server.base and retry["error"] == "http 500: oops"
+
+
+def test_proxies_and_the_ca_bundle_come_from_the_environment_read_once(monkeypatch):
+    """requests would read the environment on every request; the sender reads it once per host, and still honours
+    HTTPS_PROXY / NO_PROXY and REQUESTS_CA_BUNDLE."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "internal.example")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/our-bundle.pem")
+    sender = HttpSender({})
+    assert sender.session.trust_env is False and sender.session.verify == "/etc/ssl/certs/our-bundle.pem"
+    assert sender._proxies_for("https://graph.facebook.com/v21.0/1/messages")["https"] == "http://proxy.example:3128"
+    assert "https" not in sender._proxies_for("https://internal.example/send")
+    monkeypatch.setenv("HTTPS_PROXY", "http://other.example:3128")  # read once: a running worker keeps its view
+    assert sender._proxies_for("https://graph.facebook.com/x")["https"] == "http://proxy.example:3128"
