@@ -11,6 +11,7 @@ import threading
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from shared.config import DEFAULT_CONCURRENCY
 from shared.errors import ConfigError
 
 
@@ -86,23 +87,36 @@ def cmd_admin(args: argparse.Namespace) -> int:
                   "--access-logfile", "/dev/null"])
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
-    from shared.config import get_settings
+def worker_command(settings, partitions: str, *, pool: str | None = None, concurrency: int | None = None,
+                   name: str | None = None, maintenance: bool = True, events: bool = False,
+                   loglevel: str = "INFO") -> list[str]:
+    """The Celery worker command of a pool consuming `partitions` ("0-7", "0,2,5-6", "all"): what
+    `chatsessions worker` execs, and what the test and bench stacks start. `pool`: threads | gevent (the execution
+    model; default WORKER_POOL); `concurrency`: turns at once (default WORKER_CONCURRENCY, by pool)."""
     from shared.partitioning import parse_partitions, queue_name
     from shared.queueing import MAINTENANCE_QUEUE
 
-    settings = get_settings()
     if settings.embedded:
         raise ConfigError("BROKER_URL=memory:// works only inside `chatsessions run`; set BROKER_URL=redis://...")
     try:
-        partitions = parse_partitions(args.partitions, settings.partitions)
+        numbers = parse_partitions(partitions, settings.partitions)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    queues = [queue_name(p) for p in partitions] + ([] if args.no_maintenance else [MAINTENANCE_QUEUE])
-    name = args.name or f"pool-{args.partitions.replace(',', '_')}@%h"
-    return _exec(["celery", "-A", "workers.app", "worker", *(["-E"] if args.events else []), "-P", "threads",
-                  "-c", str(args.concurrency or settings.worker_concurrency), "-Q", ",".join(queues),
-                  "-n", name, "--without-mingle", "--without-gossip", "-l", args.loglevel])
+    pool = pool or settings.worker_pool
+    if concurrency is None:
+        concurrency = settings.worker_concurrency if pool == settings.worker_pool else DEFAULT_CONCURRENCY[pool]
+    queues = [queue_name(p) for p in numbers] + ([MAINTENANCE_QUEUE] if maintenance else [])
+    return ["celery", "-A", "workers.app", "worker", *(["-E"] if events else []), "-P", pool, "-c", str(concurrency),
+            "-Q", ",".join(queues), "-n", name or f"pool-{partitions.replace(',', '_')}@%h", "--without-mingle",
+            "--without-gossip", "-l", loglevel]
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from shared.config import get_settings
+
+    return _exec(worker_command(get_settings(), args.partitions, pool=args.pool, concurrency=args.concurrency,
+                                name=args.name, maintenance=not args.no_maintenance, events=args.events,
+                                loglevel=args.loglevel))
 
 
 def cmd_beat(args: argparse.Namespace) -> int:
@@ -257,7 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="consume a set of partitions (e.g. --partitions 0-7)")
     worker.add_argument("--partitions", required=True, help='"0-7", "0,2,5-6" or "all"')
-    worker.add_argument("--concurrency", type=int, help="threads (default WORKER_CONCURRENCY or 16)")
+    worker.add_argument("--pool", choices=sorted(DEFAULT_CONCURRENCY),
+                        help="the execution model: threads (fast Agents), gevent (Agents that wait on an LLM: "
+                             "a thousand turns in flight); default WORKER_POOL or threads")
+    worker.add_argument("--concurrency", type=int,
+                        help="turns at once (default WORKER_CONCURRENCY, else 16 threads or 1000 greenlets)")
     worker.add_argument("--name", help="Celery node name (default pool-<partitions>@host)")
     worker.add_argument("--no-maintenance", action="store_true", help="do not also consume the maintenance queue")
     worker.add_argument("--loglevel", default="INFO")

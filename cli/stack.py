@@ -111,24 +111,16 @@ def _children(pid: int) -> list[int]:
 
 
 def worker_argv(partitions: str, concurrency: int, name: str, app: str | None = None,
-                extra: tuple[str, ...] = (), maintenance: bool = True) -> list[str]:
-    """The exact command `chatsessions worker --partitions P --concurrency C --name N` execs (asked from cli.main,
-    so the flags stay the production ones), optionally with another Celery app (`-A`) and extra flags.
+                extra: tuple[str, ...] = (), maintenance: bool = True, pool: str | None = None) -> list[str]:
+    """The exact command `chatsessions worker --partitions P --concurrency C --name N [--pool X]` execs (the same
+    function builds it), optionally with another Celery app (`-A`) and extra flags.
 
     Reads the settings of *this* process: call it with the stack's environment applied (Stack.applied_env)."""
-    from cli import main as cli_main
+    from cli.main import worker_command
+    from shared.config import load_settings
 
-    captured: list[list[str]] = []
-    real_exec = cli_main._exec
-    cli_main._exec = lambda argv: captured.append(list(argv)) or 0  # type: ignore[assignment]
-    try:
-        args = cli_main.build_parser().parse_args(
-            ["worker", "--partitions", partitions, "--concurrency", str(concurrency), "--name", name]
-            + ([] if maintenance else ["--no-maintenance"]))
-        args.fn(args)
-    finally:
-        cli_main._exec = real_exec  # type: ignore[assignment]
-    argv = captured[0]
+    argv = worker_command(load_settings(), partitions, pool=pool, concurrency=concurrency, name=name,
+                          maintenance=maintenance)
     exe = shutil.which(argv[0], path=str(venv_bin())) or argv[0]
     argv[0] = exe
     if app:
@@ -260,11 +252,13 @@ class Stack:
                                       str(workers), "--threads", str(threads)])
 
     def start_pool(self, name: str, partitions: str, concurrency: int = 16, app: str | None = None,
-                   extra: tuple[str, ...] = (), maintenance: bool = True) -> Proc:
+                   extra: tuple[str, ...] = (), maintenance: bool = True, pool: str | None = None) -> Proc:
         """A worker pool: the command `chatsessions worker` execs, run directly (same flags), so extra Celery flags
-        (e.g. --prefetch-multiplier) and a bench-only app (`app="cli.bench_ceiling"`) can be given."""
+        (e.g. --prefetch-multiplier) and a bench-only app (`app="cli.bench_ceiling"`) can be given; `pool` is
+        the execution model (threads | gevent; default WORKER_POOL)."""
         with self.applied_env():
-            argv = worker_argv(partitions, concurrency, f"{name}@%h", app=app, extra=extra, maintenance=maintenance)
+            argv = worker_argv(partitions, concurrency, f"{name}@%h", app=app, extra=extra, maintenance=maintenance,
+                               pool=pool)
         return self.start(name, argv)
 
     def start_beat(self) -> Proc:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import importlib
+import inspect
 import re
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,7 +44,58 @@ class Conversation:
 @runtime_checkable
 class Agent(Protocol):
     def reply(self, conversation: Conversation) -> str | None:
-        """The reply text, or None to stay silent."""
+        """The reply text, or None to stay silent. May be `async def` (awaited on the process's agent loop)."""
+
+
+def reply_of(agent: Agent, conversation: Conversation) -> str | None:
+    """An Agent's reply, whether its `reply` is plain (`def`) or a coroutine (`async def`)."""
+    result = agent.reply(conversation)
+    return _await(result) if inspect.isawaitable(result) else result
+
+
+def _gevent() -> bool:
+    """Whether this process runs on greenlets (a `-P gevent` worker monkey-patches threading at start)."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and monkey.is_module_patched("threading")
+
+
+@functools.cache
+def _agent_loop() -> asyncio.AbstractEventLoop:
+    """The process's one event loop for async Agents, in a native thread of its own: thousands of coroutines wait
+    there for the price of one thread. Under gevent, with the original (unpatched) selector and thread."""
+    if _gevent():
+        from gevent import monkey
+
+        loop = asyncio.SelectorEventLoop(monkey.get_original("selectors", "DefaultSelector")())
+        monkey.get_original("_thread", "start_new_thread")(loop.run_forever, ())
+    else:
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, name="async-agents", daemon=True).start()
+    return loop
+
+
+def _await(awaitable: Any) -> Any:
+    """Run an Agent's coroutine on the agent loop and wait for it: a thread waits on the future; a greenlet on
+    gevent's thread-safe async watcher, which the loop's thread fires when the coroutine is done, so the waiting
+    costs it no thread either."""
+    future = asyncio.run_coroutine_threadsafe(_as_coroutine(awaitable), _agent_loop())
+    if not _gevent():
+        return future.result()
+    import gevent
+    from gevent.event import Event
+
+    done, watcher = Event(), gevent.get_hub().loop.async_()
+    watcher.start(done.set)
+    try:
+        future.add_done_callback(lambda _f: watcher.send())
+        done.wait()
+        return future.result()
+    finally:
+        watcher.close()
+
+
+async def _as_coroutine(awaitable: Any) -> Any:
+    return await awaitable
 
 
 class AgentFailed(Exception):
@@ -58,7 +114,7 @@ class Retrying:
     def reply(self, conversation: Conversation) -> str | None:
         for attempt in range(1, self.attempts + 1):
             try:
-                return self.agent.reply(conversation)
+                return reply_of(self.agent, conversation)
             except Exception as exc:  # noqa: BLE001 - any failure of the Agent's code is retried, then dead-lettered
                 error = f"{exc.__class__.__name__}: {exc}"
                 log.warning("turn.agent_failed", attempt=attempt, error=error)

@@ -263,7 +263,7 @@ class Settings:
     partitions: int
     lease_seconds: float
     visibility_timeout: float
-    worker_concurrency: int
+    worker_concurrency: int  # turns one worker process runs at once (threads, or greenlets with gevent)
     log_format: str  # "json" or "console"
     log_level: str
     config_path: Path
@@ -275,6 +275,9 @@ class Settings:
     broker_queue_type: str = "classic"  # BROKER_QUEUE_TYPE: classic | quorum (RabbitMQ quorum queues; amqp:// only)
     redis_sentinel_master: str | None = None  # REDIS_SENTINEL_MASTER: the master of sentinel:// URLs (docs/scaling.md)
     # SECRET_KEY: keys the pseudonyms of personal ids in logs and signs web chat visitor ids (shared/signing.py)
+    # WORKER_POOL: how a worker process waits — "threads" (OS threads; fast Agents) or "gevent" (greenlets; Agents
+    # that wait on an LLM: a thousand turns in flight per process)
+    worker_pool: str = "threads"
     # LOG_TASK_LINES: Celery's own "Task ... received" / "succeeded" INFO lines, two per message (off: the turn's line)
     log_task_lines: bool = False
     secret_key: str = field(default="", repr=False)
@@ -372,6 +375,10 @@ def _secure_cookies(env: Mapping[str, str], embedded: bool) -> bool:
     http on one's own machine, where some browsers refuse Secure cookies."""
     return _flag(env, "SECURE_COOKIES", not embedded)
 
+
+# Turns a worker process runs at once by default, by WORKER_POOL: a thread holds its turn's whole Agent call; a
+# greenlet costs a few kilobytes while it waits (docs/scaling.md sizes both).
+DEFAULT_CONCURRENCY = {"threads": 16, "gevent": 1000}
 
 BROKER_QUEUE_TYPES = ("classic", "quorum")
 AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
@@ -519,6 +526,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if visibility <= lease:
         raise ConfigError("VISIBILITY_TIMEOUT must be longer than LEASE_SECONDS")
     admin_token = _admin_token(env)
+    worker_pool = (env.get("WORKER_POOL") or "threads").lower()
+    if worker_pool not in DEFAULT_CONCURRENCY:
+        raise ConfigError(f"WORKER_POOL must be threads or gevent, got {env.get('WORKER_POOL')!r}")
     log_format = env.get("LOG_FORMAT") or "console"
     if log_format not in ("json", "console"):
         raise ConfigError(f"LOG_FORMAT must be json or console, got {log_format!r}")
@@ -529,7 +539,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         partitions=_number(env, "PARTITIONS", doc.get("partitions", 16), int),
         lease_seconds=lease,
         visibility_timeout=visibility,
-        worker_concurrency=_number(env, "WORKER_CONCURRENCY", 16, int),
+        worker_concurrency=_number(env, "WORKER_CONCURRENCY", DEFAULT_CONCURRENCY[worker_pool], int),
+        worker_pool=worker_pool,
         log_format=log_format,
         log_level=(env.get("LOG_LEVEL") or "INFO").upper(),
         log_task_lines=_flag(env, "LOG_TASK_LINES", False),

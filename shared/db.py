@@ -24,10 +24,12 @@ from sqlalchemy.exc import (
     NoResultFound,
     OperationalError,
 )
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
-# The database is down or the connection died: transient, worth retrying (a failed transaction left nothing).
-DB_UNAVAILABLE = (OperationalError, InterfaceError)
+# The database is down, the connection died, or every pooled connection stayed busy past the pool's timeout (many
+# turns at once on greenlets): transient, worth retrying (a failed transaction left nothing).
+DB_UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeout)
 
 log = structlog.get_logger(__name__)
 

@@ -449,3 +449,23 @@ def test_a_reply_sent_while_the_database_was_down_is_not_sent_again_by_the_next_
 def _session_ids(url: str) -> list[int]:
     with transaction(url) as s:
         return list(s.scalars(select(ChatSession.id)))
+
+
+def test_a_busy_connection_pool_is_waited_out_not_dead_lettered(database_url):
+    """Many turns at once (greenlets) can wait longer than the pool's timeout for a connection: SQLAlchemy's
+    TimeoutError is transient like an unavailable database (the task retries), never a reason to set a message
+    aside."""
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    r = make_runner(database_url, EchoAgent())
+    commit = r.store.commit_turn
+
+    def pool_exhausted(*_args, **_kwargs):
+        raise PoolTimeout("QueuePool limit of size 20 overflow 20 reached, connection timed out, timeout 30.00")
+
+    r.store.commit_turn = pool_exhausted
+    with pytest.raises(PoolTimeout):
+        r.handle(msg("hello", seq=1))
+    r.store.commit_turn = commit
+    assert dead_letters(database_url) == []
+    assert [sid for sid, _, _ in r.store.stalled(grace_s=0, order_wait_s=3600)]  # left for the retry / sweeper

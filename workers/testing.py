@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from shared.agents import Agent, Conversation, load_agent
+from shared.agents import Agent, Conversation, load_agent, reply_of
 from shared.config import ChannelConfig, SessionOptions, Settings
 from shared.db import engine_for
 from shared.messages import DM, GROUP, NEW_SESSION, Delivery, InboundMessage
@@ -78,7 +78,7 @@ class _Watched:
     def reply(self, conversation: Conversation) -> str | None:
         self.seen.append(conversation)
         try:
-            return self.agent.reply(conversation)
+            return reply_of(self.agent, conversation)  # awaited here if the Agent is async
         except Exception as exc:
             self.errors.append(exc)
             raise

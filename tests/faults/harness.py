@@ -192,6 +192,7 @@ class StackOptions:
     ingresses: int = 1  # gunicorn ingress processes, each on its own port
     pools: dict[str, str] = field(default_factory=lambda: {"pool-a": "0-7", "pool-b": "8-15"})
     concurrency: int = 8
+    pool: str = "threads"  # the workers' execution model (WORKER_POOL): threads | gevent
     beat: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -349,7 +350,7 @@ class FaultStack:
 
     def start_worker(self, name: str, partitions: str, concurrency: int | None = None, wait: bool = True) -> Proc:
         proc = self.spawn(name, [str(VENV_BIN / "chatsessions"), "worker", "--partitions", partitions,
-                                 "--concurrency", str(concurrency or self.options.concurrency),
+                                 "--pool", self.options.pool, "--concurrency", str(concurrency or self.options.concurrency),
                                  "--name", f"{name}-{RUN}@%h"])
         proc.partitions = partitions  # type: ignore[attr-defined]
         if wait:

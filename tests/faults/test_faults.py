@@ -241,6 +241,10 @@ def note_nonce_resends(stack: FaultStack, report: Report) -> int:
 @EVERY_BROKER
 def test_b_sigstop_past_lease_then_sigcont(make_stack, broker):
     stack = make_stack("b-sigstop" + SUFFIX[broker], broker=broker, pools={"pool-a": "0-15", "pool-b": "0-15"})
+    sigstop_scenario(stack, "b. SIGSTOP past lease + SIGCONT" + LABEL[broker])
+
+
+def sigstop_scenario(stack: FaultStack, fault: str) -> None:
     # Slow sessions (the Agent thinks a second per turn) make sure the pause catches turns in the middle.
     traffic = traffic_for(stack, slow_sessions=max(4, SESSIONS // 8))
     paused_at, fault_end = pause_past_lease(stack, traffic)
@@ -254,8 +258,7 @@ def test_b_sigstop_past_lease_then_sigcont(make_stack, broker):
         return len(arrivals) == 2 and arrivals[0] <= paused_at and arrivals[1] >= paused_at + LEASE_SECONDS \
             and sent.session.channel != DC
 
-    report = finish(stack, traffic, "b. SIGSTOP past lease + SIGCONT" + LABEL[broker], fault_end,
-                    excuse_dup=in_duplicate_window)
+    report = finish(stack, traffic, fault, fault_end, excuse_dup=in_duplicate_window)
     if report.dup_excused:
         report.notes.append(f"{len(report.dup_excused)} replies sent twice in the duplicate window of "
                             "docs/guarantees.md (*: sent just before the pause, not yet marked sent; WhatsApp and "
@@ -289,11 +292,14 @@ def test_b_discord_sigstop_mid_send_no_duplicate(make_stack):
 
 
 def test_c_redis_restart_with_persistence(make_stack):
-    stack = make_stack("c-redis-aof", persistence=True)
+    redis_restart_scenario(make_stack("c-redis-aof", persistence=True), "c. Redis restart, appendfsync always")
+
+
+def redis_restart_scenario(stack: FaultStack, fault: str) -> None:
     traffic = traffic_for(stack)
     start_and_reach(traffic)
     down_at, up_at = stack.restart_redis(down_s=4.0)
-    report = finish(stack, traffic, "c. Redis restart, appendfsync always", up_at)
+    report = finish(stack, traffic, fault, up_at)
     n503 = traffic.answers.get("503", 0)
     report.notes.append(f"Redis down {up_at - down_at:.1f}s; ingress answered 503 x{n503}, "
                         f"connection errors x{traffic.answers.get('conn', 0)}; {broker_state(stack)}")
@@ -331,11 +337,15 @@ def test_d_redis_restart_without_persistence(make_stack):
 
 @EVERY_BROKER
 def test_e_database_outage(make_stack, broker):
-    stack = make_stack("e-db-outage" + SUFFIX[broker], broker=broker)
+    database_outage_scenario(make_stack("e-db-outage" + SUFFIX[broker], broker=broker),
+                             "e. database outage 5s" + LABEL[broker])
+
+
+def database_outage_scenario(stack: FaultStack, fault: str) -> None:
     traffic = traffic_for(stack)
     start_and_reach(traffic)
     down_at, up_at = stack.db_outage(5.0)
-    report = finish(stack, traffic, "e. database outage 5s" + LABEL[broker], up_at)
+    report = finish(stack, traffic, fault, up_at)
     report.notes.append(f"database refused connections for {up_at - down_at:.1f}s; turn retries in logs: "
                         f"{log_count(stack, 'Retry in')}")
     assert_clean(report)
@@ -477,3 +487,32 @@ def test_k_graceful_ingress_shutdown(make_stack, broker):
     assert_clean(report)
 
 assert PARTITIONS == 16  # the pool splits above assume 16 partitions
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# (l) the same faults with the workers on greenlets (WORKER_POOL=gevent, the execution model for Agents that wait)
+
+GEVENT = {"pool": "gevent", "concurrency": 200}
+
+
+def test_l_gevent_worker_sigkill_then_restart(make_stack):
+    kill_worker_scenario(make_stack("l-a-sigkill-gevent", **GEVENT), "l-a. worker SIGKILL + restart [gevent]")
+
+
+def test_l_gevent_sigstop_past_lease_then_sigcont(make_stack):
+    stack = make_stack("l-b-sigstop-gevent", pools={"pool-a": "0-15", "pool-b": "0-15"}, **GEVENT)
+    sigstop_scenario(stack, "l-b. SIGSTOP past lease + SIGCONT [gevent]")
+
+
+def test_l_gevent_redis_restart_with_persistence(make_stack):
+    redis_restart_scenario(make_stack("l-c-redis-aof-gevent", persistence=True, **GEVENT),
+                           "l-c. Redis restart, appendfsync always [gevent]")
+
+
+def test_l_gevent_database_outage(make_stack):
+    database_outage_scenario(make_stack("l-e-db-outage-gevent", **GEVENT), "l-e. database outage 5s [gevent]")
+
+
+def test_l_gevent_duplicate_webhooks_on_two_ingresses(make_stack):
+    duplicates_scenario(make_stack("l-f-duplicates-gevent", ingresses=2, **GEVENT),
+                        "l-f. duplicate webhooks, 2 ingresses [gevent]")

@@ -5,7 +5,7 @@ One stack per test session:
   * a Redis database (IT_REDIS_URL, default redis://127.0.0.1:6379/11), FLUSHDB at the start and at the end;
   * a StandInPlatforms in this process: every channel's api_base points at it, it records every reply;
   * `chatsessions ingress` (gunicorn, 2 workers), two `chatsessions worker` pools splitting the 16 partitions
-    (a: 0-7, b: 8-15) and one `chatsessions beat` (SWEEP_SECONDS=1) for the dormant sweep.
+    (a: 0-7 on threads, b: 8-15 on gevent) and one `chatsessions beat` (SWEEP_SECONDS=1) for the dormant sweep.
 
 Nothing is mocked. If PostgreSQL or Redis is unreachable the fixtures FAIL (never skip). Each process logs to a
 file under the session's tmp dir; a failing test gets the tail of every log appended to its report.
@@ -476,7 +476,9 @@ def running_stack(work: Path, pg_database: str, redis_client: redis.Redis, stand
     commands = {
         "ingress": ["ingress", "--bind", f"127.0.0.1:{port}", "--workers", "2"],
         "worker-a": ["worker", "--partitions", "0-7", "--concurrency", "8", "--name", f"{name}-a@%h"],
-        "worker-b": ["worker", "--partitions", "8-15", "--concurrency", "8", "--name", f"{name}-b@%h"],
+        # The other execution model: pool-b runs its turns on greenlets (the pool for Agents that wait on an LLM).
+        "worker-b": ["worker", "--partitions", "8-15", "--pool", "gevent", "--concurrency", "100", "--name",
+                     f"{name}-b@%h"],
         "beat": ["beat", "--schedule", str(work / "beat-schedule")],
     }
     _STACK = stack
