@@ -21,6 +21,10 @@ platforms deliver a chat's updates, so the order the ingress sees is the order t
 Load shapes: --concurrency C (closed loop: at most C messages awaiting their reply, and --window per session) or
 --rate R (open loop: R messages/s offered, sessions round-robin, whatever the replies do).
 
+--status-callbacks posts what a WhatsApp deployment gets three of for every reply instead: signed status webhooks
+(`statuses[]`: sent, delivered, read of the session's replies, in turn); the ingress answers them 200 and nothing
+else, so a status callback is done at its 200.
+
     chatsessions loadgen --url http://127.0.0.1:8000 --config channels.toml --sessions 300 --messages 10 \
         --concurrency 32 --json
 """
@@ -216,6 +220,18 @@ def discord_interaction(session: Session, user: tuple[str, str], question: str) 
     return doc
 
 
+def build_status_request(session: Session, k: int, run_num: int) -> tuple[str, bytes, dict[str, str], str]:
+    """(path, body, headers, message id) of status callback `k` of a WhatsApp DM session, signed now: the statuses
+    of our replies to it in the order Meta posts them, sent, delivered, read for reply k // 3, then the next."""
+    from cli.standins import payloads as p
+
+    t = session.target
+    msg_id = f"wamid.LGS{run_num}.{session.index}.{k // len(p.WHATSAPP_STATUSES)}"
+    status = p.WHATSAPP_STATUSES[k % len(p.WHATSAPP_STATUSES)]
+    body = p.encode(p.whatsapp_status(str(t.options["phone_number_id"]), session.chat_id, msg_id, status))
+    return f"/webhooks/{t.channel_id}", body, p.sign_whatsapp(body, t.secrets["app_secret"]), msg_id
+
+
 def build_request(session: Session, k: int, text: str, run_num: int) -> tuple[str, bytes, dict[str, str], str]:
     """(path, body, headers, platform message id) of message `k` of the session, signed now."""
     from cli.standins import payloads as p
@@ -243,9 +259,16 @@ def build_request(session: Session, k: int, text: str, run_num: int) -> tuple[st
 # A workload: sessions x messages, in one load shape
 
 
+WEBHOOKS = ("message", "status")  # what a workload POSTs: user messages, or WhatsApp status callbacks
+
+
 @dataclass(eq=False)
 class Workload:
-    """N sessions x M messages, closed loop (`concurrency`) or open loop (`rate`)."""
+    """N sessions x M messages, closed loop (`concurrency`) or open loop (`rate`).
+
+    `webhook="status"` POSTs WhatsApp status callbacks (sent, delivered, read of our replies) to the WhatsApp DM
+    sessions of `kinds` instead of user messages: nothing answers them, so such a workload expects no replies.
+    """
 
     name: str
     sessions: int
@@ -258,6 +281,7 @@ class Workload:
     kinds: tuple[str, ...] | None = None  # e.g. ("whatsapp:dm",); default every platform:kind of the targets
     limit: int | None = None  # stop after this many messages in all (sessions round robin), if fewer than N x M
     duration_s: float | None = None  # stop sending after this long (whatever is left of N x M is not sent)
+    webhook: str = "message"  # one of WEBHOOKS
     # filled in by LoadGen.run
     run_num: int = 0
     plan: list[Session] = field(default_factory=list)
@@ -280,6 +304,10 @@ class Workload:
             raise ValueError("a workload has either a rate (open loop) or a concurrency (closed loop)")
         if self.sessions < 1 or self.messages < 1:
             raise ValueError("sessions and messages must be at least 1")
+        if self.webhook not in WEBHOOKS:
+            raise ValueError(f"webhook must be one of {WEBHOOKS}, not {self.webhook!r}")
+        if self.webhook == "status" and self.expect_replies:
+            raise ValueError("status callbacks get no replies: expect_replies=False")
 
     @property
     def total(self) -> int:
@@ -443,9 +471,12 @@ class LoadGen:
         with s.send_lock:
             k = s.next_k
             s.next_k += 1
-            filler = FILLERS[k % len(FILLERS)].format(name=s.members[0][1].split()[0], order=48000 + s.index)
-            text = f"lg-{wl.run_num:06d}-{s.index}-{k} {filler}"
-            path, body, headers, msg_id = build_request(s, k, text, wl.run_num)
+            if wl.webhook == "status":
+                path, body, headers, msg_id = build_status_request(s, k, wl.run_num)
+            else:
+                filler = FILLERS[k % len(FILLERS)].format(name=s.members[0][1].split()[0], order=48000 + s.index)
+                text = f"lg-{wl.run_num:06d}-{s.index}-{k} {filler}"
+                path, body, headers, msg_id = build_request(s, k, text, wl.run_num)
             msg = Msg(s, k, msg_id, t_sched, event=threading.Event() if wl.concurrency and wl.expect_replies else None)
             wl.msgs[(s.index, k)] = msg
             msg.t_sent = time.time()
@@ -523,9 +554,11 @@ class LoadGen:
         while wl.run_num in self._runs:
             wl.run_num = random.randrange(100_000, 1_000_000)
         slots = [(t, kind) for t in self.targets for kind in KINDS
-                 if wl.kinds is None or f"{t.platform}:{kind}" in wl.kinds or t.channel_id in wl.kinds]
+                 if (wl.kinds is None or f"{t.platform}:{kind}" in wl.kinds or t.channel_id in wl.kinds)
+                 and (wl.webhook == "message" or (t.platform, kind) == ("whatsapp", "dm"))]
         if not slots:
-            raise ValueError(f"workload {wl.name}: no channel offers the kinds {wl.kinds}")
+            raise ValueError(f"workload {wl.name}: no channel offers the kinds {wl.kinds}"
+                             + (" as WhatsApp DMs (status callbacks)" if wl.webhook == "status" else ""))
         wl.plan = [_session(i, wl.run_num, *slots[i % len(slots)]) for i in range(wl.sessions)]
         for s in wl.plan:
             wl._ready.append(s)
@@ -745,6 +778,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--discord-key", default=os.environ.get("LOADGEN_DISCORD_KEY"),
                         help="hex Ed25519 seed whose public key the Discord channel has (env LOADGEN_DISCORD_KEY)")
     parser.add_argument("--no-replies", action="store_true", help="ingress only: a message is done at its 200")
+    parser.add_argument("--status-callbacks", action="store_true",
+                        help="POST WhatsApp status callbacks (sent, delivered, read) to the WhatsApp channels' DM "
+                             "sessions instead of messages; implies --no-replies")
     parser.add_argument("--reply-timeout", type=float, default=60.0)
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="after the last send, give up when no reply came for this long")
@@ -762,9 +798,13 @@ def main(args: argparse.Namespace) -> int:
         env["CHATSESSIONS_CONFIG"] = args.config
     settings = load_settings(env)
     key = discord_key_from_seed(args.discord_key) if args.discord_key else None
+    platforms = args.platforms.split(",") if args.platforms else None
+    if args.status_callbacks:
+        if platforms and "whatsapp" not in platforms:
+            raise ConfigError("--status-callbacks: status callbacks are WhatsApp's (--platforms whatsapp)")
+        platforms = ["whatsapp"]
     targets, address, warnings = targets_from_settings(
-        settings, key, args.channels.split(",") if args.channels else None,
-        args.platforms.split(",") if args.platforms else None)
+        settings, key, args.channels.split(",") if args.channels else None, platforms)
     for w in warnings:
         print(f"loadgen: {w}", file=sys.stderr)
     if not targets or address is None:
@@ -776,8 +816,9 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"cannot listen on {address[0]}:{address[1]} for the replies (api_base): {exc}") from None
     concurrency = None if args.rate else (args.concurrency or 16)
     wl = Workload("loadgen", args.sessions, args.messages, rate=args.rate, concurrency=concurrency,
-                  window=args.window, expect_replies=not args.no_replies, senders=args.senders,
-                  duration_s=args.duration)
+                  window=args.window, expect_replies=not (args.no_replies or args.status_callbacks),
+                  senders=args.senders, duration_s=args.duration,
+                  webhook="status" if args.status_callbacks else "message")
     gen = LoadGen(args.url, targets, standin, reply_timeout=args.reply_timeout, drain_timeout=args.drain_timeout,
                   progress=False if args.quiet else None)
     if not args.quiet and not sys.stderr.isatty():

@@ -352,24 +352,44 @@ def test_bad_trusted_proxies_stop_the_process_at_start(tmp_path, value, message)
         load_settings({**write(tmp_path, WA), "TRUSTED_PROXIES": value})
 
 
-@pytest.mark.parametrize("value, allowed", [("", ""), ("10.0.0.0/8, 192.0.2.1", "10.0.0.0/8,192.0.2.1/32")])
-def test_chatsessions_ingress_gives_gunicorn_the_trusted_proxies(tmp_path, monkeypatch, value, allowed):
-    """gunicorn believes X-Forwarded-Proto from the same peers as the app; unset, from nobody (its own default
-    would be 127.0.0.1)."""
+def ingress_argv(monkeypatch, env: dict[str, str], *options: str) -> list[str]:
+    """The gunicorn command `chatsessions ingress` execs with this environment."""
     from cli import main
     from shared.config import get_settings
 
-    for name, env_value in {**write(tmp_path, WA), "TRUSTED_PROXIES": value}.items():
+    for name, env_value in env.items():
         monkeypatch.setenv(name, env_value)
     started: list[list[str]] = []
     monkeypatch.setattr(main, "_exec", lambda argv: started.append(argv) or 0)
     get_settings.cache_clear()
     try:
-        assert main.main(["ingress", "--bind", "127.0.0.1:0"]) == 0
+        assert main.main(["ingress", "--bind", "127.0.0.1:0", *options]) == 0
     finally:
         get_settings.cache_clear()
     [argv] = started
+    return argv
+
+
+@pytest.mark.parametrize("value, allowed", [("", ""), ("10.0.0.0/8, 192.0.2.1", "10.0.0.0/8,192.0.2.1/32")])
+def test_chatsessions_ingress_gives_gunicorn_the_trusted_proxies(tmp_path, monkeypatch, value, allowed):
+    """gunicorn believes X-Forwarded-Proto from the same peers as the app; unset, from nobody (its own default
+    would be 127.0.0.1)."""
+    argv = ingress_argv(monkeypatch, {**write(tmp_path, WA), "TRUSTED_PROXIES": value})
     assert argv[argv.index("--forwarded-allow-ips") + 1] == allowed
+
+
+@pytest.mark.parametrize("options, accesslog", [((), None), (("--access-log",), "-")])
+def test_chatsessions_ingress_has_gunicorn_write_an_access_log_only_when_asked(tmp_path, monkeypatch, options,
+                                                                              accesslog):
+    """gunicorn formats an access log line for every request whenever its `accesslog` is set, to /dev/null too."""
+    from gunicorn.config import Config
+
+    argv = ingress_argv(monkeypatch, write(tmp_path, WA), *options)
+    config = Config()
+    for name, value in vars(config.parser().parse_args(argv[1:])).items():  # as gunicorn reads its command line
+        if value is not None and name != "args":
+            config.set(name.lower(), value)
+    assert config.accesslog == accesslog
 
 
 def test_secure_cookies_is_on_outside_the_embedded_process_and_can_be_turned_off(tmp_path):

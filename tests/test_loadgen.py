@@ -117,3 +117,21 @@ def test_open_loop_workload_in_process(deployment):
     assert report["mode"] == "open" and report["accepted"] == report["replied"] == 24, report
     assert correct(report), report
     assert report["unmatched_replies"] == 0
+
+
+def test_status_callbacks_are_answered_200_and_nothing_else(deployment):
+    """`--status-callbacks`: WhatsApp's sent/delivered/read webhooks to the WhatsApp DM sessions, each done at its
+    200; the ingress writes no log line for them (the `status_callbacks` bench scenario's check, in small)."""
+    stack, _, _ = deployment
+    ingress_log = stack.proc("ingress").log_path
+    before = ingress_log.read_text()
+    done = subprocess.run(
+        [str(venv_bin() / "chatsessions"), "loadgen", "--url", stack.url, "--config", stack.env["CHATSESSIONS_CONFIG"],
+         "--status-callbacks", "--sessions", "4", "--messages", "6", "--concurrency", "4", "--json", "--quiet"],
+        cwd=REPO, env=stack.full_env(), capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, f"loadgen exited {done.returncode}:\n{done.stdout}\n{done.stderr}\n{stack.tails(20)}"
+    report = json.loads(done.stdout)
+    assert (report["sent"], report["accepted"], report["rejected"], report["replied"]) == (24, 24, 0, None), report
+    assert set(report["by_kind"]) == {"whatsapp:dm"} and report["channels"] == ["lg-wa"]
+    assert report["unmatched_replies"] == 0  # nothing was answered
+    assert ingress_log.read_text() == before

@@ -33,12 +33,33 @@ def whatsapp_text(phone_number_id: str, from_: str, name: str, text: str, msg_id
                                "text": {"body": text}, "type": "text"}
     if group_id:
         message["group_id"] = group_id
-    value = {
-        "messaging_product": "whatsapp",
-        "metadata": {"display_phone_number": "15550783881", "phone_number_id": str(phone_number_id)},
-        "contacts": [{"profile": {"name": name}, "wa_id": from_}],
-        "messages": [message],
-    }
+    return _whatsapp_event(phone_number_id, contacts=[{"profile": {"name": name}, "wa_id": from_}],
+                           messages=[message])
+
+
+WHATSAPP_STATUSES = ("sent", "delivered", "read")  # what Meta posts for each message we send, in that order
+
+
+def whatsapp_status(phone_number_id: str, recipient_id: str, msg_id: str, status: str,
+                    timestamp: float | None = None) -> dict[str, Any]:
+    """A `messages` webhook with one status of a message we sent to `recipient_id` (wa_id): `statuses[]` instead
+    of `messages[]`. `sent` and `delivered` carry the conversation and pricing objects (`sent` with the
+    conversation's expiration), `read` neither, as Meta sends them."""
+    at = int(timestamp or time.time())
+    entry: dict[str, Any] = {"id": msg_id, "status": status, "timestamp": str(at), "recipient_id": recipient_id}
+    if status in ("sent", "delivered"):
+        conversation: dict[str, Any] = {"id": hashlib.sha256(recipient_id.encode()).hexdigest()[:32]}
+        if status == "sent":
+            conversation["expiration_timestamp"] = str(at + 86400)
+        entry["conversation"] = conversation | {"origin": {"type": "service"}}
+        entry["pricing"] = {"billable": True, "pricing_model": "PMP", "category": "service"}
+    return _whatsapp_event(phone_number_id, statuses=[entry])
+
+
+def _whatsapp_event(phone_number_id: str, **fields: Any) -> dict[str, Any]:
+    """The envelope of a `messages` webhook for our phone number: one entry, one change, `fields` in its value."""
+    value = {"messaging_product": "whatsapp",
+             "metadata": {"display_phone_number": "15550783881", "phone_number_id": str(phone_number_id)}} | fields
     return {"object": "whatsapp_business_account",
             "entry": [{"id": "102290129340398", "changes": [{"value": value, "field": "messages"}]}]}
 
