@@ -896,7 +896,7 @@ def profile_turns(database_url: str, turns: int = 1000, sessions: int = 100, war
     from shared.db import STATEMENT_LISTENERS, engine_for
     from shared.logs import configure_logging
     from shared.messages import DM, InboundMessage
-    from shared.store import Store
+    from workers.store import Store
     from workers.testing import RecordingChannel, settings_for
     from workers.runner import TurnRunner
 

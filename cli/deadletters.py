@@ -7,7 +7,7 @@ import json
 import sys
 
 from shared.config import get_settings
-from shared.store import dead_letters, drop_dead_letter
+from shared.transcripts import dead_letters, drop_dead_letter
 
 
 def _one(url: str, letter_id: int):

@@ -11,13 +11,16 @@ import json
 import os
 import sys
 import time
+from datetime import datetime, timezone
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
-from shared import admin
+from cli import broker_view, session_reset, stuck
+from shared import privacy, redis_keys, session_queries
 from shared.config import Settings, get_settings
 from shared.errors import ConfigError
+from shared.partitioning import partition_of
 
 OK, FAILED, USAGE = 0, 1, 2
 
@@ -129,7 +132,7 @@ def sessions_main(args: argparse.Namespace) -> int:
 
 def _sessions_list(args: argparse.Namespace, settings: Settings) -> int:
     try:
-        page = admin.find_sessions(settings.database_url, channel=args.channel, status=args.status,
+        page = session_queries.find_sessions(settings.database_url, channel=args.channel, status=args.status,
                                    idle_minutes=args.idle_minutes, page=args.page, limit=args.limit)
     except ValueError as exc:
         _err(str(exc))
@@ -138,10 +141,10 @@ def _sessions_list(args: argparse.Namespace, settings: Settings) -> int:
         _print_json({"page": page.page, "pages": page.pages, "limit": page.limit, "total": page.total,
                      "sessions": [s.to_dict(settings.partitions) for s in page.sessions]})
         return OK
-    t = admin.now()
-    rows = [[s.key, admin.partition_of(s.key, settings.partitions), s.status, s.generation, s.message_count,
+    t = datetime.now(timezone.utc)
+    rows = [[s.key, partition_of(s.key, settings.partitions), s.status, s.generation, s.message_count,
              f"{s.last_activity_at:%Y-%m-%d %H:%M:%S}",
-             admin.format_duration((t - s.last_activity_at).total_seconds())] for s in page.sessions]
+             stuck.format_duration((t - s.last_activity_at).total_seconds())] for s in page.sessions]
     print(_table(["KEY", "PART", "STATUS", "GEN", "MSGS", "LAST ACTIVITY (UTC)", "IDLE"], rows, right=(1, 3, 4, 6)))
     print(f"page {page.page} of {page.pages}, {page.total} session(s)"
           + (f"; next: --page {page.page + 1}" if page.page < page.pages else ""))
@@ -149,7 +152,7 @@ def _sessions_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _sessions_show(args: argparse.Namespace, settings: Settings) -> int:
-    detail = admin.session_detail(settings.database_url, args.key, settings.partitions)
+    detail = session_queries.session_detail(settings.database_url, args.key, settings.partitions)
     if detail is None:
         _err(f"no session {args.key!r}")
         return FAILED
@@ -174,12 +177,12 @@ def _sessions_show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _sessions_new(args: argparse.Namespace, settings: Settings) -> int:
-    from shared.store import LeaseBusy, LeaseLost
+    from workers.store import LeaseBusy, LeaseLost
 
     deadline = time.monotonic() + args.wait
     while True:
         try:
-            generation = admin.force_new_session(settings.database_url, args.key, settings.lease_seconds)
+            generation = session_reset.force_new_session(settings.database_url, args.key, settings.lease_seconds)
             break
         except LookupError as exc:
             _err(str(exc).strip("'\""))
@@ -197,7 +200,7 @@ def _sessions_new(args: argparse.Namespace, settings: Settings) -> int:
     return OK
 
 
-def _erase_summary(r: admin.EraseReport) -> list[str]:
+def _erase_summary(r: privacy.EraseReport) -> list[str]:
     return [f"  direct-message sessions: {len(r.sessions)}" + (f" ({', '.join(r.sessions)})" if r.sessions else ""),
             f"  messages (theirs and the Agent's replies to them): {r.messages}",
             f"  lifecycle events: {r.events}",
@@ -208,21 +211,21 @@ def _erase_summary(r: admin.EraseReport) -> list[str]:
             f"  ingress sequence counters (Redis): {r.redis_keys}"]
 
 
-def _empty(r: admin.EraseReport) -> bool:
+def _empty(r: privacy.EraseReport) -> bool:
     return not (r.sessions or r.messages or r.inbox or r.dead_letters)
 
 
-def _erase_preview(args: argparse.Namespace, settings: Settings) -> admin.EraseReport:
+def _erase_preview(args: argparse.Namespace, settings: Settings) -> privacy.EraseReport:
     """What an erase would delete (counting the Redis counters too if Redis answers)."""
     from redis import RedisError
 
     if settings.redis_url:
         try:
-            return admin.erase_user(settings.database_url, args.user, channel=args.channel, dry_run=True,
+            return privacy.erase_user(settings.database_url, args.user, channel=args.channel, dry_run=True,
                                     redis_client=_redis(settings.redis_url), identity=settings.identity_of(args.user))
         except RedisError:
             pass
-    return admin.erase_user(settings.database_url, args.user, channel=args.channel, dry_run=True,
+    return privacy.erase_user(settings.database_url, args.user, channel=args.channel, dry_run=True,
                             identity=settings.identity_of(args.user))
 
 
@@ -250,14 +253,14 @@ def _sessions_erase(args: argparse.Namespace, settings: Settings) -> int:
         if input("erase all of it? this cannot be undone [y/N] ").strip().lower() not in ("y", "yes"):
             print("nothing erased")
             return FAILED
-    report = admin.erase_user(url, args.user, channel=args.channel, progress=Progress(f"erasing {args.user}"),
+    report = privacy.erase_user(url, args.user, channel=args.channel, progress=Progress(f"erasing {args.user}"),
                               identity=settings.identity_of(args.user))
     redis_error = None
     if settings.redis_url and report.sessions:
         from redis import RedisError
 
         try:
-            report.redis_keys = admin.forget_sequences(_redis(settings.redis_url), report.sessions)
+            report.redis_keys = privacy.forget_sequences(_redis(settings.redis_url), report.sessions)
         except RedisError as exc:
             redis_error = f"{exc.__class__.__name__}: {exc}"
     if args.json:
@@ -265,7 +268,7 @@ def _sessions_erase(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print(f"erased for user {args.user}:", *_erase_summary(report), sep="\n")
     if redis_error:
-        keys = " ".join(f"{admin.SEQ_PREFIX}{k}" for k in report.sessions)
+        keys = " ".join(f"{redis_keys.SEQ_PREFIX}{k}" for k in report.sessions)
         _err(f"the database is erased, but the ingress counters in Redis were not ({redis_error}): when Redis is "
              f"back, `DEL {keys}` there, or the user's next message first waits for the numbers before it")
         return FAILED
@@ -273,7 +276,7 @@ def _sessions_erase(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _sessions_export(args: argparse.Namespace, settings: Settings) -> int:
-    doc = admin.export_user(settings.database_url, args.user, channel=args.channel,
+    doc = privacy.export_user(settings.database_url, args.user, channel=args.channel,
                             identity=settings.identity_of(args.user))
     text = json.dumps(doc, indent=2, ensure_ascii=False)
     if args.output:
@@ -296,13 +299,13 @@ def _broker_view(settings: Settings):
     if not _is_redis(settings.broker_url):
         return None, None
     ledger = _redis(settings.redis_url) if settings.redis_url and settings.redis_url != settings.broker_url else None
-    view = admin.BrokerView(_redis(settings.broker_url, settings.redis_sentinel_master), settings.partitions, ledger)
+    view = broker_view.BrokerView(_redis(settings.broker_url, settings.redis_sentinel_master), settings.partitions, ledger)
     return view, lambda: _consumers(settings, 1.0)
 
 
 def _consumers(settings: Settings, timeout: float) -> dict[str, list[str]] | None:
     try:
-        return admin.queue_consumers(_celery(settings), timeout)
+        return broker_view.queue_consumers(_celery(settings), timeout)
     except Exception as exc:  # noqa: BLE001 - whatever the broker raises, the table still prints
         _err(f"could not ask the workers which queues they consume: {exc.__class__.__name__}: {exc}")
         return None
@@ -313,13 +316,13 @@ def _sessions_stuck(args: argparse.Namespace, settings: Settings) -> int:
 
     view, consumers = _broker_view(settings)
     try:
-        stuck = admin.find_stuck(settings.database_url, args.older_than, partitions=settings.partitions,
+        found = stuck.find_stuck(settings.database_url, args.older_than, partitions=settings.partitions,
                                  lease_seconds=settings.lease_seconds, view=view, consumers=consumers)
     except RedisError as exc:
         _err(f"broker unreachable ({redact(settings.broker_url)}): {exc.__class__.__name__}: {exc}")
         return FAILED
     recovery = None
-    if args.recover and stuck:
+    if args.recover and found:
         request = None
         if not settings.embedded:
             name = sweep_task_name()
@@ -328,20 +331,20 @@ def _sessions_stuck(args: argparse.Namespace, settings: Settings) -> int:
                 from shared.queueing import MAINTENANCE_QUEUE
 
                 _celery(settings).send_task(name, queue=MAINTENANCE_QUEUE)
-        recovery = admin.recover(settings.database_url, stuck, request)
+        recovery = stuck.recover(settings.database_url, found, request)
     if args.json:
         _print_json({"older_than_s": args.older_than, "broker_inspected": view is not None,
-                     "stuck": [e.to_dict() for e in stuck], "recovery": recovery.to_dict() if recovery else None})
+                     "stuck": [e.to_dict() for e in found], "recovery": recovery.to_dict() if recovery else None})
     else:
-        t = admin.now()
+        t = datetime.now(timezone.utc)
         rows = []
-        for e in stuck:
+        for e in found:
             for i, reason in enumerate(e.reasons):
-                rows.append([e.key, e.partition, admin.format_duration(e.age_s(t)), reason] if i == 0
+                rows.append([e.key, e.partition, stuck.format_duration(e.age_s(t)), reason] if i == 0
                             else ["", "", "", reason])
         if rows:
             print(_table(["KEY", "PART", "WAITING", "WHY"], rows, right=(1, 2)))
-        print(f"{len(stuck)} stuck session(s) with a message waiting over {admin.format_duration(args.older_than)}"
+        print(f"{len(found)} stuck session(s) with a message waiting over {stuck.format_duration(args.older_than)}"
               + ("" if view is not None else " (broker not inspected: in-process broker)"))
         if recovery:
             for key in recovery.leases_released:
@@ -351,7 +354,7 @@ def _sessions_stuck(args: argparse.Namespace, settings: Settings) -> int:
                       "back to their partition")
             for line in recovery.advice:
                 print(f"needs an operator: {line}")
-    if not stuck:
+    if not found:
         return OK
     if recovery is None:
         return FAILED
@@ -390,7 +393,7 @@ def partitions_main(args: argparse.Namespace) -> int:
         return FAILED
     consumers = _consumers(settings, args.timeout)
     try:
-        statuses = admin.partition_status(view, consumers, extra_queues=[MAINTENANCE_QUEUE])
+        statuses = broker_view.partition_status(view, consumers, extra_queues=[MAINTENANCE_QUEUE])
     except RedisError as exc:
         _err(f"broker unreachable ({redact(settings.broker_url)}): {exc.__class__.__name__}: {exc}")
         return FAILED
@@ -400,7 +403,7 @@ def partitions_main(args: argparse.Namespace) -> int:
                      "queues": [s.to_dict() for s in statuses]})
     else:
         rows = [[s.partition if s.partition is not None else "-", s.queue, s.depth, s.in_flight,
-                 admin.format_duration(s.oldest_age_s) if s.oldest_age_s is not None else "-",
+                 stuck.format_duration(s.oldest_age_s) if s.oldest_age_s is not None else "-",
                  "?" if s.consumers is None else (", ".join(s.consumers) or "-"), "; ".join(s.warnings)]
                 for s in statuses]
         print(_table(["PART", "QUEUE", "DEPTH", "IN FLIGHT", "OLDEST", "CONSUMERS", "WARNING"], rows,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.store import transcript
+from shared.transcripts import transcript
 
 
 def format_transcript(key: str, url: str) -> str:

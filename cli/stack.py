@@ -34,6 +34,7 @@ from typing import IO, Self
 
 import psycopg
 import redis
+from shared import redis_keys
 
 REPO = Path(__file__).resolve().parents[1]
 PG_ADMIN = os.environ.get("BENCH_PG_ADMIN") or os.environ.get("IT_PG_ADMIN") or "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -308,7 +309,7 @@ class Stack:
         if self._db_created and not self.keep:
             from shared.db import engine_for
 
-            engine_for(self.database_url).dispose()  # if this process used shared.store on it
+            engine_for(self.database_url).dispose()  # if this process used the store on it
             with psycopg.connect(self.pg_admin, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
             self._db_created = False
@@ -379,7 +380,7 @@ class Stack:
             pipe = client.pipeline()
             for p in range(self.partitions):
                 pipe.llen(f"{prefix}{p}")
-            pipe.hlen("unacked")
+            pipe.hlen(redis_keys.UNACKED)
             return sum(pipe.execute())
         finally:
             client.close()
@@ -387,7 +388,7 @@ class Stack:
     def purge_queues(self, prefix: str = "sessions.") -> None:
         client = self.redis()
         try:
-            client.delete(*[f"{prefix}{p}" for p in range(self.partitions)], "unacked", "unacked_index")
+            client.delete(*[f"{prefix}{p}" for p in range(self.partitions)], redis_keys.UNACKED, redis_keys.UNACKED_INDEX)
         finally:
             client.close()
 

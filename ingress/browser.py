@@ -1,5 +1,5 @@
 """The session browser for support leads: channels, sessions (paged), a session's transcript and a search by
-platform user id — read-only pages over shared/admin.py and shared.store.transcript.
+platform user id — read-only pages over shared/session_queries.py, shared/privacy.py and shared/transcripts.py.
 
 It shows private conversations, so it exists only when ADMIN_TOKEN is set (404 otherwise) and every page
 needs that token: HTTP basic auth (any user name, the token as password) or `Authorization: Bearer <token>`.
@@ -18,7 +18,8 @@ import structlog
 from flask import Blueprint, Flask, Response, abort, redirect, render_template, request, url_for
 
 from ingress.proxies import TrustedProxies
-from shared.admin import export_user, find_sessions, get_session
+from shared.privacy import export_user
+from shared.session_queries import find_sessions, get_session
 from shared.channels.base import same_secret
 from shared.config import Settings
 from shared.logs import pseudonym
@@ -26,7 +27,8 @@ from shared.models import ACTIVE, DORMANT
 from shared.partitioning import partition_of
 from shared.ratelimit import Bucket, LocalLimiter, RedisLimiter
 from shared.signing import keyed_hash
-from shared.store import transcript
+from shared.transcripts import transcript
+from shared import redis_keys
 
 log = structlog.get_logger(__name__)
 
@@ -93,7 +95,7 @@ def blueprint(settings: Settings) -> Blueprint:
         """Count a wrong token from this client address (or only look): the seconds it must wait, 0 if none."""
         # The address is keyed, so Redis holds no client addresses.
         where = keyed_hash(settings.secret_key, "admin-login", request.remote_addr or "")
-        bucket = Bucket(f"admin-login:{where}", FAILED_LOGINS / FAILED_LOGIN_WINDOW_S, FAILED_LOGINS)
+        bucket = Bucket(redis_keys.admin_login(where), FAILED_LOGINS / FAILED_LOGIN_WINDOW_S, FAILED_LOGINS)
         try:
             return limiter.peek([bucket]) if peek else limiter.try_take([bucket])
         except Exception as exc:  # Redis down: the token's length still makes guessing hopeless

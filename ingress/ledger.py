@@ -12,6 +12,7 @@ from typing import Protocol
 from shared.errors import ChatSessionsError
 from shared.messages import REPLAY_WINDOW_S, SEQ_TTL_S
 from shared.redis_client import redis_client
+from shared import redis_keys
 
 DEDUPE_TTL_S = REPLAY_WINDOW_S  # parsers refuse messages older than this, so every accepted copy is still known here
 PENDING_TTL_S = 30  # a claim whose publish never confirmed (the ingress died, Redis went away) lapses
@@ -64,22 +65,22 @@ class RedisLedger:
             "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DECR', KEYS[1]) end return -1")
 
     def claim(self, channel_id: str, platform_message_id: str) -> bool:
-        state = self._claim(keys=[f"seen:{channel_id}:{platform_message_id}"], args=[PENDING_TTL_S])
+        state = self._claim(keys=[redis_keys.seen(channel_id, platform_message_id)], args=[PENDING_TTL_S])
         if state == 2:
             raise InFlight(platform_message_id)
         return state == 1
 
     def confirm(self, channel_id: str, platform_message_id: str) -> None:
-        self.redis.set(f"seen:{channel_id}:{platform_message_id}", "done", ex=DEDUPE_TTL_S)
+        self.redis.set(redis_keys.seen(channel_id, platform_message_id), "done", ex=DEDUPE_TTL_S)
 
     def release(self, channel_id: str, platform_message_id: str) -> None:
-        self.redis.delete(f"seen:{channel_id}:{platform_message_id}")
+        self.redis.delete(redis_keys.seen(channel_id, platform_message_id))
 
     def next_seq(self, session_key: str) -> int:
-        return int(self._next_seq(keys=[f"seq:{session_key}"], args=[SEQ_TTL_S]))
+        return int(self._next_seq(keys=[redis_keys.seq(session_key)], args=[SEQ_TTL_S]))
 
     def return_seq(self, session_key: str, seq: int) -> None:
-        self._return_seq(keys=[f"seq:{session_key}"], args=[seq])
+        self._return_seq(keys=[redis_keys.seq(session_key)], args=[seq])
 
     def ping(self) -> None:
         self.redis.ping()

@@ -17,8 +17,8 @@ from ingress.ledger import InFlight, Ledger, MemoryLedger, RedisLedger
 from shared.config import Settings
 from shared.errors import EnqueueFailed
 from shared.messages import InboundMessage
-from shared.partitioning import partition_of, queue_name
-from shared.queueing import HANDLE_INBOUND, make_celery, shown_as
+from shared.partitioning import partition_of
+from shared.queueing import HANDLE_INBOUND, enqueue, make_celery
 
 log = structlog.get_logger(__name__)
 
@@ -95,15 +95,8 @@ class Publisher:
             log.warning("ingress.undo_failed", platform_message_id=message.platform_message_id)
 
     def _send(self, stamped: InboundMessage) -> None:
-        partition = partition_of(stamped.session_key, self.settings.partitions)
-        self.app.send_task(
-            HANDLE_INBOUND,
-            args=[stamped.to_dict()],
-            queue=queue_name(partition),
-            retry=True,
-            # Flower shows which session (by its log pseudonym) and partition a task belongs to.
-            **shown_as(self.settings, HANDLE_INBOUND, stamped.session_key, stamped.seq),
-        )
+        enqueue(self.app, self.settings, HANDLE_INBOUND, stamped.session_key, [stamped.to_dict()], stamped.seq,
+                retry=True)
         self._enqueued(stamped, stamped.seq)
 
     def ready(self) -> None:

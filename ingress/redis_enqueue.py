@@ -25,7 +25,6 @@ import json
 import os
 import socket
 import uuid
-from typing import Any
 
 from redis.exceptions import RedisError
 
@@ -34,9 +33,9 @@ from shared.messages import REPLAY_WINDOW_S, SEQ_TTL_S, InboundMessage
 from shared.partitioning import partition_of, queue_name
 from shared.queueing import HANDLE_INBOUND, shown_as
 from shared.redis_client import redis_client
+from shared import redis_keys
 
 MARK = "\u00b6"  # where the sequence number goes; escaped JSON holds no raw non-ASCII character but this one
-UNACKED, UNACKED_INDEX = "unacked", "unacked_index"  # kombu's Redis transport keys (its defaults)
 DUPLICATE, IN_FLIGHT = -1, -2
 
 _ENQUEUE = f"""
@@ -85,8 +84,8 @@ class RedisEnqueue:
         queue = queue_name(partition_of(message.session_key, self.settings.partitions))
         tag = str(uuid.uuid4())
         result = self.script(
-            keys=[f"seen:{message.channel_id}:{message.platform_message_id}", f"seq:{message.session_key}", queue,
-                  UNACKED, UNACKED_INDEX],
+            keys=[redis_keys.seen(message.channel_id, message.platform_message_id), redis_keys.seq(message.session_key),
+                  queue, redis_keys.UNACKED, redis_keys.UNACKED_INDEX],
             args=["1" if dedupe else "0", REPLAY_WINDOW_S, SEQ_TTL_S, tag, self._message(message, received_at, queue,
                                                                                           tag)])
         if result == DUPLICATE:

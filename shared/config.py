@@ -278,6 +278,9 @@ class Settings:
     # WORKER_POOL: how a worker process waits — "threads" (OS threads; fast Agents) or "gevent" (greenlets; Agents
     # that wait on an LLM: a thousand turns in flight per process)
     worker_pool: str = "threads"
+    sweep_seconds: float = 10.0  # SWEEP_SECONDS: how often beat sweeps (stranded sessions, dormancy, retention)
+    heartbeat_file: str | None = None  # WORKER_HEARTBEAT_FILE; None: <tmp>/chatsessions-worker-<pid>.alive
+    heartbeat_seconds: float = 10.0  # WORKER_HEARTBEAT_SECONDS: how often a connected worker touches it
     # LOG_TASK_LINES: Celery's own "Task ... received" / "succeeded" INFO lines, two per message (off: the turn's line)
     log_task_lines: bool = False
     secret_key: str = field(default="", repr=False)
@@ -544,6 +547,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_format=log_format,
         log_level=(env.get("LOG_LEVEL") or "INFO").upper(),
         log_task_lines=_flag(env, "LOG_TASK_LINES", False),
+        sweep_seconds=_number(env, "SWEEP_SECONDS", 10.0),
+        heartbeat_file=env.get("WORKER_HEARTBEAT_FILE") or None,
+        heartbeat_seconds=_number(env, "WORKER_HEARTBEAT_SECONDS", 10.0),
         config_path=path,
         channels=channels,
         admin_token=admin_token,

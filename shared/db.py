@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+from datetime import datetime, timezone
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import structlog
@@ -38,6 +39,29 @@ T = TypeVar("T")
 IDLE_PING_S = 5.0  # a connection idle in the pool this long is pinged at checkout
 RECYCLE_S = 1800  # connections older than this are replaced at checkout (idle timeouts of proxies, firewalls)
 STALE_RETRIES = 2  # fresh connections run_transaction tries after finding the one it got dead
+
+
+@functools.cache
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes (stored as UTC); PostgreSQL aware ones in the session's zone."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def iso(value: datetime | None) -> str | None:
+    value = as_utc(value)
+    return value.isoformat() if value else None
+
+
+def epoch(value: float | None) -> datetime | None:
+    return datetime.fromtimestamp(value, timezone.utc) if value else None
+
+
+def batches(items: list, size: int) -> Iterator[list]:
+    """`items` in lists of at most `size` (an IN list per statement)."""
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
 
 
 @functools.cache

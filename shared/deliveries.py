@@ -13,8 +13,8 @@ import threading
 from typing import Protocol
 
 from shared.messages import Delivery
+from shared import redis_keys
 
-KEY_PREFIX = "delivered:"
 TTL_S = 7 * 24 * 3600  # far longer than any database outage a sender retries through
 
 
@@ -42,10 +42,10 @@ class RedisJournal:
         self.redis = redis_client(url, socket_timeout=2, socket_connect_timeout=2)
 
     def remember(self, reply_id: int, delivery: Delivery) -> None:
-        self.redis.set(f"{KEY_PREFIX}{reply_id}", _encode(delivery), ex=TTL_S)
+        self.redis.set(redis_keys.delivered(reply_id), _encode(delivery), ex=TTL_S)
 
     def recall(self, reply_id: int) -> Delivery | None:
-        raw = self.redis.get(f"{KEY_PREFIX}{reply_id}")
+        raw = self.redis.get(redis_keys.delivered(reply_id))
         return None if raw is None else _decode(raw)
 
 

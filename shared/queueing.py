@@ -14,10 +14,11 @@ from shared.logs import pseudonym
 from shared.partitioning import partition_of, queue_name
 from shared.redis_client import sentinel_kwargs
 
-HANDLE_INBOUND = "chat.handle_inbound"
-MARK_DORMANT = "chat.mark_dormant"
-DRAIN_SESSION = "chat.drain_session"
-SWEEP = "chat.sweep"
+HANDLE_INBOUND = "chat.handle_inbound"  # an inbound message, on its session's partition
+DRAIN_SESSION = "chat.drain_session"  # a session nobody serves, handed back to its partition by the sweeper
+MARK_DORMANT = "chat.mark_dormant"  # beat, on the maintenance queue
+SWEEP = "chat.sweep"  # beat
+PURGE_EXPIRED = "chat.purge_expired"  # beat: retention
 MAINTENANCE_QUEUE = "maintenance"
 QUORUM_EXCHANGE = "chatsessions"  # BROKER_QUEUE_TYPE=quorum: the topic exchange every queue is bound to
 
@@ -46,6 +47,13 @@ def shown_as(settings: Settings, task: str, session_key: str, seq: int | str | N
     number = "" if seq is None else f" #{seq}"
     return {"shadow": f"{task}[p{partition_of(session_key, settings.partitions)} {session}{number}]",
             "argsrepr": f"(<session {session}{number}>)"}
+
+
+def enqueue(app: Celery, settings: Settings, task: str, session_key: str, args: list, seq: int | None = None,
+            **options) -> None:
+    """Publish a session's task on its partition queue, named for Flower by partition and pseudonym."""
+    app.send_task(task, args=args, queue=queue_name(partition_of(session_key, settings.partitions)),
+                  **shown_as(settings, task, session_key, seq), **options)
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -16,6 +16,7 @@ from typing import Callable, Protocol
 from shared.config import ChannelConfig
 from shared.messages import GROUP
 from shared.redis_client import redis_client
+from shared import redis_keys
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ def buckets_for(config: ChannelConfig, chat_id: str, chat_kind: str) -> list[Buc
     kind = "group" if chat_kind == GROUP else "dm"
     account = (overrides.get("account_per_s", limits["account"][0]), overrides.get("account_burst", limits["account"][1]))
     chat = (overrides.get("chat_per_s", limits[kind][0]), overrides.get("chat_burst", limits[kind][1]))
-    return [Bucket(f"rl:{config.id}", *account), Bucket(f"rl:{config.id}:{chat_id}", *chat)]
+    return [Bucket(redis_keys.pacing(config.id), *account), Bucket(redis_keys.pacing(config.id, chat_id), *chat)]
 
 
 class Limiter(Protocol):

@@ -16,8 +16,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol
+from shared import redis_keys
 
-KEY_PREFIX = "webchat:"
 MAX_ENTRIES = 200  # per visitor chat; older entries are trimmed
 TTL_SECONDS = 24 * 3600  # a chat's box expires this long after its last entry
 READ_LIMIT = 100  # entries per read
@@ -46,7 +46,7 @@ class ReplyBox(Protocol):
 
 
 def box_key(channel_id: str, chat_id: str) -> str:
-    return f"{KEY_PREFIX}{channel_id}:{chat_id}"
+    return redis_keys.reply_box(channel_id, chat_id)
 
 
 def _after(cursor: str) -> tuple[int, int]:

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,12 +24,12 @@ from sqlalchemy import select, update
 
 from cli.main import main
 from shared.agents import DemoAgent
-from shared.config import ChannelConfig, get_settings
+from shared.config import get_settings
 from shared.db import engine_for, transaction
-from shared.messages import DM, GROUP, Delivery, InboundMessage
+from shared.messages import DM, GROUP, InboundMessage
 from shared.models import ChatSession, DeadLetter, InboxItem, Message
 from shared.partitioning import partition_of, queue_name
-from shared.store import Store, now
+from workers.store import Store, now
 from workers.testing import RecordingChannel
 from workers.runner import TurnRunner
 
@@ -402,7 +402,7 @@ def test_export_has_everything_of_the_user_and_nothing_of_others(env, capsys, tm
 
 def test_a_percent_or_underscore_in_a_user_id_matches_only_itself(env, capsys):
     """The search of dead letters and waiting messages by user id is a LIKE: `%` and `_` are escaped."""
-    from shared.admin import _mentioning
+    from shared.privacy import _mentioning
 
     chats = Chats(env.settings())
     senders = ["55_1", "5591", "55%", "55123"]

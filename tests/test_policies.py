@@ -345,11 +345,11 @@ def test_new_text_fields_refuse_unpaired_surrogates():
 
 
 def test_export_and_erase_cover_every_linked_account(tmp_path):
-    from shared import admin
+    from shared import privacy, session_queries
     from shared.config import Identity
     from shared.db import engine_for
     from shared.migrate import upgrade
-    from shared.store import Store
+    from workers.store import Store
 
     url = f"sqlite:///{tmp_path}/store.db"
     upgrade(url)
@@ -367,19 +367,19 @@ def test_export_and_erase_cover_every_linked_account(tmp_path):
     say("wa", "whatsapp", "wa:dm:5522", "5522", "5522", 4)  # somebody else
     ana = Identity("ana", {"whatsapp": ("5511",), "telegram": ("381920001",), "discord": ("402922222222222222",)})
 
-    alone = admin.export_user(url, "5511")
+    alone = privacy.export_user(url, "5511")
     assert [s["session"]["key"] for s in alone["direct_sessions"]] == ["wa:dm:5511"] and alone["person"] is None
-    doc = admin.export_user(url, "5511", identity=ana)
+    doc = privacy.export_user(url, "5511", identity=ana)
     assert doc["person"] == "ana" and doc["user_ids"] == ["5511", "381920001", "402922222222222222"]
     assert [s["session"]["key"] for s in doc["direct_sessions"]] == ["wa:dm:5511", "tg:dm:381920001",
                                                                      "person:ana:dm"]
     assert [s["inbox"][0]["message"]["text"] for s in doc["direct_sessions"]] == ["hello 1", "hello 2", "hello 3"]
 
-    by_name = admin.erase_user(url, "ana", identity=ana, dry_run=True)
+    by_name = privacy.erase_user(url, "ana", identity=ana, dry_run=True)
     assert by_name.user_ids == ["5511", "381920001", "402922222222222222"] and by_name.inbox == 3
-    report = admin.erase_user(url, "381920001", identity=ana)
+    report = privacy.erase_user(url, "381920001", identity=ana)
     assert report.person == "ana" and sorted(report.sessions) == ["person:ana:dm", "tg:dm:381920001", "wa:dm:5511"]
-    assert [s.key for s in admin.find_sessions(url).sessions] == ["wa:dm:5522"]
+    assert [s.key for s in session_queries.find_sessions(url).sessions] == ["wa:dm:5522"]
     engine_for(url).dispose()
 
 

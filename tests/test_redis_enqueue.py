@@ -152,7 +152,7 @@ def test_a_worker_that_files_and_acks_the_message_leaves_nothing_behind(tmp_path
 def test_the_operators_view_counts_a_message_in_flight_only_once_a_worker_took_it(tmp_path, client):
     """`chatsessions partitions` / `sessions stuck` read in-flight turns from the unacked hash: a message the
     ingress filed there but which still waits in its queue is queued, not in flight."""
-    from shared.admin import BrokerView
+    from cli.broker_view import BrokerView
 
     publisher = Publisher(settings_for(tmp_path))
     waiting, taken = message(chat="5511"), message(chat="5522")

@@ -29,7 +29,7 @@ from shared.db import engine_for
 from shared.logs import pseudonym
 from shared.messages import DM, GROUP, NEW_SESSION, InboundMessage
 from shared.migrate import upgrade
-from shared.store import Store
+from workers.store import Store
 from workers.testing import RecordingChannel
 from workers.runner import TurnRunner
 

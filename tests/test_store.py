@@ -15,7 +15,9 @@ from sqlalchemy import event, select, update
 from shared.agents import EchoAgent
 from shared.db import STATEMENT_LISTENERS, engine_for, transaction
 from shared.models import ChatSession, Message, SessionEvent
-from shared.store import SEQ_RESTART_IDLE_S, LeaseBusy, _as_utc, now, transcript
+from shared.transcripts import transcript
+from workers.store import SEQ_RESTART_IDLE_S, LeaseBusy, _as_utc, now
+from workers.maintenance import Maintenance
 from test_turn import _hours, make_runner, msg, sent
 
 LEASE = 30
@@ -223,7 +225,7 @@ def test_a_session_with_a_waiting_inbox_is_not_marked_dormant(database_url):
     r.store.accept(msg("three", seq=3))  # waits for seq 2
     with transaction(database_url) as s:  # an hour passes
         s.execute(update(ChatSession).values(last_activity_at=now() - _hours(1)))
-    assert r.store.mark_dormant("wa", idle_minutes=30) == 0
+    assert Maintenance(r.store.url).mark_dormant("wa", idle_minutes=30) == 0
     assert transcript(database_url, "wa:dm:5511")[0].status == "active"
 
 

@@ -15,15 +15,9 @@ from shared.config import ChannelConfig, SessionOptions
 from shared.db import transaction
 from shared.messages import DM, GROUP, NEW_SESSION, InboundMessage
 from shared.models import ChatSession, Message, SessionEvent
-from shared.store import (
-    LeaseBusy,
-    LeaseLost,
-    Store,
-    dead_letters,
-    drop_dead_letter,
-    now,
-    transcript,
-)
+from shared.transcripts import dead_letters, drop_dead_letter, transcript
+from workers.store import LeaseBusy, LeaseLost, Store, now
+from workers.maintenance import Maintenance
 from workers.testing import RecordingChannel, settings_for
 from workers.runner import TurnRunner
 
@@ -105,7 +99,7 @@ def test_dormant_session_resumes_with_context(database_url):
     r.handle(msg("my order 48213", seq=1))
     with transaction(database_url) as s:  # an hour passes
         s.execute(update(ChatSession).values(last_activity_at=now() - _hours(1)))
-    assert r.store.mark_dormant("wa", idle_minutes=30, batch=1) == 1
+    assert Maintenance(r.store.url).mark_dormant("wa", idle_minutes=30, batch=1) == 1
     assert transcript(database_url, "wa:dm:5511")[0].status == "dormant"
     r.handle(msg("where is my order?", seq=2))
     assert "48213" in sent(r)[-1][1]
@@ -121,7 +115,7 @@ def test_dormancy_sweeps_in_batches_and_skips_recent(database_url):
     with transaction(database_url) as s:
         s.execute(update(ChatSession).where(ChatSession.key != "wa:dm:u4")
                   .values(last_activity_at=now() - _hours(1)))
-    assert r.store.mark_dormant("wa", idle_minutes=30, batch=2) == 4
+    assert Maintenance(r.store.url).mark_dormant("wa", idle_minutes=30, batch=2) == 4
     assert transcript(database_url, "wa:dm:u4")[0].status == "active"
 
 
@@ -203,8 +197,8 @@ def test_a_gap_is_passed_only_when_forced(database_url):
     r = make_runner(database_url, EchoAgent())
     accepted = r.store.accept(msg("three", seq=3))  # seq 1 and 2 never arrive
     assert r.drain(accepted.session_id) == {}
-    assert r.store.stalled(grace_s=0, order_wait_s=3600) == [(accepted.session_id, "wa:dm:5511", False)]
-    assert r.store.stalled(grace_s=0, order_wait_s=0)[0][2] is True
+    assert Maintenance(r.store.url).stalled(grace_s=0, order_wait_s=3600) == [(accepted.session_id, "wa:dm:5511", False)]
+    assert Maintenance(r.store.url).stalled(grace_s=0, order_wait_s=0)[0][2] is True
     assert list(r.drain(accepted.session_id, force=True).values()) == ["replied"]
     assert r.handle(msg("four", seq=4)) == "replied"
     assert [text for _, text in sent(r)] == ["echo: three", "echo: four"]
@@ -281,7 +275,7 @@ def test_a_message_the_store_cannot_take_is_dead_lettered_and_the_session_goes_o
     r = make_runner(database_url, EchoAgent())
     bad = msg("when?", seq=1, sent_at=sent_at)
     assert r.handle(bad) == "dead_lettered"
-    assert r.store.stalled(grace_s=0, order_wait_s=0) == []  # nothing left for the sweeper to run again
+    assert Maintenance(r.store.url).stalled(grace_s=0, order_wait_s=0) == []  # nothing left for the sweeper to run again
     assert r.handle(msg("hello", seq=2)) == "replied"
     assert sent(r) == [("5511", "echo: hello")]
     [letter] = dead_letters(database_url)
@@ -329,10 +323,10 @@ def test_orphaned_replies_are_found_and_sent_once(database_url):
     claim = r.store.claim(session_id, lease_seconds=0.01)
     r.store.commit_turn(r.store.next_turn(claim, 0.01, history_limit=10), "echo: hello")  # ... then the worker died
     time.sleep(0.05)
-    assert r.store.stale_outbox(older_than_s=0) == [(session_id, "wa:dm:5511")]
+    assert Maintenance(r.store.url).stale_outbox(older_than_s=0) == [(session_id, "wa:dm:5511")]
     r.drain(session_id)
     assert sent(r) == [("5511", "echo: hello")]
-    assert r.store.stale_outbox(older_than_s=0) == []
+    assert Maintenance(r.store.url).stale_outbox(older_than_s=0) == []
     r.drain(session_id)
     assert len(sent(r)) == 1
 
@@ -343,10 +337,10 @@ def test_messages_stranded_by_a_dead_holder_are_found(database_url):
     r.store.claim(session_id, lease_seconds=0.01)  # the holder dies before taking the inbox
     r.store.accept(msg("two", seq=2))
     time.sleep(0.05)
-    assert r.store.stalled(grace_s=0, order_wait_s=3600) == [(session_id, "wa:dm:5511", False)]
+    assert Maintenance(r.store.url).stalled(grace_s=0, order_wait_s=3600) == [(session_id, "wa:dm:5511", False)]
     r.drain(session_id)
     assert [text for _, text in sent(r)] == ["echo: one", "echo: two"]
-    assert r.store.stalled(grace_s=0, order_wait_s=0) == []
+    assert Maintenance(r.store.url).stalled(grace_s=0, order_wait_s=0) == []
 
 
 def test_a_stopping_worker_starts_no_new_turn_and_leaves_the_inbox_to_the_next_owner(database_url):
@@ -468,4 +462,4 @@ def test_a_busy_connection_pool_is_waited_out_not_dead_lettered(database_url):
         r.handle(msg("hello", seq=1))
     r.store.commit_turn = commit
     assert dead_letters(database_url) == []
-    assert [sid for sid, _, _ in r.store.stalled(grace_s=0, order_wait_s=3600)]  # left for the retry / sweeper
+    assert [sid for sid, _, _ in Maintenance(r.store.url).stalled(grace_s=0, order_wait_s=3600)]  # left for the retry / sweeper

@@ -14,7 +14,9 @@ from shared.config import ChannelConfig, SessionOptions
 from shared.db import transaction
 from shared.messages import DM, GROUP, InboundMessage
 from shared.models import ChatSession, Message
-from shared.store import Store, now, transcript
+from shared.transcripts import transcript
+from workers.store import Store, now
+from workers.maintenance import Maintenance
 from test_turn import make_runner, msg, sent
 from workers.testing import RecordingChannel, settings_for
 from workers.runner import TurnRunner
@@ -126,7 +128,7 @@ def test_a_dormant_session_past_the_threshold_is_resumed_and_reset(database_url)
     r = make_runner(database_url, agent, reset="idle", reset_idle_hours=2, reset_notice="")
     r.handle(msg("my order 48213", seq=1))
     idle_for(database_url, "wa:dm:5511", 3)
-    assert r.store.mark_dormant("wa", idle_minutes=30) == 1
+    assert Maintenance(r.store.url).mark_dormant("wa", idle_minutes=30) == 1
     r.handle(msg("where is my order?", seq=2))
     assert agent.seen[-1].history == ()  # not the old context
     assert sent(r)[-1][1] == "echo: where is my order?"  # reset_notice = "": nothing added
@@ -140,7 +142,7 @@ def test_a_dormant_session_within_the_threshold_resumes_its_context(database_url
     r = make_runner(database_url, agent, reset="idle", reset_idle_hours=2)
     r.handle(msg("my order 48213", seq=1))
     idle_for(database_url, "wa:dm:5511", 1)
-    assert r.store.mark_dormant("wa", idle_minutes=30) == 1
+    assert Maintenance(r.store.url).mark_dormant("wa", idle_minutes=30) == 1
     r.handle(msg("where is my order?", seq=2))
     assert [u.text for u in agent.seen[-1].history][0] == "my order 48213"
     assert events(database_url, "wa:dm:5511") == ["created", "dormant", "resumed"]
@@ -361,7 +363,7 @@ def test_latest_drops_a_reply_a_newer_message_made_stale(database_url):
     assert stored(database_url) == [("user", "my order 48213", None), ("assistant", "echo: my order 48213", "skipped"),
                                     ("user", "actually, order 77120", None),
                                     ("assistant", "echo: actually, order 77120", "sent")]
-    assert r.store.stale_outbox(older_than_s=0) == []  # a skipped reply is not an unsent one
+    assert Maintenance(r.store.url).stale_outbox(older_than_s=0) == []  # a skipped reply is not an unsent one
 
 
 def test_queue_sends_every_reply_even_when_a_newer_message_waits(database_url):
@@ -382,18 +384,18 @@ def test_retention_deletes_closed_sessions_messages_in_batches(database_url):
     for user in ("old1", "old2", "old3"):
         idle_for(database_url, f"wa:dm:{user}", 24 * 40)
     idle_for(database_url, "wa:dm:recent", 24 * 10)
-    assert r.store.mark_dormant("wa", idle_minutes=30) == 4
+    assert Maintenance(r.store.url).mark_dormant("wa", idle_minutes=30) == 4
     idle_for(database_url, "wa:dm:active", 24 * 40)
     with transaction(database_url) as s:  # still active (e.g. the sweep has not run): not closed, kept
         s.execute(update(ChatSession).where(ChatSession.key == "wa:dm:active").values(status="active"))
-    assert r.store.purge_expired("wa", retention_days=30, batch=2) == (3, 6)
+    assert Maintenance(r.store.url).purge_expired("wa", retention_days=30, batch=2) == (3, 6)
     for user in ("old1", "old2", "old3"):
         summary, lines = transcript(database_url, f"wa:dm:{user}")
         assert lines == [] and summary.status == "dormant"  # the row stays, its content is gone
     assert len(transcript(database_url, "wa:dm:recent")[1]) == 4  # created, user, assistant, dormant
     assert len(transcript(database_url, "wa:dm:active")[1]) == 3
-    assert r.store.purge_expired("wa", retention_days=30) == (0, 0)  # nothing left to do
-    assert r.store.purge_expired("other-channel", retention_days=1) == (0, 0)
+    assert Maintenance(r.store.url).purge_expired("wa", retention_days=30) == (0, 0)  # nothing left to do
+    assert Maintenance(r.store.url).purge_expired("other-channel", retention_days=1) == (0, 0)
     assert r.handle(msg("back again", user="old1", seq=2)) == "replied"  # resumes, with an empty context
     assert [line.text for line in transcript(database_url, "wa:dm:old1")[1]] == ["resumed", "back again",
                                                                                "echo: back again"]
@@ -403,11 +405,11 @@ def test_retention_skips_a_session_with_a_waiting_message(database_url):
     r = make_runner(database_url, EchoAgent())
     r.handle(msg("hello", seq=1))
     idle_for(database_url, "wa:dm:5511", 24 * 40)
-    r.store.mark_dormant("wa", idle_minutes=30)
+    Maintenance(r.store.url).mark_dormant("wa", idle_minutes=30)
     r.store.accept(msg("three", seq=3))  # wakes it; waits for seq 2
     with transaction(database_url) as s:
         s.execute(update(ChatSession).values(status="dormant"))  # as if the sweep raced the accept
-    assert r.store.purge_expired("wa", retention_days=30) == (0, 0)
+    assert Maintenance(r.store.url).purge_expired("wa", retention_days=30) == (0, 0)
 
 
 
@@ -423,7 +425,7 @@ def test_a_reply_outside_the_window_is_recorded_undeliverable_not_sent(database_
     _, lines = transcript(database_url, "wa:dm:5511")
     assert lines[-1].delivery_status == "failed"
     assert lines[-1].delivery_error.startswith("outside the 24h customer-service window")
-    assert r.store.stale_outbox(older_than_s=0) == []  # nothing for the sweeper (or `sessions stuck`) to retry
+    assert Maintenance(r.store.url).stale_outbox(older_than_s=0) == []  # nothing for the sweeper (or `sessions stuck`) to retry
     from cli.sessions import format_transcript
 
     assert "[failed: outside the 24h customer-service window" in format_transcript("wa:dm:5511", database_url)

@@ -33,12 +33,13 @@ from shared.logs import pseudonym as log_pseudonym
 from shared.messages import DM, NEW_SESSION, InboundMessage
 from shared.migrate import upgrade
 from shared.partitioning import partition_of, queue_name
-from shared.admin import get_session
+from shared.session_queries import get_session
 from shared.ratelimit import RedisLimiter
 from shared.replybox import MemoryReplyBox, RedisReplyBox, box_key, reply_box
 from shared.signing import keyed_hash, sign, unsign
 from shared.models import ChatSession
-from shared.store import SEQ_RESTART_IDLE_S, SEQ_TTL_S, LeaseLost, Store, now, transcript
+from shared.transcripts import transcript
+from workers.store import SEQ_RESTART_IDLE_S, SEQ_TTL_S, LeaseLost, Store, now
 from workers.runner import TurnRunner
 from workers.turn import NEW_SESSION_REPLY
 

@@ -5,8 +5,6 @@ Start with `chatsessions worker --partitions 0-7` (or `celery -A workers.app wor
 
 from __future__ import annotations
 
-import os
-
 import structlog
 from celery import signals
 
@@ -14,16 +12,18 @@ from shared.config import get_settings
 from shared.db import DB_UNAVAILABLE
 from shared.logs import configure_logging
 from shared.messages import InboundMessage
-from shared.partitioning import partition_of, queue_name
+from shared.partitioning import partition_of
 from shared.queueing import (
     DRAIN_SESSION,
     HANDLE_INBOUND,
     MAINTENANCE_QUEUE,
     MARK_DORMANT,
+    PURGE_EXPIRED,
     SWEEP,
+    enqueue,
     make_celery,
-    shown_as,
 )
+from workers.maintenance import Maintenance
 from workers.runtime import runner
 
 settings = get_settings()
@@ -31,9 +31,8 @@ configure_logging(settings)
 app = make_celery(settings)
 log = structlog.get_logger(__name__)
 
-SWEEP_SECONDS = float(os.environ.get("SWEEP_SECONDS", "10"))
+maintenance = Maintenance(settings.database_url)
 STALL_GRACE_S = 5.0  # inbox messages or unsent replies this old, with the session's lease free, were stranded
-PURGE_EXPIRED = "chat.purge_expired"  # beat: retention (the ingress never publishes it, so it is named here)
 ORDER_WAIT_S = 30.0  # how long an inbox head waits for an earlier message before it goes on (a logged gap)
 
 
@@ -58,14 +57,11 @@ def drain_session(session_id: int, session_key: str, force: bool = False) -> int
 def sweep() -> int:
     """Periodic: hand back to their partition the sessions nobody serves — a holder died with messages in
     the inbox or replies unsent, or the inbox head waited ORDER_WAIT_S for an earlier message that never came."""
-    store = runner().store
-    found = {sid: (key, force) for sid, key, force in store.stalled(STALL_GRACE_S, ORDER_WAIT_S)}
-    for sid, key in store.stale_outbox(STALL_GRACE_S):
+    found = {sid: (key, force) for sid, key, force in maintenance.stalled(STALL_GRACE_S, ORDER_WAIT_S)}
+    for sid, key in maintenance.stale_outbox(STALL_GRACE_S):
         found.setdefault(sid, (key, False))
     for sid, (key, force) in found.items():
-        partition = partition_of(key, settings.partitions)
-        app.send_task(DRAIN_SESSION, args=[sid, key, force], queue=queue_name(partition),
-                      **shown_as(settings, DRAIN_SESSION, key))
+        enqueue(app, settings, DRAIN_SESSION, key, [sid, key, force])
     if found:
         log.warning("sweep.stalled_sessions", count=len(found), forced=sum(f for _, f in found.values()))
     return len(found)
@@ -74,10 +70,9 @@ def sweep() -> int:
 @app.task(name=MARK_DORMANT, acks_late=True)
 def mark_dormant() -> int:
     """Periodic: idle active sessions become dormant, per channel, in batches."""
-    store = runner().store
     total = 0
     for channel in settings.channels.values():
-        total += store.mark_dormant(channel.id, channel.session.idle_minutes)
+        total += maintenance.mark_dormant(channel.id, channel.session.idle_minutes)
     if total:
         log.info("session.dormant", count=total)
     return total
@@ -86,11 +81,10 @@ def mark_dormant() -> int:
 @app.task(name=PURGE_EXPIRED, acks_late=True)
 def purge_expired() -> int:
     """Periodic: retention — closed sessions' messages are deleted after the channel's retention_days, in batches."""
-    store = runner().store
     sessions = messages = 0
     for channel in settings.channels.values():
         if channel.session.retention_days is not None:
-            purged, deleted = store.purge_expired(channel.id, channel.session.retention_days)
+            purged, deleted = maintenance.purge_expired(channel.id, channel.session.retention_days)
             sessions, messages = sessions + purged, messages + deleted
     if sessions:
         log.info("session.purged", sessions=sessions, messages=messages)
@@ -98,9 +92,9 @@ def purge_expired() -> int:
 
 
 app.conf.beat_schedule = {
-    "mark-dormant": {"task": MARK_DORMANT, "schedule": SWEEP_SECONDS, "options": {"queue": MAINTENANCE_QUEUE}},
-    "purge-expired": {"task": PURGE_EXPIRED, "schedule": SWEEP_SECONDS, "options": {"queue": MAINTENANCE_QUEUE}},
-    "sweep": {"task": SWEEP, "schedule": SWEEP_SECONDS, "options": {"queue": MAINTENANCE_QUEUE}},
+    "mark-dormant": {"task": MARK_DORMANT, "schedule": settings.sweep_seconds, "options": {"queue": MAINTENANCE_QUEUE}},
+    "purge-expired": {"task": PURGE_EXPIRED, "schedule": settings.sweep_seconds, "options": {"queue": MAINTENANCE_QUEUE}},
+    "sweep": {"task": SWEEP, "schedule": settings.sweep_seconds, "options": {"queue": MAINTENANCE_QUEUE}},
 }
 
 

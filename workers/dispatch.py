@@ -20,7 +20,7 @@ from shared.channels import Channel
 from shared.db import DB_UNAVAILABLE
 from shared.deliveries import DeliveryJournal
 from shared.messages import Delivery
-from shared.store import Claim, LeaseLost, PendingReply, Store
+from workers.store import Claim, LeaseLost, PendingReply, Store
 
 log = structlog.get_logger(__name__)
 

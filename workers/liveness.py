@@ -24,26 +24,17 @@ import time
 
 from celery import bootsteps, signals
 
-ENV_FILE = "WORKER_HEARTBEAT_FILE"
-ENV_INTERVAL = "WORKER_HEARTBEAT_SECONDS"
-DEFAULT_INTERVAL_S = 10.0
+ENV_FILE = "WORKER_HEARTBEAT_FILE"  # the probe reads it itself: it checks a file, not the configuration
 PREFIX = "chatsessions-worker-"
 SUFFIX = ".alive"
 
 log = logging.getLogger(__name__)
 
 
-def heartbeat_file(pid: int | None = None) -> str:
-    """Where this worker process writes its heartbeat."""
-    return os.environ.get(ENV_FILE) or os.path.join(tempfile.gettempdir(), f"{PREFIX}{pid or os.getpid()}{SUFFIX}")
-
-
-def interval_s() -> float:
-    try:
-        value = float(os.environ.get(ENV_INTERVAL) or DEFAULT_INTERVAL_S)
-    except ValueError:
-        return DEFAULT_INTERVAL_S
-    return value if value > 0 else DEFAULT_INTERVAL_S
+def heartbeat_file(configured: str | None = None, pid: int | None = None) -> str:
+    """Where a worker process writes its heartbeat: WORKER_HEARTBEAT_FILE (Settings.heartbeat_file), or its own
+    default file."""
+    return configured or os.path.join(tempfile.gettempdir(), f"{PREFIX}{pid or os.getpid()}{SUFFIX}")
 
 
 def _running(pid: int) -> bool:
@@ -109,9 +100,12 @@ class Heartbeat(bootsteps.StartStopStep):
     requires = ("celery.worker.consumer.tasks:Tasks",)  # started after the queues are consumed
 
     def __init__(self, c, **kwargs):
+        from shared.config import get_settings  # the worker's own, already validated
+
         super().__init__(c, **kwargs)
-        self.path = heartbeat_file()
-        self.interval = interval_s()
+        settings = get_settings()
+        self.path = heartbeat_file(settings.heartbeat_file)
+        self.interval = settings.heartbeat_seconds
         self._tref = None
 
     def start(self, c) -> None:

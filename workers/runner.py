@@ -23,7 +23,7 @@ from shared.config import Settings
 from shared.db import DB_UNAVAILABLE
 from shared.deliveries import DeliveryJournal, MemoryJournal
 from shared.messages import InboundMessage
-from shared.store import Claim, Lease, LeaseBusy, LeaseLost, PendingReply, Store, Turn
+from workers.store import Claim, Lease, LeaseBusy, LeaseLost, PendingReply, Store, Turn
 from workers.dispatch import Dispatcher, Fence, Sent
 from workers.turn import TurnTaker
 

@@ -9,7 +9,7 @@ from shared.channels import build_channel
 from shared.config import get_settings
 from shared.deliveries import MemoryJournal, RedisJournal
 from shared.ratelimit import LocalLimiter, RedisLimiter
-from shared.store import Store
+from workers.store import Store
 from workers.runner import TurnRunner
 
 

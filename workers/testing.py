@@ -24,7 +24,7 @@ from shared.config import ChannelConfig, SessionOptions, Settings
 from shared.db import engine_for
 from shared.messages import DM, GROUP, NEW_SESSION, Delivery, InboundMessage
 from shared.migrate import upgrade
-from shared.store import Store
+from workers.store import Store
 from workers.runner import TurnRunner
 
 CHANNEL_ID = "test"

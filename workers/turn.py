@@ -17,7 +17,7 @@ from shared.agents import Agent, AgentFailed, Conversation, Retrying, Utterance
 from shared.config import SessionOptions
 from shared.db import DB_UNAVAILABLE
 from shared.messages import NEW_SESSION
-from shared.store import AlreadyStored, LeaseLost, Settled, Store, Turn
+from workers.store import AlreadyStored, LeaseLost, Settled, Store, Turn
 
 log = structlog.get_logger(__name__)
 

@@ -24,6 +24,7 @@ from shared.messages import DM, NEW_SESSION, Delivery, InboundMessage
 from shared.ratelimit import Bucket, Limiter
 from shared.replybox import ReplyBox
 from shared.signing import keyed_hash, sign, unsign
+from shared import redis_keys
 
 log = structlog.get_logger(__name__)
 
@@ -118,9 +119,9 @@ class WebChatChannel:
     def inbound_limits(self, visitor: str, address: str) -> dict[Bucket, str]:
         """The buckets one message takes a token from, all or none: its visitor's, its address's and the
         channel's (`visitor` and `address` are pseudonyms), each with what a refusal says."""
-        keys = {"messages_per_minute": f"webchat-rl:{self.config.id}:v:{visitor}",
-                "address_messages_per_minute": f"webchat-rl:{self.config.id}:a:{address}",
-                "channel_messages_per_minute": f"webchat-rl:{self.config.id}"}
+        keys = {"messages_per_minute": redis_keys.webchat_limit(self.config.id, "v", visitor),
+                "address_messages_per_minute": redis_keys.webchat_limit(self.config.id, "a", address),
+                "channel_messages_per_minute": redis_keys.webchat_limit(self.config.id)}
         limits = {}
         for option, (_, burst, whose) in LIMITS.items():
             rate = self.per_minute[option]

@@ -308,7 +308,7 @@ class FaultStack:
         self.db_allow()  # in case a test failed during an outage
         from shared.db import engine_for
 
-        engine_for(self.database_url).dispose()  # if this process used shared.store
+        engine_for(self.database_url).dispose()  # if this process used the store
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
         self._db_created = False

@@ -400,7 +400,7 @@ def pg_database():
     yield url
     from shared.db import engine_for
 
-    engine_for(url.replace("postgresql://", "postgresql+psycopg://", 1)).dispose()  # if a test used shared.store
+    engine_for(url.replace("postgresql://", "postgresql+psycopg://", 1)).dispose()  # if a test used the store
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

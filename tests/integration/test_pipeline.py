@@ -20,7 +20,7 @@ from cli.standins.payloads import encode, sign_discord, sign_whatsapp, telegram_
 from ingress.publisher import Publisher
 from shared.config import load_settings
 from shared.messages import InboundMessage
-from shared.store import transcript
+from shared.transcripts import transcript
 
 pytestmark = pytest.mark.integration
 

@@ -1,16 +1,18 @@
-"""Session storage: every step is one short transaction, and the fencing token guards every write.
+"""The turn's side of the session store: every step is one short transaction, and the fencing token guards every
+write.
 
 A message is accepted into its session's inbox; the session's lease holder takes the inbox in `seq` order,
 one turn at a time, and never holds a transaction while the Agent runs. The transactions of a turn:
 
-  accept         the message joins its session's inbox (creating the session, or waking a dormant one)
+  accept         the message joins its session's inbox (creating the session, or waking a dormant one) — and,
+                 when the lease is free, the lease is claimed in the same transaction (see `claim`)
   claim          the lease, with a new fencing token — and, read in the same transaction, what the new holder
                  has to do: the replies a holder before it committed but never sent (the outbox), and the
                  first ready message with its context
-  commit_turn    the message and its reply (the outbox entry), fenced by the token; returns the reply to send
-                 and whether the next message is ready (only then does the holder ask `next_turn` for it)
-  renew          the fencing check right before each send
-  mark_delivery  the send's outcome
+  commit_turn    the message and its reply (the outbox entry), fenced by the token and renewing the lease; returns
+                 the reply to send and whether the next message is ready (only then is `next_turn` asked for it)
+  renew          the fencing check before a send, when the last renewal is half a lease old (workers/dispatch.py)
+  mark_delivery  a send's outcome (the last one of a holder goes with its release)
   release        the lease; says whether a message became ready meanwhile (then the holder claims again)
 
 The order is the ingress's per-session `seq` (ingress/ledger.py), whose counter expires SEQ_TTL_S after its last
@@ -18,10 +20,10 @@ number; a session that comes back after that is numbered from 1 again, and `acce
 
 A turn is one message, or with a burst policy the ready messages taken together (`Turn.earlier`), all stored and
 settled in its one commit. A reply carries its route (the channel, chat and topic of the message it answers).
-Beside the turns: `mark_dormant` (idle sessions) and `purge_expired` (retention), run by beat in batches.
+Beside the turns, beat's sweeps: workers/maintenance.py; what people read of the store: shared/transcripts.py.
 
-The turn's statements are SQLAlchemy Core statements built once, at import (their compiled form is cached),
-run on one pooled connection per transaction (`shared.db.run_transaction`), without the ORM's unit of work.
+The turn's statements are SQLAlchemy Core statements built once, at import, run on one pooled connection per
+transaction (`shared.db.run_transaction`); on PostgreSQL straight on psycopg (`shared.db.execute`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ from sqlalchemy import (
     case,
     delete,
     exists,
-    func,
     insert,
     literal_column,
     or_,
@@ -53,7 +54,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from shared.config import ChannelConfig
-from shared.db import DB_UNAVAILABLE, engine_for, execute, run_statement, run_transaction, transaction
+from shared.db import DB_UNAVAILABLE, engine_for, execute, run_statement, run_transaction
 from shared.errors import ChatSessionsError, LeaseLost  # noqa: F401 - LeaseLost is part of the store's surface
 from shared.messages import SEQ_TTL_S, Delivery, InboundMessage
 from shared.models import (
@@ -66,7 +67,6 @@ from shared.models import (
     RESUMED,
     SENT,
     SKIPPED,
-    WENT_DORMANT,
     Channel,
     ChatSession,
     DeadLetter,
@@ -609,24 +609,6 @@ class Store:
                                     set_={"error": error, "attempts": attempts, "created_at": t}))
         return Settled((), _ready(c, turn.claim.session_id, row.last_seq))
 
-    @_transactional
-    def stalled(self, c: Connection, grace_s: float, order_wait_s: float,
-                limit: int = 500) -> list[tuple[int, str, bool]]:
-        """Sessions whose inbox waits with nobody holding the lease: (session id, key, force past a gap).
-
-        A holder that died leaves its inbox here once its lease expires; a head waiting more than
-        `order_wait_s` for an earlier message that never came is forced through (a logged gap).
-        """
-        t = now()
-        rows = c.execute(
-            select(_sessions.c.id, _sessions.c.key, func.min(_inbox.c.created_at))
-            .select_from(_sessions.join(_inbox, _inbox.c.session_id == _sessions.c.id))
-            .where(_FREE, _inbox.c.created_at < t - timedelta(seconds=grace_s))
-            .group_by(_sessions.c.id, _sessions.c.key).limit(limit), {"t": t}
-        ).all()
-        cutoff = t - timedelta(seconds=order_wait_s)
-        return [(r[0], r[1], _as_utc(r[2]) < cutoff) for r in rows]
-
     # -- the outbox ---------------------------------------------------------------------------------------------
 
     @_transactional
@@ -654,145 +636,3 @@ class Store:
                     raise
                 time.sleep(wait)
                 wait = min(wait * 2, 5.0)
-
-    @_transactional
-    def stale_outbox(self, c: Connection, older_than_s: float, limit: int = 500) -> list[tuple[int, str]]:
-        """Sessions (id, key) with a reply committed over `older_than_s` ago but never sent (its sender died)."""
-        t = now()
-        return [tuple(r) for r in c.execute(
-            select(_messages.c.session_id, _sessions.c.key)
-            .join(_sessions, _sessions.c.id == _messages.c.session_id)
-            .where(_PENDING, _messages.c.created_at < t - timedelta(seconds=older_than_s), _FREE)
-            .distinct().limit(limit), {"t": t}
-        ).all()]
-
-    # -- lifecycle ----------------------------------------------------------------------------------------------
-
-    def mark_dormant(self, channel_id: str, idle_minutes: float, batch: int = 500) -> int:
-        """Active sessions idle for `idle_minutes` become dormant, in batches; returns how many. Idle: no turn
-        committed since (the activity time), nobody holding the lease, and no message waiting in the inbox."""
-        total = 0
-        while True:
-            t = now()
-            idle = and_(_sessions.c.channel_id == channel_id, _sessions.c.status == ACTIVE,
-                        _sessions.c.last_activity_at < t - timedelta(minutes=idle_minutes), _FREE,
-                        ~exists().where(_inbox.c.session_id == _sessions.c.id))
-
-            def work(c: Connection) -> tuple[int, int]:
-                ids = c.execute(select(_sessions.c.id).where(idle).limit(batch), {"t": t}).scalars().all()
-                if not ids:
-                    return 0, 0
-                rows = c.execute(update(_sessions).where(_sessions.c.id.in_(ids), idle).values(status=DORMANT)
-                                 .returning(_sessions.c.id, _sessions.c.generation), {"t": t}).all()
-                if rows:
-                    c.execute(_ADD_EVENT, [_event(r.id, r.generation, WENT_DORMANT, t) for r in rows])
-                return len(ids), len(rows)
-            found, marked = run_transaction(self.url, work)
-            total += marked
-            if found < batch:
-                return total
-
-
-    def purge_expired(self, channel_id: str, retention_days: float, batch: int = 100) -> tuple[int, int]:
-        """Retention: closed sessions' messages and lifecycle events are deleted, `batch` sessions per transaction;
-        returns (sessions, messages) deleted. Closed: dormant, no activity for `retention_days`, nobody holding the
-        lease, nothing in the inbox. The session row stays (its key, generation and last seq, so the ingress's
-        sequence numbers still line up): a later message resumes it with an empty context."""
-        sessions = deleted = 0
-        while True:
-            t = now()
-            closed = and_(_sessions.c.channel_id == channel_id, _sessions.c.status == DORMANT,
-                          _sessions.c.last_activity_at < t - timedelta(days=retention_days), _FREE,
-                          ~exists().where(_inbox.c.session_id == _sessions.c.id),
-                          or_(exists().where(_messages.c.session_id == _sessions.c.id),
-                              exists().where(_events.c.session_id == _sessions.c.id)))
-
-            def work(c: Connection) -> tuple[int, int, int]:
-                found = c.execute(select(_sessions.c.id).where(closed).limit(batch), {"t": t}).scalars().all()
-                if not found:
-                    return 0, 0, 0
-                # Lock the rows and check again: an accept may have woken one, a claim taken it, since the read.
-                ids = c.execute(update(_sessions).where(_sessions.c.id.in_(found), closed).values(status=DORMANT)
-                                .returning(_sessions.c.id), {"t": t}).scalars().all()
-                if not ids:
-                    return len(found), 0, 0
-                gone = c.execute(delete(_messages).where(_messages.c.session_id.in_(ids))).rowcount
-                c.execute(delete(_events).where(_events.c.session_id.in_(ids)))
-                return len(found), len(ids), gone
-            found, purged, gone = run_transaction(self.url, work)
-            sessions, deleted = sessions + purged, deleted + gone
-            if found < batch:
-                return sessions, deleted
-
-
-@dataclass(frozen=True)
-class SessionSummary:
-    key: str
-    channel_id: str
-    status: str
-    generation: int
-    message_count: int
-    created_at: datetime
-    last_activity_at: datetime
-
-
-@dataclass(frozen=True)
-class TranscriptLine:
-    at: datetime
-    generation: int
-    kind: str  # "user", "assistant" or "event"
-    sender_name: str
-    text: str
-    delivery_status: str | None = None
-    delivery_error: str | None = None  # why a reply was not delivered (failed)
-
-
-def transcript(url: str, session_key: str) -> tuple[SessionSummary, list[TranscriptLine]] | None:
-    """A session's messages of every generation, interleaved with its lifecycle events, in order."""
-    with transaction(url) as s:
-        session = s.scalars(select(ChatSession).where(ChatSession.key == session_key)).first()
-        if session is None:
-            return None
-        summary = SessionSummary(session.key, session.channel_id, session.status, session.generation,
-                                 session.message_count, session.created_at, session.last_activity_at)
-        messages = s.scalars(select(Message).where(Message.session_id == session.id).order_by(Message.position)).all()
-        events = s.scalars(select(SessionEvent).where(SessionEvent.session_id == session.id)
-                           .order_by(SessionEvent.id)).all()
-    lines = [TranscriptLine(m.created_at, m.generation, m.role, m.sender_name, m.text, m.delivery_status,
-                            m.delivery_error) for m in messages]
-    lines += [TranscriptLine(e.at, e.generation, "event", "", e.event) for e in events]
-    # Events sort before messages stored in the same instant (a generation starts before its first message).
-    lines.sort(key=lambda line: (line.at, line.kind != "event" or line.text == NEW_GENERATION))
-    return summary, lines
-
-
-@dataclass(frozen=True)
-class DeadLetterRow:
-    id: int
-    channel_id: str
-    session_key: str
-    platform_message_id: str
-    error: str
-    attempts: int
-    created_at: datetime
-    message: InboundMessage
-
-
-def dead_letters(url: str, limit: int = 100, letter_id: int | None = None) -> list[DeadLetterRow]:
-    with transaction(url) as s:
-        q = select(DeadLetter).order_by(DeadLetter.id)
-        if letter_id is not None:
-            q = q.where(DeadLetter.id == letter_id)
-        rows = s.scalars(q.limit(limit)).all()
-        return [DeadLetterRow(r.id, r.channel_id, r.session_key, r.platform_message_id, r.error, r.attempts,
-                              r.created_at, InboundMessage.from_dict(json.loads(r.payload))) for r in rows]
-
-
-def drop_dead_letter(url: str, letter_id: int, unchanged_since: datetime | None = None) -> bool:
-    """Delete a dead letter; with `unchanged_since` (its created_at when read) only if no worker has
-    dead-lettered the message again since — a replayed letter that failed again must stay visible."""
-    with transaction(url) as s:
-        q = delete(DeadLetter).where(DeadLetter.id == letter_id)
-        if unchanged_since is not None:
-            q = q.where(DeadLetter.created_at == unchanged_since)
-        return bool(s.execute(q).rowcount)
