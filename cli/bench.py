@@ -1189,7 +1189,7 @@ IDLE_LEAVES = ("concurrent/futures/thread.py", "Condition.wait", "Event.wait", "
 WAITS = {"psycopg/connection.py": "waiting on PostgreSQL", "redis/_parsers": "waiting on Redis",
          "redis/connection.py": "waiting on Redis", "socket.py": "socket I/O (HTTP)", "ssl.py": "socket I/O (HTTP)"}
 CATEGORIES = (  # first match on any frame of the stack, from the leaf up
-    ("Agent", ("bench_agents.py", "shared/agents.py")),
+    ("Agent", ("bench_agents.py", "workers/agents.py")),
     ("structlog/logging", ("structlog/", "logging/__init__.py", "shared/logs.py")),
     ("outbound HTTP (requests)", ("requests/", "urllib3/", "http/client.py", "shared/outbound.py")),
     ("rate limiter", ("shared/ratelimit.py",)),

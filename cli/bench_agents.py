@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 
-from shared.agents import Conversation, DemoAgent
+from workers.agents import Conversation, DemoAgent
 
 SLOW_S = float(os.environ.get("BENCH_AGENT_DELAY_S", "0.2"))
 

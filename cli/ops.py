@@ -534,7 +534,7 @@ def _check_platform(channel: Any, timeout: float) -> str:
 
 
 def run_checks(settings: Settings, platforms: bool, timeout: float) -> list[CheckResult]:
-    from shared.agents import load_agent
+    from workers.agents import load_agent
     from shared.channels import build_channel
 
     results = [CheckResult("config", True, f"{settings.config_path}: {len(settings.channels)} channel(s), "

@@ -123,7 +123,7 @@ def test_shipped_default_config_is_valid():
 
 
 def test_agent_options_reach_the_agent_class(tmp_path, monkeypatch):
-    from shared.agents import load_agent
+    from workers.agents import load_agent
 
     env = write(tmp_path, WA.replace('agent = "echo"', 'agent = "openai"') +
                 '[channels.agent_options]\nmodel = "local-model"\nbase_url = "http://127.0.0.1:9/v1"\n')
@@ -134,7 +134,7 @@ def test_agent_options_reach_the_agent_class(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="bad agent_options"):
         load_agent("openai", {"modle": "typo"})
     with pytest.raises(ConfigError, match="need a class"):
-        load_agent("shared.agents:BUILTIN", {"x": 1})
+        load_agent("workers.agents:BUILTIN", {"x": 1})
 
 
 # --------------------------------------------------------------------------------------------------------------------

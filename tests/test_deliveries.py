@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 
-from shared.deliveries import RedisJournal
+from workers.deliveries import RedisJournal
 from shared.messages import Delivery
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/14")

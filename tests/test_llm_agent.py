@@ -13,9 +13,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from cli.standins.llm import StandInLLM
-from shared.agents import Conversation, Utterance, load_agent
+from workers.agents import Conversation, Utterance, load_agent
 from shared.errors import ConfigError
-from shared.llm import (
+from workers.llm import (
     DEFAULT_FALLBACK_TEXT,
     DEFAULT_SYSTEM_PROMPT,
     DEFAULT_TEMPERATURE,
@@ -162,7 +162,7 @@ def test_loadable_by_name_today_and_keyless_for_a_local_server(llm, monkeypatch)
     monkeypatch.setenv("OPENAI_BASE_URL", llm.base())
     monkeypatch.setenv("OPENAI_MODEL", "llama3.1:8b")
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    agent = load_agent("shared.llm:OpenAIChatAgent")
+    agent = load_agent("workers.llm:OpenAIChatAgent")
     try:
         assert isinstance(agent, OpenAIChatAgent) and agent.reply(dm("hi")) == CANNED
     finally:

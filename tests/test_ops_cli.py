@@ -23,7 +23,7 @@ import redis
 from sqlalchemy import select, update
 
 from cli.main import main
-from shared.agents import DemoAgent
+from workers.agents import DemoAgent
 from shared.config import get_settings
 from shared.db import engine_for, transaction
 from shared.messages import DM, GROUP, InboundMessage

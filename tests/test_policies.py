@@ -387,7 +387,7 @@ def test_export_and_erase_cover_every_linked_account(tmp_path):
 
 
 def test_trim_history_is_newest_first():
-    from shared.policies import trim_history
+    from workers.policies import trim_history
 
     assert trim_history(["x" * 5, "y" * 5, "z" * 5], 50, 10, str) == ["y" * 5, "z" * 5]
     assert trim_history(["x" * 5, "y" * 5, "z" * 50], 50, 10, str) == []  # the newest alone is over budget
@@ -399,7 +399,7 @@ def test_reset_boundaries():
     from zoneinfo import ZoneInfo
 
     from shared.config import SessionOptions
-    from shared.policies import latest_reset_boundary, reset_due
+    from workers.policies import latest_reset_boundary, reset_due
 
     daily = SessionOptions(reset="daily", reset_hour=4, timezone="America/Sao_Paulo")  # UTC-3
     at = datetime(2026, 3, 10, 8, 0, tzinfo=timezone.utc)  # 05:00 local
@@ -414,7 +414,7 @@ def test_reset_boundaries():
 
 
 def test_should_answer():
-    from shared.policies import should_answer
+    from workers.policies import should_answer
 
     def m(kind, addressed):
         return dataclasses.replace(parse("whatsapp", "group"), chat_kind=kind, addressed=addressed)
@@ -427,7 +427,7 @@ def test_should_answer():
 
 def test_with_notice_and_the_whatsapp_window():
     from datetime import datetime, timedelta, timezone
-    from shared.policies import outside_window, with_notice
+    from workers.policies import outside_window, with_notice
 
     assert with_notice("(new)", "hi") == "(new)\n\nhi" and with_notice("(new)", None) == "(new)"
     assert with_notice("", "hi") == "hi" and with_notice("", None) is None

@@ -23,7 +23,7 @@ from cli.stack import free_port
 from ingress.app import create_app
 from ingress.ledger import MemoryLedger
 from ingress.publisher import Publisher
-from shared.agents import load_agent
+from workers.agents import load_agent
 from shared.config import Settings, load_settings
 from shared.db import engine_for
 from shared.logs import pseudonym

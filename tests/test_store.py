@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from sqlalchemy import event, select, update
 
-from shared.agents import EchoAgent
+from workers.agents import EchoAgent
 from shared.db import STATEMENT_LISTENERS, engine_for, transaction
 from shared.models import ChatSession, Message, SessionEvent
 from shared.transcripts import transcript

@@ -9,7 +9,7 @@ import pytest
 from channel_helpers import Reply, StandIn, make_config
 from sqlalchemy import select, update
 
-from shared.agents import DemoAgent, EchoAgent
+from workers.agents import DemoAgent, EchoAgent
 from shared.channels.whatsapp import WhatsAppChannel
 from shared.config import ChannelConfig, SessionOptions
 from shared.db import transaction
@@ -403,7 +403,7 @@ def test_a_holder_paused_inside_the_renewal_does_not_send(database_url):
 def test_a_reply_sent_while_the_database_was_down_is_not_sent_again_by_the_next_holder(database_url):
     from sqlalchemy.exc import OperationalError
 
-    from shared.deliveries import MemoryJournal
+    from workers.deliveries import MemoryJournal
 
     journal = MemoryJournal()  # production: RedisJournal, shared by every worker
     first = make_runner(database_url, EchoAgent())

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 from sqlalchemy import select, update
 
-from shared.agents import DemoAgent, EchoAgent
+from workers.agents import DemoAgent, EchoAgent
 from shared.config import ChannelConfig, SessionOptions
 from shared.db import transaction
 from shared.messages import DM, GROUP, InboundMessage

@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from shared.agents import Conversation
+from workers.agents import Conversation
 from shared.db import engine_for
 from test_turn import make_runner, msg, sent
 from workers.testing import run_conversation

@@ -22,7 +22,7 @@ from ingress.app import create_app
 from ingress.ledger import MemoryLedger, RedisLedger
 from ingress.publisher import Publisher
 from ingress.webchat import COOKIE
-from shared.agents import load_agent
+from workers.agents import load_agent
 from shared.channels import build_channel
 from shared.channels.base import WebhookRequest, session_key
 from shared.channels.webchat import VISITOR, WebChatChannel, new_visitor_id, visitor_pseudonym

@@ -15,10 +15,10 @@ from typing import Iterable, Mapping
 
 import structlog
 
-from shared import policies
+from workers import policies
 from shared.channels import Channel
 from shared.db import DB_UNAVAILABLE
-from shared.deliveries import DeliveryJournal
+from workers.deliveries import DeliveryJournal
 from shared.messages import Delivery
 from workers.store import Claim, LeaseLost, PendingReply, Store
 

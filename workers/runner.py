@@ -17,11 +17,11 @@ from typing import Iterable, Mapping
 
 import structlog
 
-from shared.agents import Agent
+from workers.agents import Agent
 from shared.channels import Channel
 from shared.config import Settings
 from shared.db import DB_UNAVAILABLE
-from shared.deliveries import DeliveryJournal, MemoryJournal
+from workers.deliveries import DeliveryJournal, MemoryJournal
 from shared.messages import InboundMessage
 from workers.store import Claim, Lease, LeaseBusy, LeaseLost, PendingReply, Store, Turn
 from workers.dispatch import Dispatcher, Fence, Sent

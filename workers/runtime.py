@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import functools
 
-from shared.agents import load_agent
+from workers.agents import load_agent
 from shared.channels import build_channel
 from shared.config import get_settings
-from shared.deliveries import MemoryJournal, RedisJournal
+from workers.deliveries import MemoryJournal, RedisJournal
 from shared.ratelimit import LocalLimiter, RedisLimiter
 from workers.store import Store
 from workers.runner import TurnRunner

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from shared.agents import Agent, Conversation, load_agent, reply_of
+from workers.agents import Agent, Conversation, load_agent, reply_of
 from shared.config import ChannelConfig, SessionOptions, Settings
 from shared.db import engine_for
 from shared.messages import DM, GROUP, NEW_SESSION, Delivery, InboundMessage

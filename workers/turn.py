@@ -12,8 +12,8 @@ from typing import Mapping
 
 import structlog
 
-from shared import policies
-from shared.agents import Agent, AgentFailed, Conversation, Retrying, Utterance
+from workers import policies
+from workers.agents import Agent, AgentFailed, Conversation, Retrying, Utterance
 from shared.config import SessionOptions
 from shared.db import DB_UNAVAILABLE
 from shared.messages import NEW_SESSION

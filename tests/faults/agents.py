@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from shared.agents import Conversation
+from workers.agents import Conversation
 
 POISON = "poison"
 SLOW = "slow"

@@ -166,7 +166,7 @@ class DemoAgent:
         return f"{greeting}thanks for your message. I'm here to help with orders and deliveries."
 
 
-BUILTIN: dict[str, Any] = {"echo": EchoAgent, "demo": DemoAgent, "openai": "shared.llm:OpenAIChatAgent"}
+BUILTIN: dict[str, Any] = {"echo": EchoAgent, "demo": DemoAgent, "openai": "workers.llm:OpenAIChatAgent"}
 
 
 def load_agent(spec: str, options: Mapping[str, Any] | None = None) -> Agent:

@@ -1,6 +1,6 @@
 """An Agent backed by any OpenAI-compatible chat-completions server (hosted, or local vLLM / llama.cpp / Ollama).
 
-    agent = "shared.llm:OpenAIChatAgent"        # configured from OPENAI_BASE_URL, OPENAI_API_KEY, OPENAI_MODEL
+    agent = "workers.llm:OpenAIChatAgent"        # configured from OPENAI_BASE_URL, OPENAI_API_KEY, OPENAI_MODEL
 
 or, constructed with options (what a channel's `agent_options` table would pass):
 
@@ -29,7 +29,7 @@ import requests
 import structlog
 from requests.adapters import HTTPAdapter
 
-from shared.agents import Conversation, Utterance
+from workers.agents import Conversation, Utterance
 from shared.errors import ConfigError
 from shared.outbound import HttpSender, safe_url
 
