@@ -207,7 +207,7 @@ def main(args: argparse.Namespace) -> int:
     running = client = gateway_thread = None
     try:
         from cli import embedded
-        from cli.sessions import format_transcript
+        from shared.transcripts import format_transcript
         from ingress.discord_gateway import GatewayClient
         from shared.channels.discord import DiscordChannel
         from shared.config import get_settings

@@ -162,7 +162,7 @@ def _sessions_show(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         _print_json(detail)
         return OK
-    from cli.sessions import format_transcript
+    from shared.transcripts import format_transcript
 
     print(format_transcript(args.key, settings.database_url))
     s = detail["session"]

@@ -426,7 +426,7 @@ def test_a_reply_outside_the_window_is_recorded_undeliverable_not_sent(database_
     assert lines[-1].delivery_status == "failed"
     assert lines[-1].delivery_error.startswith("outside the 24h customer-service window")
     assert Maintenance(r.store.url).stale_outbox(older_than_s=0) == []  # nothing for the sweeper (or `sessions stuck`) to retry
-    from cli.sessions import format_transcript
+    from shared.transcripts import format_transcript
 
     assert "[failed: outside the 24h customer-service window" in format_transcript("wa:dm:5511", database_url)
     r.handle(msg("hello again", seq=2))  # a fresh message opens the window again

@@ -139,7 +139,7 @@ class Proc:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def tail(self, lines: int = 40) -> str:
-        noise = ("Sending due task", "chat.mark_dormant", "chat.sweep_outbox")
+        noise = ("Sending due task", "chat.mark_dormant", "chat.sweep", "chat.purge_expired")
         text = [line for line in self.log().splitlines() if not any(n in line for n in noise)]
         return "\n".join(text[-lines:])
 
