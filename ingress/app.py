@@ -1,4 +1,5 @@
-"""The webhook ingress (WSGI): verify, parse, enqueue, answer. No turn logic here.
+"""The webhook ingress (WSGI): each channel's adapter verifies and reads a request (`Inbound.receive`), the ingress
+publishes what it found and answers what the adapter says. No platform logic and no turn logic here.
 
 Status codes: 404 unknown channel, 401/403 bad signature, 400 malformed body, 413 too large,
 405 wrong method, 503 when the broker cannot take the message (the platform retries), 200 otherwise.
@@ -16,6 +17,7 @@ from shared.channels import Channel, WebhookRequest, build_channel
 from shared.config import Settings
 from shared.errors import (
     EnqueueFailed,
+    HandshakeRefused,
     InvalidSignature,
     MalformedPayload,
     UnknownChannel,
@@ -34,35 +36,20 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> Flask:
     channels: dict[str, Channel] = {cid: build_channel(c) for cid, c in settings.channels.items()}
     publisher = publisher or Publisher(settings)
 
-    def channel_for(channel_id: str, platform: str | None = None) -> Channel:
-        channel = channels.get(channel_id)
-        if channel is None or (platform and channel.config.platform != platform):
-            raise UnknownChannel(channel_id)
-        return channel
-
-    def webhook_request() -> WebhookRequest:
+    def webhook_request(route: str) -> WebhookRequest:
         return WebhookRequest(
             method=request.method,
             headers={k.lower(): v for k, v in request.headers.items()},
             query=request.args.to_dict(),
             body=request.get_data(cache=False),
+            route=route,
         )
 
-    def reject(status: int, reason: str, channel_id: str) -> Response:
+    def reject(status: int, reason: str, channel_id: str | None = None) -> Response:
+        if channel_id is None:
+            channel_id = request.view_args.get("channel_id", "?") if request.view_args else "?"
         log.warning("ingress.rejected", status=status, reason=reason, channel=channel_id, path=request.path)
         return Response(reason + "\n", status=status, mimetype="text/plain")
-
-    def accept(channel: Channel, req: WebhookRequest) -> Response:
-        try:
-            messages = channel.parse(req.body)
-        except MalformedPayload as exc:
-            if channel.config.platform == "telegram":
-                # Telegram queues updates per chat: refusing one would block the chat's later updates.
-                log.warning("ingress.dropped", reason=str(exc), channel=channel.config.id)
-                return Response("dropped\n", status=200, mimetype="text/plain")
-            return reject(400, f"malformed payload: {exc}", channel.config.id)
-        publisher.publish(messages)
-        return Response("ok\n", status=200, mimetype="text/plain")
 
     @app.after_request
     def _hardened(response: Response) -> Response:
@@ -81,7 +68,15 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> Flask:
 
     @app.errorhandler(InvalidSignature)
     def _forged(exc: InvalidSignature):
-        return reject(401, f"invalid signature: {exc}", request.view_args.get("channel_id", "?") if request.view_args else "?")
+        return reject(401, f"invalid signature: {exc}")
+
+    @app.errorhandler(HandshakeRefused)
+    def _refused(exc: HandshakeRefused):
+        return reject(403, f"verification failed: {exc}")
+
+    @app.errorhandler(MalformedPayload)
+    def _malformed(exc: MalformedPayload):
+        return reject(400, f"malformed payload: {exc}")
 
     @app.errorhandler(EnqueueFailed)
     def _unavailable(exc: EnqueueFailed):
@@ -95,7 +90,7 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> Flask:
 
     @app.errorhandler(413)
     def _too_large(_exc):
-        return reject(413, f"body larger than {MAX_BODY_BYTES} bytes", "?")
+        return reject(413, f"body larger than {MAX_BODY_BYTES} bytes")
 
     @app.get("/healthz")
     def healthz():
@@ -110,35 +105,21 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> Flask:
             return Response("broker unreachable\n", status=503, mimetype="text/plain")
         return Response("ready\n", mimetype="text/plain")
 
-    @app.get("/webhooks/<channel_id>")
-    def whatsapp_handshake(channel_id: str):
-        channel = channel_for(channel_id, "whatsapp")
-        try:
-            challenge = channel.handshake(request.args.to_dict())
-        except InvalidSignature as exc:
-            return reject(403, f"verification failed: {exc}", channel_id)
-        return Response(challenge, mimetype="text/plain")
-
-    @app.post("/webhooks/<channel_id>")
-    def webhook(channel_id: str):
-        channel = channel_for(channel_id)
-        if channel.config.platform == "discord":
-            raise UnknownChannel(channel_id)  # Discord messages come over the gateway; see /interactions
-        req = webhook_request()
-        channel.verify(req)
-        return accept(channel, req)
-
-    @app.post("/webhooks/<channel_id>/interactions")
-    def discord_interactions(channel_id: str):
-        channel = channel_for(channel_id, "discord")
-        req = webhook_request()
-        channel.verify(req)
-        try:
-            response, messages = channel.interaction(req.body)
-        except MalformedPayload as exc:
-            return reject(400, f"malformed payload: {exc}", channel_id)
-        publisher.publish(messages)
-        return jsonify(response)
+    @app.route("/webhooks/<channel_id>", methods=["GET", "POST"])
+    @app.post("/webhooks/<channel_id>/<route>")
+    def webhook(channel_id: str, route: str = ""):
+        """Every platform's webhook: its adapter verifies and reads the request and says what to answer."""
+        channel = channels.get(channel_id)
+        if channel is None:
+            raise UnknownChannel(channel_id)
+        answer = channel.receive(webhook_request(route))
+        if answer.dropped:
+            log.warning("ingress.dropped", reason=answer.dropped, channel=channel_id)
+        if answer.messages:
+            publisher.publish(list(answer.messages))
+        if isinstance(answer.body, str):
+            return Response(answer.body, mimetype="text/plain")
+        return jsonify(answer.body)
 
     app.register_blueprint(webchat.blueprint(settings, publisher))  # /chat/<channel_id>: the web chat page
     if not settings.admin_bind:  # else only on its own address (`chatsessions admin`)

@@ -10,11 +10,15 @@ class ConfigError(ChatSessionsError):
 
 
 class UnknownChannel(ChatSessionsError):
-    """A request names a channel that is not configured (HTTP 404)."""
+    """A request names a channel that is not configured, or one that takes no such request (HTTP 404)."""
 
 
 class InvalidSignature(ChatSessionsError):
-    """A request's signature or secret token does not match (HTTP 401/403)."""
+    """A request's signature or secret token does not match (HTTP 401)."""
+
+
+class HandshakeRefused(InvalidSignature):
+    """A platform's subscription check came with the wrong verify token (HTTP 403)."""
 
 
 class MalformedPayload(ChatSessionsError):

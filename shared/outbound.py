@@ -6,7 +6,7 @@ import os
 import random
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
@@ -69,6 +69,15 @@ def safe_url(url: str, path: bool = True) -> str:
     host = parts.hostname or ""
     netloc = f"{host}:{parts.port}" if parts.port else host
     return urlunsplit((parts.scheme, netloc, parts.path if path else "", "", ""))
+
+
+class Fence(Protocol):
+    """A sender's right to send for one session (workers/dispatch.py: its lease). The send path takes it from the turn
+    through the channel to the HTTP request: `check` runs before every request (after any pacing wait) and raises
+    LeaseLost once the right is gone; else it returns the monotonic time until which the check counts, which the
+    HTTP connection checks again at every socket write (a holder paused in between sends nothing)."""
+
+    def check(self) -> float | None: ...
 
 
 _fenced = threading.local()  # this thread's current request: the monotonic time its fencing check stops counting

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cli.standins.discord_gateway import StandInGateway
 from ingress.discord_gateway import GatewayClient, GatewayFatal, run
-from shared.channels.base import session_key
+from shared.policies import dm_key, group_key
 from shared.channels.discord import DiscordChannel
 from shared.config import ChannelConfig, SessionOptions, get_settings
 from shared.errors import ConfigError, EnqueueFailed
@@ -172,8 +172,8 @@ def test_user_messages_are_published_with_the_channel_session_key(gateway, start
     assert wait_until(lambda: len(recorder.ids()) == 2)
     guild, dm = recorder.messages
     assert (guild.channel_id, guild.platform, guild.text) == ("test-discord", "discord", "message 1")
-    assert guild.session_key == session_key("test-discord", "group", GUILD_CHANNEL)
-    assert dm.session_key == session_key("test-discord", "dm", DM_CHANNEL)
+    assert guild.session_key == group_key("test-discord", GUILD_CHANNEL)
+    assert dm.session_key == dm_key("test-discord", DM_CHANNEL)
     assert (guild.platform_message_id, dm.platform_message_id) == (mid(1), mid(2))
     assert guild.sender_name == "Eve"
 

@@ -280,12 +280,10 @@ def test_an_id_with_the_separator_is_malformed_not_a_forged_key():
 
 
 def test_seed_keys_are_unchanged():
-    from shared.channels.base import session_key
-
     for platform, where, session, key in KEYS:
         if not session and where != "thread":
             msg = parse(platform, where)
-            assert msg.session_key == session_key(msg.channel_id, msg.chat_kind, msg.chat_id)
+            assert msg.session_key == f"{msg.channel_id}:{msg.chat_kind}:{msg.chat_id}"
 
 
 def test_threads_default_per_platform():

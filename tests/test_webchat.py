@@ -24,7 +24,8 @@ from ingress.publisher import Publisher
 from ingress.webchat import COOKIE
 from workers.agents import load_agent
 from shared.channels import build_channel
-from shared.channels.base import WebhookRequest, session_key
+from shared.channels.base import WebhookRequest
+from shared.policies import dm_key
 from shared.channels.webchat import VISITOR, WebChatChannel, new_visitor_id, visitor_pseudonym
 from shared.config import ChannelConfig, SessionOptions, Settings, load_settings
 from shared.db import engine_for
@@ -281,11 +282,11 @@ def test_the_visitor_id_never_leaves_the_cookie(web, events):
             task = channel.message_to_python(raw)
             channel._put(task.delivery_info["routing_key"], raw)
         # Flower names the task by the session's log pseudonym (shared/logs.py), never by the visitor's id.
-        shown = log_pseudonym(web.settings.secret_key, session_key(WEB, DM, pseudonym))
+        shown = log_pseudonym(web.settings.secret_key, dm_key(WEB, pseudonym))
         assert shown in task.headers["shadow"] and visitor_id not in json.dumps(task.headers)
         [(_, message)] = drain(web.publisher)
         m = InboundMessage.from_dict(message)
-        assert (m.session_key, m.chat_id, m.sender_id) == (session_key(WEB, DM, pseudonym), pseudonym, pseudonym)
+        assert (m.session_key, m.chat_id, m.sender_id) == (dm_key(WEB, pseudonym), pseudonym, pseudonym)
         assert m.platform_message_id == f"{pseudonym}:private-0001"
         assert visitor_id not in json.dumps(message)
         assert runner.handle(m) == "replied"
@@ -317,7 +318,7 @@ def test_a_message_is_published_on_its_sessions_partition(web):
     r = post(client, {"id": "msg-00000001", "text": "  Hi, my order 48213 is late  "})
     assert r.status_code == 200 and r.json == {"accepted": True, "duplicate": False}
     [(queue, message)] = drain(web.publisher)
-    key = session_key(WEB, DM, visitor)
+    key = dm_key(WEB, visitor)
     assert queue == queue_name(partition_of(key, web.settings.partitions))
     m = InboundMessage.from_dict(message)
     assert (m.platform, m.session_key, m.chat_id, m.chat_kind, m.sender_id) == ("webchat", key, visitor, DM, visitor)
@@ -536,9 +537,9 @@ def test_two_visitors_each_get_only_their_own_replies_and_new_conversation_forge
         assert agent_lines(bruno)[-1] == "Your name is Bruno."  # untouched
         # The store agrees: Ana's session is in generation 2, Bruno's in 1, every reply marked sent.
         url = web.settings.database_url
-        assert get_session(url, session_key(WEB, DM, ana_id)).generation == 2
-        assert get_session(url, session_key(WEB, DM, bruno_id)).generation == 1
-        _, lines = transcript(url, session_key(WEB, DM, ana_id))
+        assert get_session(url, dm_key(WEB, ana_id)).generation == 2
+        assert get_session(url, dm_key(WEB, bruno_id)).generation == 1
+        _, lines = transcript(url, dm_key(WEB, ana_id))
         assert {line.delivery_status for line in lines if line.kind == "assistant"} == {"sent"}
     finally:
         engine_for(web.settings.database_url).dispose()
@@ -552,7 +553,7 @@ def test_a_visitor_back_after_the_counter_expired_is_numbered_and_ordered_again(
     runner = runner_for(web.settings, reply_box(None))
     redis_client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5)
     client, pseudonym = web.visitor()
-    counter = f"seq:{session_key(WEB, DM, pseudonym)}"
+    counter = f"seq:{dm_key(WEB, pseudonym)}"
 
     def say(*texts: str) -> list[InboundMessage]:
         for text in texts:
@@ -569,7 +570,7 @@ def test_a_visitor_back_after_the_counter_expired_is_numbered_and_ordered_again(
         runner.handle(third)
         # A month of silence: the counter expires (really, in Redis); the session keeps its last_seq of 3.
         with engine_for(web.settings.database_url).begin() as c:
-            c.execute(ChatSession.__table__.update().where(ChatSession.key == session_key(WEB, DM, pseudonym))
+            c.execute(ChatSession.__table__.update().where(ChatSession.key == dm_key(WEB, pseudonym))
                       .values(last_activity_at=now() - timedelta(seconds=SEQ_RESTART_IDLE_S + 3600)))
         redis_client.pexpire(counter, 1)
         time.sleep(0.05)
@@ -580,7 +581,7 @@ def test_a_visitor_back_after_the_counter_expired_is_numbered_and_ordered_again(
         assert runner.handle(first) == "replied"
         agent = [e["text"] for e in client.get(f"/chat/{WEB}/replies").json["entries"] if e["role"] == "agent"]
         assert agent[-2] == "Your name is Ana." and "48213" in agent[-1]
-        _, lines = transcript(web.settings.database_url, session_key(WEB, DM, pseudonym))
+        _, lines = transcript(web.settings.database_url, dm_key(WEB, pseudonym))
         assert [line.text for line in lines if line.kind == "user"][-2:] == ["what is my name?", "where is my order?"]
     finally:
         redis_client.delete(counter, *redis_client.scan_iter(f"seen:{WEB}:{pseudonym}:*"))
@@ -594,18 +595,20 @@ def test_send_runs_the_fence_right_before_delivering(tmp_path):
     visitor = new_visitor_id()
     calls: list[int] = []
 
-    def fence() -> None:
-        calls.append(len(box.read(WEB, visitor)))  # nothing delivered yet when the fence runs
+    class Checked:
+        def check(self) -> None:
+            calls.append(len(box.read(WEB, visitor)))  # nothing delivered yet when the fence is checked
 
-    delivery = channel.send(visitor, DM, "hello", fence=fence)
+    delivery = channel.send(visitor, DM, "hello", fence=Checked())
     assert delivery.ok and calls == [0] and [e.text for e in box.read(WEB, visitor)] == ["hello"]
     assert delivery.platform_message_ids == (box.read(WEB, visitor)[0].cursor,)
 
-    def lost() -> None:
-        raise LeaseLost("stale holder")
+    class Lost:
+        def check(self) -> None:
+            raise LeaseLost("stale holder")
 
     with pytest.raises(LeaseLost):
-        channel.send(visitor, DM, "must not arrive", fence=lost)
+        channel.send(visitor, DM, "must not arrive", fence=Lost())
     assert [e.text for e in box.read(WEB, visitor)] == ["hello"]
     assert channel.send(visitor, DM, "no fence").ok  # fence is optional
 
@@ -618,8 +621,12 @@ def test_send_reports_a_box_outage_as_a_failed_delivery(tmp_path, monkeypatch, e
             raise ConnectionError("redis down")
 
     fences: list[str] = []
-    delivery = WebChatChannel(load_channel(tmp_path), box=Down()).send(new_visitor_id(), DM, "hi",
-                                                                        fence=lambda: fences.append("x"))
+
+    class Counted:
+        def check(self) -> None:
+            fences.append("x")
+
+    delivery = WebChatChannel(load_channel(tmp_path), box=Down()).send(new_visitor_id(), DM, "hi", fence=Counted())
     assert not delivery.ok and "redis down" in delivery.error and delivery.attempts == 3
     assert len(fences) == 3  # checked again before every attempt
     assert len([e for e in events if e["event"] == "webchat.box_failed"]) == 3
@@ -633,8 +640,8 @@ def test_channel_interface_and_options(tmp_path):
     config = load_channel(tmp_path)
     channel = build_channel(config)
     assert isinstance(channel, WebChatChannel) and channel.title == "Acme <b>support</b>" and channel.max_chars == 50
-    with pytest.raises(InvalidSignature):
-        channel.verify(WebhookRequest("POST", {}))
+    with pytest.raises(InvalidSignature, match="posted to /chat/"):
+        channel.receive(WebhookRequest("POST", {}))
     bad = CONFIG.replace("max_chars = 50", "max_chars = 0")
     with pytest.raises(ConfigError, match="max_chars"):
         build_channel(settings_for(tmp_path, bad).channel(WEB))

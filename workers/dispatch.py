@@ -16,7 +16,7 @@ from typing import Iterable, Mapping
 import structlog
 
 from workers import policies
-from shared.channels import Channel
+from shared.channels.base import TEMPLATES, Outbound
 from shared.db import DB_UNAVAILABLE
 from workers.deliveries import DeliveryJournal
 from shared.messages import Delivery
@@ -27,8 +27,8 @@ log = structlog.get_logger(__name__)
 Sent = tuple[int, Delivery]  # a reply's id and the outcome of its send, to record
 
 
-class Fence:
-    """The holder's right to send for its session, checked before every request.
+class LeaseFence:
+    """The holder's right to send for its session (a shared.outbound.Fence), checked before every request.
 
     Every renewal of the lease — the claim, each commit, each renewal made here — holds for `lease_seconds`
     from the moment its statement was sent. The check trusts the last one for half that long (the claim or commit
@@ -46,7 +46,7 @@ class Fence:
         """A statement sent at monotonic time `at` renewed the lease (a commit, the next turn's read)."""
         self.valid_until = max(self.valid_until, at + self.claim.lease_seconds / 2)
 
-    def __call__(self) -> float:
+    def check(self) -> float:
         if time.monotonic() < self.valid_until:
             return self.valid_until
         until = time.monotonic() + self.claim.lease_seconds / 2
@@ -60,10 +60,10 @@ class Fence:
 @dataclass
 class Dispatcher:
     store: Store
-    channels: Mapping[str, Channel]
+    channels: Mapping[str, Outbound]
     journal: DeliveryJournal
 
-    def send_all(self, fence: Fence, replies: Iterable[PendingReply], inherited: bool = False) -> list[Sent]:
+    def send_all(self, fence: LeaseFence, replies: Iterable[PendingReply], inherited: bool = False) -> list[Sent]:
         """Send replies in order; returns their outcomes, for the caller to record (`record`, or with the release).
         `inherited`: replies another holder committed — it may have sent one and been unable to record it."""
         sent: list[Sent] = []
@@ -84,14 +84,14 @@ class Dispatcher:
             raise
         return sent
 
-    def _send(self, fence: Fence, reply: PendingReply) -> Delivery:
+    def _send(self, fence: LeaseFence, reply: PendingReply) -> Delivery:
         """Send one reply through the channel, to the chat and topic of the message it answers. Outside WhatsApp's
         customer-service window it is not attempted as free text: the channel's window_template is sent instead,
         or without one the reply is recorded undeliverable (failed, with the reason; nothing to retry)."""
         channel = self.channels[reply.channel_id]
         options = channel.config.session
         if policies.outside_window(options, channel.config.platform, reply.user_sent_at, datetime.now(timezone.utc)):
-            if options.window_template:
+            if options.window_template and TEMPLATES in channel.capabilities:
                 log.info("turn.reply_as_template", reply_id=reply.id, template=options.window_template)
                 return channel.send_template(reply.chat_id, reply.chat_kind, options.window_template,
                                              options.window_template_language, fence=fence)

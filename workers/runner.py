@@ -18,13 +18,13 @@ from typing import Iterable, Mapping
 import structlog
 
 from workers.agents import Agent
-from shared.channels import Channel
+from shared.channels.base import Outbound
 from shared.config import Settings
 from shared.db import DB_UNAVAILABLE
 from workers.deliveries import DeliveryJournal, MemoryJournal
 from shared.messages import InboundMessage
 from workers.store import Claim, Lease, LeaseBusy, LeaseLost, PendingReply, Store, Turn
-from workers.dispatch import Dispatcher, Fence, Sent
+from workers.dispatch import Dispatcher, LeaseFence, Sent
 from workers.turn import TurnTaker
 
 log = structlog.get_logger(__name__)
@@ -38,7 +38,7 @@ BURST_MAX = 20  # burst = "collect" | "latest": at most this many ready messages
 class TurnRunner:
     settings: Settings
     store: Store
-    channels: Mapping[str, Channel]
+    channels: Mapping[str, Outbound]
     agents: Mapping[str, Agent]
     agent_attempts: int = AGENT_ATTEMPTS
     agent_backoff_s: float = AGENT_BACKOFF_S
@@ -59,7 +59,7 @@ class TurnRunner:
 
     def dispatch(self, claim: Claim, replies: Iterable[PendingReply]) -> None:
         """Send replies for a claim held for a while (its fence checks the lease first) and record them."""
-        self.dispatcher.record(self.dispatcher.send_all(Fence(self.store, claim, renewed_at=0.0), replies))
+        self.dispatcher.record(self.dispatcher.send_all(LeaseFence(self.store, claim, renewed_at=0.0), replies))
 
     def handle(self, msg: InboundMessage) -> str:
         """Accept one inbound message and drain its session; returns what became of this message
@@ -97,7 +97,7 @@ class TurnRunner:
     def _turns(self, claim: Claim, force: bool, outcomes: dict[str, str]) -> list[Sent]:
         """The replies an earlier holder left unsent, then the ready turns; returns the outcomes of the last sends,
         which the release records."""
-        fence = Fence(self.store, claim, claim.renewed_at)
+        fence = LeaseFence(self.store, claim, claim.renewed_at)
         self.dispatcher.record(self.dispatcher.send_all(fence, claim.outbox, inherited=True))
         turn = claim.turn  # the first ready message, with its context
         if turn is not None and force and turn.messages[0].seq > turn.claim.last_seq + 1:
@@ -125,7 +125,7 @@ class TurnRunner:
     def _taker(self) -> TurnTaker:
         return TurnTaker(self.store, self.sessions, self.agents, self.agent_attempts, self.agent_backoff_s)
 
-    def _next_turn(self, claim: Claim, fence: Fence) -> Turn | None:
+    def _next_turn(self, claim: Claim, fence: LeaseFence) -> Turn | None:
         if self.stopping.is_set():
             return None
         turn = self.store.next_turn(claim, self.lease.seconds, self.lease.history_limits, take=self.lease.take)

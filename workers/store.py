@@ -187,7 +187,7 @@ def now() -> datetime:
 
 def _clock() -> tuple[datetime, float]:
     """The time a lease renewal is computed from, and the monotonic time no later than it, which the holder may
-    trust the renewal from (workers/dispatch.py, Fence)."""
+    trust the renewal from (workers/dispatch.py, LeaseFence)."""
     monotonic = time.monotonic()
     return now(), monotonic
 

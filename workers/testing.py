@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from workers.agents import Agent, Conversation, load_agent, reply_of
+from shared.channels.base import TEMPLATES
 from shared.config import ChannelConfig, SessionOptions, Settings
 from shared.db import engine_for
+from shared.outbound import Fence
 from shared.messages import DM, GROUP, NEW_SESSION, Delivery, InboundMessage
 from shared.migrate import upgrade
 from workers.store import Store
@@ -40,11 +42,12 @@ class RecordingChannel:
     threads: list[str | None] = field(default_factory=list)  # the thread_id of each sent reply
     reply_ids: list[int | None] = field(default_factory=list)  # the stored reply id of each sent reply
     ok: bool = True
+    capabilities: frozenset[str] = frozenset({TEMPLATES})
 
-    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], float | None] | None = None,
+    def send(self, chat_id: str, chat_kind: str, text: str, fence: Fence | None = None,
              thread_id: str | None = None, reply_id: int | None = None) -> Delivery:
         if fence is not None:
-            fence()  # like a real channel: a holder that lost the session sends nothing
+            fence.check()  # like a real channel: a holder that lost the session sends nothing
         self.sent.append((chat_id, text))
         self.threads.append(thread_id)
         self.reply_ids.append(reply_id)
@@ -53,7 +56,7 @@ class RecordingChannel:
         return Delivery(ok=True, platform_message_ids=(f"sent.{len(self.sent)}",))
 
     def send_template(self, chat_id: str, chat_kind: str, name: str, language: str,
-                      fence: Callable[[], float | None] | None = None) -> Delivery:
+                      fence: Fence | None = None) -> Delivery:
         """A WhatsApp message template (outside the customer-service window), recorded as "template:<name>:<lang>"."""
         return self.send(chat_id, chat_kind, f"template:{name}:{language}", fence)
 

@@ -1,8 +1,9 @@
-"""One module per platform behind one surface (`Channel`); `build_channel` picks the module by platform."""
+"""One module per platform behind one surface: `Inbound` (a webhook request in, messages and the platform's answer
+out) and `Outbound` (replies, and what else it can send); `build_channel` picks the module by platform."""
 
 from __future__ import annotations
 
-from shared.channels.base import Channel, WebhookRequest
+from shared.channels.base import Answer, Channel, Inbound, Outbound, WebhookRequest
 from shared.config import ChannelConfig
 from shared.ratelimit import Limiter
 
@@ -29,4 +30,4 @@ def build_channel(config: ChannelConfig, limiter: Limiter | None = None, secret_
     raise ValueError(f"unknown platform {config.platform!r}")
 
 
-__all__ = ["Channel", "WebhookRequest", "build_channel"]
+__all__ = ["Answer", "Channel", "Inbound", "Outbound", "WebhookRequest", "build_channel"]

@@ -1,4 +1,7 @@
-"""The surface every platform adapter offers; verification, parsing and sending are kept apart."""
+"""The two sides of a platform adapter, as Rasa's InputChannel/OutputChannel: `Inbound` turns a webhook request into
+messages and the platform's answer, `Outbound` sends replies and says what else it can send. Verification, parsing
+and sending stay separate methods; the helpers below are what every adapter reads input with.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +11,13 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol, TypeVar
+from typing import Any, Callable, Mapping, Protocol, Sequence, TypeVar
 
+from shared import policies
 from shared.config import ChannelConfig
 from shared.errors import MalformedPayload
 from shared.messages import REPLAY_WINDOW_S, Delivery, InboundMessage
+from shared.outbound import Fence
 from shared.ratelimit import buckets_for, pace
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -26,28 +31,46 @@ class WebhookRequest:
     headers: Mapping[str, str]
     query: Mapping[str, str] = field(default_factory=dict)
     body: bytes = b""
+    route: str = ""  # the path under /webhooks/<channel id>/ ("interactions"); "" for the channel's own URL
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())
 
 
-class Channel(Protocol):
+@dataclass(frozen=True)
+class Answer:
+    """What one webhook request comes to: the messages to publish and the body the platform gets back with a 200 (a
+    dict is sent as JSON). `dropped` says why a request that was not accepted is still answered 200 (logged)."""
+
+    messages: Sequence[InboundMessage] = ()
+    body: str | Mapping[str, Any] = "ok\n"
+    dropped: str | None = None
+
+
+class Inbound(Protocol):
     config: ChannelConfig
 
-    def verify(self, request: WebhookRequest) -> None:
-        """Raise InvalidSignature unless the request really comes from the platform."""
+    def receive(self, request: WebhookRequest) -> Answer:
+        """Verify and read one request to the channel's webhook URL. Raises UnknownChannel when the channel takes no
+        such request (another route or method: 404), InvalidSignature (401; HandshakeRefused: 403) and
+        MalformedPayload (400)."""
 
-    def parse(self, body: bytes) -> list[InboundMessage]:
-        """The user messages in a verified body (possibly none); MalformedPayload if the shape is wrong."""
 
-    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], float | None] | None = None,
+TEMPLATES = "templates"  # send_template: approved message templates (WhatsApp, outside the 24-hour window)
+
+
+class Outbound(Protocol):
+    config: ChannelConfig
+    capabilities: frozenset[str]  # what it can send besides text: TEMPLATES
+
+    def send(self, chat_id: str, chat_kind: str, text: str, fence: Fence | None = None,
              thread_id: str | None = None, reply_id: int | None = None) -> Delivery:
         """Send a reply to a chat (InboundMessage.chat_id/chat_kind), split to the platform's length limit.
 
         `thread_id` is the topic inside the chat the answered message was posted in (InboundMessage.thread_id):
         Telegram sends it as message_thread_id; a Discord thread is its own chat_id; the others have none.
 
-        `fence` runs immediately before every request, after any pacing wait: it raises (LeaseLost) when this
+        `fence` is checked immediately before every request, after any pacing wait: it raises (LeaseLost) when this
         worker may no longer send for the session, so a holder paused past its lease never sends.
 
         `reply_id` is the stored reply's id, the same for every holder that sends this reply: a platform that can
@@ -55,8 +78,36 @@ class Channel(Protocol):
         but never recorded is not posted twice by its successor."""
 
 
-def gate(channel: Any, chat_id: str, chat_kind: str,
-         fence: Callable[[], float | None] | None) -> Callable[[], float | None] | None:
+class Channel(Inbound, Outbound, Protocol):
+    """A platform adapter: both sides (`build_channel`)."""
+
+
+def inbound_message(config: ChannelConfig, *, kind: str, chat_id: str, sender_id: str, sender_name: str, text: str,
+                    message_id: str, sent_at: float, command: str | None = None, addressed: bool = True,
+                    thread_id: str | None = None, boundary: str | None = None,
+                    topic: str | None = None) -> InboundMessage:
+    """A message as every adapter makes it: its session under the channel's policy (`policies.route` of the
+    `boundary`, the chat unless the adapter says otherwise, and of a forum `topic`), and its person."""
+    route = policies.route(config, kind, boundary or chat_id, sender_id, topic=topic)
+    return InboundMessage(
+        channel_id=config.id,
+        platform=config.platform,
+        session_key=route.session_key,
+        chat_id=chat_id,
+        chat_kind=kind,
+        sender_id=sender_id,
+        sender_name=sender_name,
+        text=text,
+        platform_message_id=message_id,
+        sent_at=sent_at,
+        command=command,
+        addressed=addressed,
+        thread_id=thread_id,
+        person=route.person,
+    )
+
+
+def gate(channel: Any, chat_id: str, chat_kind: str, fence: Fence | None) -> Callable[[], float | None] | None:
     """What runs before each request to one chat: the shared pacing wait, then the fencing check (last, so
     no wait falls between the check and the request); returns what the fence returns (the monotonic time until
     which its check counts). None when there is neither."""
@@ -67,7 +118,7 @@ def gate(channel: Any, chat_id: str, chat_kind: str,
     def before() -> float | None:
         if buckets is not None:
             pace(channel.limiter, buckets)
-        return fence() if fence is not None else None
+        return fence.check() if fence is not None else None
 
     return before
 
@@ -146,8 +197,3 @@ def require(obj: Any, key: str, kind: type | tuple[type, ...], where: str) -> An
 def same_secret(given: str | None, expected: str) -> bool:
     """Constant-time comparison of a secret the caller presented."""
     return given is not None and hmac.compare_digest(given.encode(), expected.encode())
-
-
-def session_key(channel_id: str, kind: str, boundary: str) -> str:
-    """Session keys are scoped by channel: the same user on two channels is two sessions."""
-    return f"{channel_id}:{kind}:{boundary}"

@@ -10,22 +10,29 @@ import structlog
 from cryptography.exceptions import InvalidSignature as BadEd25519
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from shared import policies
 from shared.channels.base import (
     SNOWFLAKE,
+    Answer,
     WebhookRequest,
-    load_json,
     gate,
+    inbound_message,
+    load_json,
     parser,
     require,
     sent_time,
 )
-from shared import policies
 from shared.config import ChannelConfig
-from shared.signing import keyed_hash
-from shared.errors import ConfigError, InvalidSignature, MalformedPayload
+from shared.errors import (
+    ConfigError,
+    InvalidSignature,
+    MalformedPayload,
+    UnknownChannel,
+)
 from shared.messages import DM, GROUP, NEW_SESSION, Delivery, InboundMessage
-from shared.outbound import HttpSender, send_chunks
+from shared.outbound import Fence, HttpSender, send_chunks
 from shared.ratelimit import Limiter
+from shared.signing import keyed_hash
 
 log = structlog.get_logger(__name__)
 
@@ -80,6 +87,8 @@ def _message_id(body: Any) -> str | None:
 
 
 class DiscordChannel:
+    capabilities: frozenset[str] = frozenset()
+
     def __init__(self, config: ChannelConfig, limiter: Limiter | None = None, now: Callable[[], float] = time.time,
                  secret_key: str = ""):
         self.config = config
@@ -125,6 +134,15 @@ class DiscordChannel:
             self.thread_parents.pop(next(iter(self.thread_parents)))
         self.thread_parents[thread] = parent
         return parent
+
+    def receive(self, request: WebhookRequest) -> Answer:
+        """Signed interactions at /interactions, answered at once; messages come over the gateway
+        (ingress/discord_gateway.py), not to a webhook."""
+        if request.route != "interactions" or request.method != "POST":
+            raise UnknownChannel(self.config.id)
+        self.verify(request)
+        response, messages = self.interaction(request.body)
+        return Answer(messages, body=response)
 
     def verify(self, request: WebhookRequest) -> None:
         signature, timestamp = request.header("X-Signature-Ed25519"), request.header("X-Signature-Timestamp")
@@ -224,23 +242,12 @@ class DiscordChannel:
         kind = GROUP if d.get("guild_id") else DM
         user_id = snowflake(user.get("id"), "author.id")
         parent = self._note_thread(d.get("channel")) or self.thread_parents.get(channel_id)
-        boundary = parent if parent and not policies.threads_enabled(self.config) else channel_id
-        route = policies.route(self.config, kind, boundary, user_id)
-        return InboundMessage(
-            channel_id=self.config.id,
-            platform="discord",
-            session_key=route.session_key,
-            chat_id=channel_id,
-            chat_kind=kind,
-            sender_id=user_id,
-            sender_name=str(user.get("global_name") or user.get("username") or user_id),
-            text=text,
-            platform_message_id=msg_id,
-            sent_at=sent_at,
-            command=command,
-            addressed=addressed,
+        return inbound_message(
+            self.config, kind=kind, chat_id=channel_id, sender_id=user_id,
+            sender_name=str(user.get("global_name") or user.get("username") or user_id), text=text,
+            message_id=msg_id, sent_at=sent_at, command=command, addressed=addressed,
             thread_id=channel_id if parent else None,
-            person=route.person,
+            boundary=parent if parent and not policies.threads_enabled(self.config) else channel_id,
         )
 
     def nonce(self, reply_id: int, chunk: int) -> str:
@@ -248,7 +255,7 @@ class DiscordChannel:
         (SECRET_KEY's tag, the reply's database id, the chunk's index), unique per chunk, at most 25 characters."""
         return f"{self.deployment_tag}{_base36(reply_id)}.{_base36(chunk)}"
 
-    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], float | None] | None = None,
+    def send(self, chat_id: str, chat_kind: str, text: str, fence: Fence | None = None,
              thread_id: str | None = None, reply_id: int | None = None) -> Delivery:
         """With `reply_id`, each chunk goes with an enforced nonce: Discord answers a create whose nonce it saw from
         this bot in the past few minutes with that first message and posts nothing, so a successor (or an HTTP retry)

@@ -7,21 +7,23 @@ from typing import Any, Callable
 
 import structlog
 
+from shared import policies
 from shared.channels.base import (
+    Answer,
     WebhookRequest,
-    load_json,
     gate,
+    inbound_message,
     integer_id,
+    load_json,
     parser,
     require,
     same_secret,
     sent_time,
 )
-from shared import policies
 from shared.config import ChannelConfig
-from shared.errors import InvalidSignature
+from shared.errors import InvalidSignature, MalformedPayload, UnknownChannel
 from shared.messages import DM, GROUP, NEW_SESSION, Delivery, InboundMessage
-from shared.outbound import HttpSender, send_chunks
+from shared.outbound import Fence, HttpSender, send_chunks
 from shared.ratelimit import Limiter
 
 log = structlog.get_logger(__name__)
@@ -60,6 +62,8 @@ def _sender_name(user: dict[str, Any], fallback: str) -> str:
 
 
 class TelegramChannel:
+    capabilities: frozenset[str] = frozenset()
+
     def __init__(self, config: ChannelConfig, limiter: Limiter | None = None, now: Callable[[], float] = time.time):
         self.config = config
         self.limiter = limiter  # shared outbound pacing; None sends unpaced (tests)
@@ -70,6 +74,17 @@ class TelegramChannel:
         # The token is part of the path; HttpSender logs only what precedes "/bot".
         self.url = f"{config.api_base}/bot{config.secrets['bot_token']}/sendMessage"
         self.sender = HttpSender({})
+
+    def receive(self, request: WebhookRequest) -> Answer:
+        """A signed POST with one Update. A malformed one is answered 200 and dropped: Telegram queues updates per
+        chat, so refusing one would block every later update of its chat."""
+        if request.route or request.method != "POST":
+            raise UnknownChannel(self.config.id)
+        self.verify(request)
+        try:
+            return Answer(self.parse(request.body))
+        except MalformedPayload as exc:
+            return Answer(body="dropped\n", dropped=str(exc))
 
     def verify(self, request: WebhookRequest) -> None:
         if not same_secret(request.header("X-Telegram-Bot-Api-Secret-Token"), self.config.secrets["secret_token"]):
@@ -102,26 +117,14 @@ class TelegramChannel:
         thread = message.get("message_thread_id")
         topic = integer_id(thread, "message.message_thread_id") if kind == GROUP and message.get(
             "is_topic_message") is True else None
-        route = policies.route(self.config, kind, chat_id, sender_id, topic=topic)
-        return [
-            InboundMessage(
-                channel_id=self.config.id,
-                platform="telegram",
-                session_key=route.session_key,
-                chat_id=chat_id,
-                chat_kind=kind,
-                sender_id=sender_id,
-                sender_name=_sender_name(user, sender_id),
-                text=text,
-                platform_message_id=f"{chat_id}:{message_id}",
-                sent_at=sent_at,
-                command=NEW_SESSION if command == "/new" else None,
-                addressed=policies.addressed(kind, mentioned=self._mentions_us(message),
-                                             replied_to_bot=self._replies_to_us(message), command=command is not None),
-                thread_id=topic,
-                person=route.person,
-            )
-        ]
+        return [inbound_message(
+            self.config, kind=kind, chat_id=chat_id, sender_id=sender_id, sender_name=_sender_name(user, sender_id),
+            text=text, message_id=f"{chat_id}:{message_id}", sent_at=sent_at,
+            command=NEW_SESSION if command == "/new" else None,
+            addressed=policies.addressed(kind, mentioned=self._mentions_us(message),
+                                         replied_to_bot=self._replies_to_us(message), command=command is not None),
+            thread_id=topic, topic=topic,
+        )]
 
     def _command(self, message: dict[str, Any]) -> str | None:
         """The command the text starts with ("/new"), lower-case, if it is ours: /cmd, or /cmd@<our bot> in groups;
@@ -162,7 +165,7 @@ class TelegramChannel:
         author = reply.get("from")
         return isinstance(author, dict) and author.get("is_bot") is True and self._is_us(author)
 
-    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], float | None] | None = None,
+    def send(self, chat_id: str, chat_kind: str, text: str, fence: Fence | None = None,
              thread_id: str | None = None, reply_id: int | None = None) -> Delivery:
         target: int | str = int(chat_id) if chat_id.lstrip("-").isdigit() else chat_id
 

@@ -13,18 +13,29 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from typing import Any, Callable
+from typing import Any
 
 import structlog
 
-from shared.channels.base import WebhookRequest, load_json, parser, session_key
+from shared import redis_keys
+from shared.channels.base import (
+    Answer,
+    WebhookRequest,
+    inbound_message,
+    load_json,
+    parser,
+)
 from shared.config import ChannelConfig
-from shared.errors import ConfigError, InvalidSignature, MalformedPayload
+from shared.errors import (
+    ConfigError,
+    InvalidSignature,
+    MalformedPayload,
+)
+from shared.outbound import Fence
 from shared.messages import DM, NEW_SESSION, Delivery, InboundMessage
 from shared.ratelimit import Bucket, Limiter
 from shared.replybox import ReplyBox
 from shared.signing import keyed_hash, sign, unsign
-from shared import redis_keys
 
 log = structlog.get_logger(__name__)
 
@@ -93,6 +104,8 @@ def _frame_ancestors(config: ChannelConfig) -> tuple[str, ...]:
 
 
 class WebChatChannel:
+    capabilities: frozenset[str] = frozenset()
+
     def __init__(self, config: ChannelConfig, limiter: Limiter | None = None, box: ReplyBox | None = None):
         self.config = config
         self.limiter = limiter  # unused: nothing upstream to pace
@@ -139,12 +152,10 @@ class WebChatChannel:
             self._box = reply_box(get_settings().redis_url)
         return self._box
 
-    def verify(self, request: WebhookRequest) -> None:
-        # There is no platform to sign anything: the page posts to /chat/<id>/messages, never to /webhooks.
+    def receive(self, request: WebhookRequest) -> Answer:
+        """Nothing the page sent: it posts to /chat/<id>/messages (ingress/webchat.py, with the visitor's cookie),
+        which reads the body with `message`."""
         raise InvalidSignature(f"web chat messages are posted to /chat/{self.config.id}/messages")
-
-    def parse(self, body: bytes) -> list[InboundMessage]:
-        raise MalformedPayload("web chat messages need the visitor cookie; see message()")
 
     @parser
     def message(self, visitor_id: str, body: bytes) -> InboundMessage:
@@ -169,28 +180,20 @@ class WebChatChannel:
             raise MalformedPayload("text is empty")
         if len(text) > self.max_chars:
             raise TextTooLong(f"text longer than {self.max_chars} characters")
-        return InboundMessage(
-            channel_id=self.config.id,
-            platform="webchat",
-            session_key=session_key(self.config.id, DM, visitor_id),
-            chat_id=visitor_id,
-            chat_kind=DM,
-            sender_id=visitor_id,
-            sender_name=SENDER_NAME,
-            text=text,
+        return inbound_message(
+            self.config, kind=DM, chat_id=visitor_id, sender_id=visitor_id, sender_name=SENDER_NAME, text=text,
             # Scoped by visitor, so one visitor's ids can never collide with (or dedupe) another's.
-            platform_message_id=f"{visitor_id}:{message_id}",
-            sent_at=time.time(),
+            message_id=f"{visitor_id}:{message_id}", sent_at=time.time(),
             command=NEW_SESSION if text.lower() == "/new" else None,
         )
 
-    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], float | None] | None = None,
+    def send(self, chat_id: str, chat_kind: str, text: str, fence: Fence | None = None,
              thread_id: str | None = None, reply_id: int | None = None) -> Delivery:
         """Leave the reply in the visitor's box; `fence` (the lease check) runs right before each attempt."""
         error = None
         for attempt in range(1, SEND_ATTEMPTS + 1):
             if fence is not None:
-                fence()  # raises if this worker may no longer send for the session
+                fence.check()  # raises if this worker may no longer send for the session
             try:
                 cursor = self.box.push(self.config.id, chat_id, "agent", text)
                 return Delivery(ok=True, platform_message_ids=(cursor,), attempts=attempt)

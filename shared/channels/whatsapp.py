@@ -11,21 +11,29 @@ from typing import Any, Callable, Mapping
 import requests
 import structlog
 
+from shared import policies
 from shared.channels.base import (
+    TEMPLATES,
+    Answer,
     WebhookRequest,
-    load_json,
     gate,
+    inbound_message,
+    load_json,
     matching,
     parser,
     require,
     same_secret,
     sent_time,
 )
-from shared import policies
 from shared.config import ChannelConfig
-from shared.errors import InvalidSignature, MalformedPayload
+from shared.errors import (
+    HandshakeRefused,
+    InvalidSignature,
+    MalformedPayload,
+    UnknownChannel,
+)
 from shared.messages import DM, GROUP, NEW_SESSION, Delivery, InboundMessage
-from shared.outbound import HttpSender, send_chunks
+from shared.outbound import Fence, HttpSender, send_chunks
 from shared.ratelimit import Limiter
 
 log = structlog.get_logger(__name__)
@@ -104,6 +112,8 @@ def _text_of(msg: dict[str, Any]) -> str:
 
 
 class WhatsAppChannel:
+    capabilities = frozenset({TEMPLATES})
+
     def __init__(self, config: ChannelConfig, limiter: Limiter | None = None, now: Callable[[], float] = time.time):
         self.config = config
         self.limiter = limiter  # shared outbound pacing; None sends unpaced (tests)
@@ -115,12 +125,21 @@ class WhatsAppChannel:
             {"Authorization": f"Bearer {config.secrets['access_token']}"}, retryable=_rate_limited
         )
 
+    def receive(self, request: WebhookRequest) -> Answer:
+        """A GET is Meta's subscription check; a POST, signed notifications."""
+        if request.route:
+            raise UnknownChannel(self.config.id)
+        if request.method in ("GET", "HEAD"):
+            return Answer(body=self.handshake(request.query))
+        self.verify(request)
+        return Answer(self.parse(request.body))
+
     def handshake(self, query: Mapping[str, str]) -> str:
         """Meta's GET subscription check: echo the challenge only to someone who knows our verify token."""
         if query.get("hub.mode") != "subscribe" or not same_secret(
             query.get("hub.verify_token"), self.config.secrets["verify_token"]
         ):
-            raise InvalidSignature("webhook verification token does not match")
+            raise HandshakeRefused("webhook verification token does not match")
         return query.get("hub.challenge", "")
 
     def verify(self, request: WebhookRequest) -> None:
@@ -161,24 +180,13 @@ class WhatsAppChannel:
         text = _text_of(msg)
         is_new = msg.get("type") == "text" and text.strip().lower() == "/new"
         mentioned, replied = _addressed_in_group(msg, text, our_number) if kind == GROUP else (False, False)
-        route = policies.route(self.config, kind, chat_id, sender)
-        return InboundMessage(
-            channel_id=self.config.id,
-            platform="whatsapp",
-            session_key=route.session_key,
-            chat_id=chat_id,
-            chat_kind=kind,
-            sender_id=sender,
-            sender_name=str(names.get(sender) or sender),
-            text=text,
-            platform_message_id=msg_id,
-            sent_at=sent_at,
-            command=NEW_SESSION if is_new else None,
+        return inbound_message(
+            self.config, kind=kind, chat_id=chat_id, sender_id=sender, sender_name=str(names.get(sender) or sender),
+            text=text, message_id=msg_id, sent_at=sent_at, command=NEW_SESSION if is_new else None,
             addressed=policies.addressed(kind, mentioned=mentioned, replied_to_bot=replied, command=is_new),
-            person=route.person,
         )
 
-    def send(self, chat_id: str, chat_kind: str, text: str, fence: Callable[[], float | None] | None = None,
+    def send(self, chat_id: str, chat_kind: str, text: str, fence: Fence | None = None,
              thread_id: str | None = None, reply_id: int | None = None) -> Delivery:
         recipient = "group" if chat_kind == GROUP else "individual"
         before = gate(self, chat_id, chat_kind, fence)
@@ -191,7 +199,7 @@ class WhatsAppChannel:
         }, _message_id, before))
 
     def send_template(self, chat_id: str, chat_kind: str, name: str, language: str,
-                      fence: Callable[[], float | None] | None = None) -> Delivery:
+                      fence: Fence | None = None) -> Delivery:
         """Send an approved message template (Cloud API `type: "template"`): what WhatsApp allows outside the
         24-hour customer-service window, where free-form text is refused (error 131047)."""
         recipient = "group" if chat_kind == GROUP else "individual"
