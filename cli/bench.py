@@ -1417,6 +1417,7 @@ def waiting_figures(full: list[dict[str, Any]], half: dict[str, Any], within: in
         "efficiency": round(turns / ideal, 3) if ideal else None,
         "within_latency_plus_1s": round(within / half["accepted"], 3) if half["accepted"] else None,
         "rss_mb_peak": max(rss) if rss else None, "db_connections_peak": max(connections) if connections else None,
+        "llm_concurrent_peak": max((w["llm_concurrent_peak"] for w in full), default=None),
         **{k: sum(w[k] for w in waves) for k in CORRECTNESS},
         "note": (f"turns_per_s = replies of the {len(full)} waves of {in_flight} sessions / the sum of their durations, "
                  "a wave's duration running from its first webhook POST to its last reply at the stand-in platform; "
@@ -1426,7 +1427,8 @@ def waiting_figures(full: list[dict[str, Any]], half: dict[str, Any], within: in
                  + f"; within_latency_plus_1s: replies of the {half['sessions']}-session wave that reached the "
                  f"stand-in platform within {latency_s:g} s + 1 s of their webhook's 200, of those accepted; "
                  f"rss_mb_peak: the pool process's RSS, highest sample (every 0.25 s) during the {in_flight}-session "
-                 "waves; db_connections_peak: the pool's backends in pg_stat_activity, highest sample of every wave; "
+                 "waves, when at most llm_concurrent_peak turns were waiting on the stand-in LLM at once (the others "
+                 "were queued in the pool or done); db_connections_peak: the pool's backends in pg_stat_activity, highest sample of every wave; "
                  "correctness counts summed over the waves"),
     }
 
@@ -1646,7 +1648,8 @@ def table(r: dict[str, Any]) -> str:
         rows.append(("waiting_agent", f"replies within {wait} + 1 s, {half} in flight",
                      "-" if w["within_latency_plus_1s"] is None else f"{w['within_latency_plus_1s']:.1%}",
                      f">= {TARGETS['waiting_within']:.0%} {met('waiting_agent_within')}"))
-        rows.append(("waiting_agent", f"pool RSS MB at {n} in flight (peak)", f(w["rss_mb_peak"]),
+        rows.append(("waiting_agent", f"pool RSS MB at {n} in flight (peak; at most {f(w['llm_concurrent_peak'], 0)} "
+                     "waiting on the LLM)", f(w["rss_mb_peak"]),
                      f"<= {target('waiting_rss_mb')} {met('waiting_agent_rss')}"))
         rows.append(("waiting_agent", "database connections of the pool (peak)", f(w["db_connections_peak"], 0),
                      f"<= {target('waiting_db_connections')} {met('waiting_agent_db')}"))

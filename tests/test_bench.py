@@ -351,6 +351,7 @@ def test_waiting_agent_figures_from_its_waves():
     assert figures["within_latency_plus_1s"] == 0.96
     assert figures["rss_mb_peak"] == 262.5  # the full waves only: 1,000 in flight
     assert figures["db_connections_peak"] == 41  # every wave
+    assert figures["llm_concurrent_peak"] == 1000  # the most waiting on the LLM at once, in a full wave
     assert [figures[k] for k in bench.CORRECTNESS] == [1, 2, 0, 0]
     assert "e2e msgs/s = 250" in figures["note"]
     alone = bench.waiting_figures(full, half, within=500, latency_s=2.0, in_flight=1000, e2e_msgs_per_s=None)
@@ -387,7 +388,8 @@ def test_waiting_and_slow_agent_targets_and_rows():
     assert row(text, "waiting_agent", "turns/s, 1,000 in flight, 2 s Agent, gevent (ideal 500.0)").endswith(
         "416.7 (0.833) >= 0.8 yes")
     assert row(text, "waiting_agent", "replies within 2 s + 1 s, 500 in flight").endswith("94.0% >= 95% NO")
-    assert row(text, "waiting_agent", "pool RSS MB").endswith("390.0 <= 400 yes")
+    assert row(text, "waiting_agent", "pool RSS MB at 1,000 in flight (peak; at most 1,000 waiting on the LLM)").endswith(
+        "390.0 <= 400 yes")
     assert row(text, "waiting_agent", "database connections").endswith("40 <= 40 yes")
     assert row(text, "waiting_agent", "lost/dup").endswith("0/0/0/0 all 0 yes")
 
