@@ -19,7 +19,8 @@ A session's messages are POSTed one after the other (the next only after the pre
 platforms deliver a chat's updates, so the order the ingress sees is the order they were written in.
 
 Load shapes: --concurrency C (closed loop: at most C messages awaiting their reply, and --window per session) or
---rate R (open loop: R messages/s offered, sessions round-robin, whatever the replies do).
+--rate R (open loop: R messages/s offered, sessions round-robin, whatever the replies do). In code, a Workload with
+`continues=` an earlier one plays the next messages of that one's sessions (the same chats: waves of a benchmark).
 
 --status-callbacks posts what a WhatsApp deployment gets three of for every reply instead: signed status webhooks
 (`statuses[]`: sent, delivered, read of the session's replies, in turn); the ingress answers them 200 and nothing
@@ -90,12 +91,14 @@ def discord_key_from_seed(seed_hex: str) -> Ed25519PrivateKey:
 
 
 def targets_from_settings(settings: Any, discord_key: Ed25519PrivateKey | None = None,
-                          channels: Iterable[str] | None = None,
-                          platforms: Iterable[str] | None = None) -> tuple[list[Target], tuple[str, int] | None, list[str]]:
+                          channels: Iterable[str] | None = None, platforms: Iterable[str] | None = None,
+                          echoing: Iterable[str] = ECHOING_AGENTS,
+                          ) -> tuple[list[Target], tuple[str, int] | None, list[str]]:
     """The channels loadgen can drive, the stand-in address their api_base points at, and warnings for the others.
 
     A channel is usable when its api_base is http://<local host>:<port>/<prefix> (a stand-in: never send load whose
-    replies would go to a real platform) and, for Discord, when the signing key matches its public key.
+    replies would go to a real platform) and, for Discord, when the signing key matches its public key. A channel
+    whose agent is not among `echoing` (the Agents known to repeat the message) gets a warning.
     """
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -129,7 +132,7 @@ def targets_from_settings(settings: Any, discord_key: Ed25519PrivateKey | None =
             if public != c.secrets["public_key"]:
                 warnings.append(f"{cid}: no signing key for its public_key (--discord-key SEED_HEX); skipped")
                 continue
-        if c.agent not in ECHOING_AGENTS:
+        if c.agent not in echoing:
             warnings.append(f"{cid}: agent {c.agent!r} may not repeat the message text; replies it does not tag "
                             "count as lost (use agent = \"echo\")")
         address = here
@@ -268,6 +271,10 @@ class Workload:
 
     `webhook="status"` POSTs WhatsApp status callbacks (sent, delivered, read of our replies) to the WhatsApp DM
     sessions of `kinds` instead of user messages: nothing answers them, so such a workload expects no replies.
+
+    `continues=wl` (a workload this LoadGen has run) plays the next `messages` of the first `sessions` sessions of
+    `wl` instead of new sessions: the same chats and members, each session's messages numbered on from where it
+    stopped, so a second wave lands on sessions that exist, with their history. `kinds` does not apply then.
     """
 
     name: str
@@ -282,6 +289,7 @@ class Workload:
     limit: int | None = None  # stop after this many messages in all (sessions round robin), if fewer than N x M
     duration_s: float | None = None  # stop sending after this long (whatever is left of N x M is not sent)
     webhook: str = "message"  # one of WEBHOOKS
+    continues: Workload | None = None  # play on the sessions of this earlier workload (see above)
     # filled in by LoadGen.run
     run_num: int = 0
     plan: list[Session] = field(default_factory=list)
@@ -308,6 +316,8 @@ class Workload:
             raise ValueError(f"webhook must be one of {WEBHOOKS}, not {self.webhook!r}")
         if self.webhook == "status" and self.expect_replies:
             raise ValueError("status callbacks get no replies: expect_replies=False")
+        if self.continues is not None and self.continues.webhook != self.webhook:
+            raise ValueError(f"workload {self.name} continues {self.continues.name}, which posts other webhooks")
 
     @property
     def total(self) -> int:
@@ -431,7 +441,7 @@ class LoadGen:
         self.retries = retries
         self.unmatched = 0  # replies without a tag of a workload of ours
         self._arrivals = itertools.count(1)
-        self._runs: dict[int, Workload] = {}
+        self._runs: dict[int, list[Workload]] = {}  # tag run number -> its workloads (several: continued)
         self._inbox: queue.SimpleQueue[Sent | None] = queue.SimpleQueue()
         self._last_receipt = time.time()
         standin.sent = _Tap(self._inbox.put, standin.sent)
@@ -451,9 +461,10 @@ class LoadGen:
         while (sent := self._inbox.get()) is not None:
             self._last_receipt = time.time()
             m = TAG.search(sent.text)
-            wl = self._runs.get(int(m.group(1))) if m else None
-            msg = wl.msgs.get((int(m.group(2)), int(m.group(3)))) if wl and m else None
-            if msg is None:
+            key = (int(m.group(2)), int(m.group(3))) if m else None
+            wl = next((w for w in self._runs.get(int(m.group(1)), ()) if key in w.msgs), None) if m else None
+            msg = wl.msgs[key] if wl is not None else None
+            if wl is None or msg is None:
                 self.unmatched += 1
                 continue
             msg.receipts.append((next(self._arrivals), sent.at, sent.prefix, sent.chat_id))
@@ -550,6 +561,9 @@ class LoadGen:
     # -- running --------------------------------------------------------------------------------------------------
 
     def prepare(self, wl: Workload) -> None:
+        if wl.continues is not None:
+            self._continue(wl)
+            return
         wl.run_num = random.randrange(100_000, 1_000_000)
         while wl.run_num in self._runs:
             wl.run_num = random.randrange(100_000, 1_000_000)
@@ -560,10 +574,27 @@ class LoadGen:
             raise ValueError(f"workload {wl.name}: no channel offers the kinds {wl.kinds}"
                              + (" as WhatsApp DMs (status callbacks)" if wl.webhook == "status" else ""))
         wl.plan = [_session(i, wl.run_num, *slots[i % len(slots)]) for i in range(wl.sessions)]
+        self._enlist(wl)
+
+    def _continue(self, wl: Workload) -> None:
+        prev = wl.continues
+        assert prev is not None
+        if not prev.finished or prev not in self._runs.get(prev.run_num, ()):
+            raise ValueError(f"workload {wl.name}: {prev.name} must have run on this load generator first")
+        if wl.sessions > len(prev.plan):
+            raise ValueError(f"workload {wl.name}: {prev.name} has {len(prev.plan)} sessions, not {wl.sessions}")
+        wl.run_num = prev.run_num
+        wl.plan = prev.plan[: wl.sessions]
+        for s in wl.plan:
+            with s.send_lock:  # a late sender of the earlier workload is done with it
+                s.reserved = s.outstanding = 0
+        self._enlist(wl)
+
+    def _enlist(self, wl: Workload) -> None:
         for s in wl.plan:
             wl._ready.append(s)
             s.queued = True
-        self._runs[wl.run_num] = wl
+        self._runs.setdefault(wl.run_num, []).append(wl)
 
     def run(self, *workloads: Workload, deadline_s: float | None = None) -> list[dict[str, Any]]:
         """Run the workloads at once; returns one report per workload (see `report`)."""
@@ -709,6 +740,12 @@ class LoadGen:
             "unmatched_replies": self.unmatched,
             "by_kind": kinds,
         }
+
+
+def replied_within(wl: Workload, seconds: float) -> int:
+    """Messages of the workload whose first reply reached the stand-in at most `seconds` after the webhook's 200."""
+    return sum(1 for m in wl.msgs.values()
+               if m.t_accepted is not None and m.receipts and m.receipts[0][1] - m.t_accepted <= seconds)
 
 
 def _pct(sorted_values: list[float], q: float) -> float:

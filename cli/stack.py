@@ -234,7 +234,9 @@ class Stack:
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
         log_path = self.workdir / f"{name}.log"
         log_file = open(log_path, "ab")  # noqa: SIM115 - closed in stop(), after the process exits
-        popen = subprocess.Popen(argv, env=env if env is not None else self.full_env(), cwd=REPO, stdout=log_file,
+        # libpq names the process's connections after it: pg_stat_activity.application_name tells whose they are
+        env = {**(env if env is not None else self.full_env()), "PGAPPNAME": name}
+        popen = subprocess.Popen(argv, env=env, cwd=REPO, stdout=log_file,
                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         return Proc(name, argv, popen, log_path, log_file)
 

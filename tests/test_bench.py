@@ -1,21 +1,42 @@
 """The benchmark's pieces that need no running stack: the WhatsApp status callbacks the `status_callbacks` scenario
-posts (real shape, verified and parsed by the real adapter), and the figures and targets computed from what a
+posts (real shape, verified and parsed by the real adapter), the `waiting_agent` scenario's stand-in LLM and
+channels (the real OpenAI-compatible Agent through a real turn), and the figures and targets computed from what a
 scenario measured. Speed itself is measured by `make bench`, never here."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import requests
 from channel_helpers import fixture, make_config
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cli import bench
-from cli.loadgen import LoadGen, Target, Workload, _session, build_status_request
+from cli.loadgen import (
+    ECHOING_AGENTS,
+    TAG,
+    LoadGen,
+    Target,
+    Workload,
+    _session,
+    build_status_request,
+    targets_from_settings,
+)
 from cli.standins import payloads as p
+from cli.standins.llm import StandInLLM, echo_responder
 from cli.standins.platforms import StandInPlatforms
+from shared.agents import load_agent
 from shared.channels.base import WebhookRequest
+from shared.config import load_settings
 from shared.channels.whatsapp import WhatsAppChannel
 from shared.errors import InvalidSignature
+from workers.testing import run_conversation
 
 PHONE_ID = "106540352242922"
 SECRET = "app_secret-value"
@@ -203,3 +224,181 @@ def test_the_table_prints_the_new_figures_with_their_targets():
     assert row(text, "status_callbacks", "max req/s").endswith("3,100.0 >= 3,000 yes")
     assert "0.50 / 0.00 / 0.30" in row(text, "status_callbacks", "CPU ms per request")
     assert row(text, "status_callbacks", "log lines").endswith("0 / 0 / 0 all 0 yes")
+
+
+# -- the waiting_agent scenario: its stand-in LLM, channels and figures ------------------------------------------------
+
+def post_completion(llm: StandInLLM, text: str) -> tuple[int, dict, float]:
+    """POST one chat completion to the stand-in; (status, answer, seconds it took)."""
+    started = time.monotonic()
+    answer = requests.post(llm.base() + "/chat/completions", timeout=30,
+                           json={"model": "m", "messages": [{"role": "system", "content": "be brief"},
+                                                            {"role": "user", "content": text}]})
+    return answer.status_code, answer.json(), time.monotonic() - started
+
+
+def test_the_standin_llm_answers_each_completion_after_its_latency_with_the_users_text():
+    with pytest.raises(ValueError, match="latency_s"):
+        StandInLLM(latency_s=-1)
+    with StandInLLM(echo_responder, latency_s=0.3, record=False) as llm:
+        status, answer, took = post_completion(llm, "lg-123456-7-0 where is my order?")
+        assert status == 200 and took >= 0.3  # it waited (a lower bound: a slow machine cannot fail it)
+        assert answer["choices"][0]["message"]["content"] == "echo: lg-123456-7-0 where is my order?"
+        assert llm.requests == []  # record=False keeps no conversation
+        llm.fail_next(503)  # scripted answers keep their own timing
+        assert post_completion(llm, "x")[0] == 503
+
+
+def test_the_standin_llm_counts_the_requests_it_answers_at_once():
+    release = threading.Event()
+
+    def held(body: dict) -> str:
+        release.wait(30)
+        return echo_responder(body)
+
+    with StandInLLM(held) as llm:
+        with ThreadPoolExecutor(5) as pool:
+            answers = [pool.submit(post_completion, llm, f"lg-000001-{i}-0 hi") for i in range(5)]
+            deadline = time.monotonic() + 30
+            while llm.active < 5 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert (llm.active, llm.peak_active) == (5, 5)
+            release.set()
+            texts = sorted(a.result()[1]["choices"][0]["message"]["content"] for a in answers)
+        assert texts == [f"echo: lg-000001-{i}-0 hi" for i in range(5)]
+        assert llm.active == 0 and llm.reset_peak() == 5 and llm.reset_peak() == 0
+        assert len(llm.requests) == 5
+
+
+@pytest.mark.parametrize("make", [StandInPlatforms, lambda: StandInLLM(echo_responder)], ids=["platforms", "llm"])
+def test_a_stopped_standin_ends_the_keep_alive_connections_it_served(make):
+    """Else a client's pooled connection would go on being answered, and recorded, by the stopped stand-in after
+    another one took its port (a pool's replies vanished that way between two loads in one test module)."""
+    standin = make().start()
+    conn = http.client.HTTPConnection(*standin.server.server_address[:2], timeout=10)
+    try:
+        conn.request("POST", "/nowhere", body=b"{}", headers={"Content-Type": "application/json"})
+        answer = conn.getresponse()
+        answer.read()
+        assert answer.status == 404 and not answer.will_close  # kept alive
+        standin.stop()
+        with pytest.raises(ConnectionError):
+            conn.request("POST", "/nowhere", body=b"{}", headers={"Content-Type": "application/json"})
+            conn.getresponse()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def bench_config(tmp_path, monkeypatch):
+    """The bench's channels TOML and secrets (Bench.config_text, Bench.secrets), loaded as the workers load them."""
+    standin = StandInPlatforms()
+    b = bench.Bench(bench.Knobs(quick=True), tmp_path / "results.json")
+    b.workdir.rmdir()
+    with StandInLLM(echo_responder) as llm:
+        b.standin, b.llm, b.discord_key = standin, llm, Ed25519PrivateKey.generate()
+        config = tmp_path / "channels.toml"
+        config.write_text(b.config_text())
+        for name, value in b.secrets().items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("CHATSESSIONS_CONFIG", str(config))
+        try:
+            yield load_settings(), b, llm
+        finally:
+            standin.server.server_close()
+
+
+def test_the_waiting_channels_run_the_openai_agent_against_the_standin_llm(bench_config):
+    settings, b, llm = bench_config
+    waiting = {cid: c for cid, c in settings.channels.items() if cid.startswith("w")}
+    assert {c.platform for c in waiting.values()} == {"whatsapp", "telegram", "discord"}
+    for c in waiting.values():
+        assert c.agent == "openai" and c.api_base == b.standin.base(c.id)
+        assert c.agent_options == {"base_url": llm.base(), "model": "bench-standin", "api_key_env": "BENCH_LLM_KEY"}
+    # the Agent the workers build from it answers through the stand-in LLM with the message's tag
+    agent = load_agent("openai", waiting["wwa"].agent_options)
+    try:
+        dm = run_conversation(agent, ["lg-424242-3-0 where is my order?", "lg-424242-3-1 thanks"])
+        group = run_conversation(agent, [("Bruno", "lg-424242-4-0 hello")])
+    finally:
+        agent.close()
+    assert [TAG.search(r).group(0) for r in dm + group] == ["lg-424242-3-0", "lg-424242-3-1", "lg-424242-4-0"]
+    assert llm.requests[-1].headers["authorization"] == f"Bearer {os.environ['BENCH_LLM_KEY']}"
+    # the load generator drives them without the "may not repeat the message text" warning the bench asks it to spare
+    targets, _, warnings = targets_from_settings(settings, b.discord_key, echoing=(*ECHOING_AGENTS, "openai"))
+    assert warnings == [] and {t.channel_id for t in targets} >= set(waiting)
+    assert sorted(w.split(":")[0] for w in targets_from_settings(settings, b.discord_key)[2]) == sorted(waiting)
+
+
+def wave(name: str, sessions: int, replied: int, duration_s: float, rss: float | None, connections: int | None,
+         **counts: int) -> dict:
+    report = {"sessions": sessions, "accepted": sessions, "replied": replied, "rejected": 0,
+              "msgs_per_s": round(replied / duration_s, 2), "duration_s": duration_s,
+              "accept_latency_ms": {"max": 900.0}, "latency_ms": {"p50": 2100.0},
+              **{k: counts.get(k, 0) for k in bench.CORRECTNESS}}
+    peaks = {k: v for k, v in (("rss_mb", rss), ("db_connections", connections)) if v is not None}
+    return bench.waiting_wave(name, report, CPU, peaks, llm_peak=sessions)
+
+
+def test_waiting_agent_figures_from_its_waves():
+    full = [wave("first", 1000, 1000, 5.0, 250.0, 38), wave("second", 1000, 999, 4.0, 262.5, 40, lost=1)]
+    half = wave("half", 500, 500, 3.0, 300.0, 41, duplicated=2)
+    assert full[0]["cpu_ms_per_msg"]["pool-a"] == 4.0 and full[1]["llm_concurrent_peak"] == 1000
+    figures = bench.waiting_figures(full, half, within=480, latency_s=2.0, in_flight=1000, e2e_msgs_per_s=250.0)
+    assert figures["turns_per_s"] == round(1999 / 9, 1)  # replies of the two full waves / their summed durations
+    assert figures["ideal_turns_per_s"] == 250.0  # min(1000 / 2 s, the e2e msgs/s)
+    assert figures["efficiency"] == round(1999 / 9 / 250, 3)
+    assert figures["within_latency_plus_1s"] == 0.96
+    assert figures["rss_mb_peak"] == 262.5  # the full waves only: 1,000 in flight
+    assert figures["db_connections_peak"] == 41  # every wave
+    assert figures["llm_concurrent_peak"] == 1000  # the most waiting on the LLM at once, in a full wave
+    assert [figures[k] for k in bench.CORRECTNESS] == [1, 2, 0, 0]
+    assert "e2e msgs/s = 250" in figures["note"]
+    alone = bench.waiting_figures(full, half, within=500, latency_s=2.0, in_flight=1000, e2e_msgs_per_s=None)
+    assert alone["ideal_turns_per_s"] == 500.0 and alone["within_latency_plus_1s"] == 1.0
+    assert "not measured" in alone["note"]
+    unsampled = bench.waiting_figures([wave("first", 10, 10, 1.0, None, None)], wave("half", 5, 0, 1.0, None, None),
+                                      within=0, latency_s=2.0, in_flight=10, e2e_msgs_per_s=None)
+    assert (unsampled["rss_mb_peak"], unsampled["db_connections_peak"], unsampled["within_latency_plus_1s"]) == (
+        None, None, 0.0)
+
+
+def slow_runs(model: str, efficiencies: dict[int, float], reordered: int = 0) -> list[dict]:
+    return [{"concurrency": c, "execution_model": model, "msgs_per_s": e * c / 0.2, "ideal_msgs_per_s": c / 0.2,
+             "efficiency": e, "reordered": reordered} for c, e in efficiencies.items()]
+
+
+def test_waiting_and_slow_agent_targets_and_rows():
+    full = [wave("first", 1000, 1000, 2.4, 380.0, 40), wave("second", 1000, 1000, 2.4, 390.0, 40)]
+    waiting = bench.waiting_figures(full, wave("half", 500, 500, 2.6, 300.0, 40), within=470, latency_s=2.0,
+                                    in_flight=1000, e2e_msgs_per_s=None)
+    r = results() | {"slow_agent": slow_runs("threads", {1: 0.84, 64: 0.2}), "slow_agent_gevent": slow_runs("gevent", {1: 0.85, 64: 0.9}, 1),
+          "waiting_agent": {"execution_model": "gevent", "agent_latency_s": 2.0, "in_flight": 1000,
+                            **waiting, "waves": [*full, wave("half", 500, 500, 2.6, 300.0, 40)]}}
+    r["targets"] = bench.targets_met(r)
+    met = {k: v["met"] for k, v in r["targets"].items() if k.startswith(("slow", "waiting"))}
+    assert met == {"slow_agent_efficiency_at_64>=0.8": False, "slow_agent_reordered==0": True,
+                   "slow_agent_gevent_efficiency_at_64>=0.8": True, "slow_agent_gevent_reordered==0": False,
+                   "waiting_agent_correct": True, "waiting_agent_efficiency>=0.8": True,
+                   "waiting_agent_within_latency_plus_1s>=0.95": False, "waiting_agent_rss_mb_peak<=400": True,
+                   "waiting_agent_db_connections_peak<=40": True}
+    text = bench.table(r)
+    assert row(text, "slow_agent", "threads c=64").endswith("(20%), reordered 0 >= 80% NO")
+    assert row(text, "slow_agent_gevent", "gevent c=64").endswith("(90%), reordered 1 >= 80% NO")
+    assert row(text, "waiting_agent", "turns/s, 1,000 in flight, 2 s Agent, gevent (ideal 500.0)").endswith(
+        "416.7 (0.833) >= 0.8 yes")
+    assert row(text, "waiting_agent", "replies within 2 s + 1 s, 500 in flight").endswith("94.0% >= 95% NO")
+    assert row(text, "waiting_agent", "pool RSS MB at 1,000 in flight (peak; at most 1,000 waiting on the LLM)").endswith(
+        "390.0 <= 400 yes")
+    assert row(text, "waiting_agent", "database connections").endswith("40 <= 40 yes")
+    assert row(text, "waiting_agent", "lost/dup").endswith("0/0/0/0 all 0 yes")
+
+
+def test_peaks_keeps_the_highest_reading_and_skips_the_missing():
+    values = iter([3.0, 7.0, 5.0])
+
+    def gone() -> float:
+        raise OSError("the process exited")
+    with bench.Peaks({"rss": lambda: next(values, 1.0), "none": lambda: None, "gone": gone}, interval=60) as peaks:
+        peaks.sample()
+    assert peaks.peak == {"rss": 7.0}  # entry, the explicit sample, exit

@@ -6,8 +6,10 @@ in order, in its own chat. Correctness only: no timing is asserted.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 
+import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -135,3 +137,41 @@ def test_status_callbacks_are_answered_200_and_nothing_else(deployment):
     assert set(report["by_kind"]) == {"whatsapp:dm"} and report["channels"] == ["lg-wa"]
     assert report["unmatched_replies"] == 0  # nothing was answered
     assert ingress_log.read_text() == before
+
+
+def test_waves_at_once_on_the_same_sessions_and_the_pools_connections_named_after_it(deployment):
+    """The `waiting_agent` scenario's waves: every session sends at once (rate=inf), then, with `continues=`, the first
+    of them send their next messages in the same chats, numbered on; each reply is matched to its wave. The stack
+    names each process's database connections after it (PGAPPNAME), which is how the bench counts the pool's."""
+    stack, key, standin_port = deployment
+    with stack.applied_env():
+        from shared.config import load_settings
+
+        settings = load_settings()
+    targets, _, _ = targets_from_settings(settings, key)
+    standin = StandInPlatforms(port=standin_port).start()
+    gen = LoadGen(stack.url, targets, standin, reply_timeout=60, drain_timeout=30, progress=False)
+    try:
+        first = Workload("first", sessions=6, messages=1, rate=math.inf, senders=6)
+        early = Workload("early", sessions=2, messages=1, rate=math.inf, continues=first)
+        with pytest.raises(ValueError, match="must have run"):
+            gen.prepare(early)
+        gen.run(first)
+        with pytest.raises(ValueError, match="has 6 sessions, not 7"):
+            gen.prepare(Workload("more", sessions=7, messages=1, rate=math.inf, continues=first))
+        second = Workload("second", sessions=4, messages=2, rate=math.inf, senders=4, continues=first)
+        report, = gen.run(second)
+        first_report = gen.report(first)
+    finally:
+        gen.close()
+        standin.stop()
+    assert second.run_num == first.run_num and second.plan == first.plan[:4]
+    assert sorted(first.msgs) == [(i, 0) for i in range(6)]
+    assert sorted(second.msgs) == [(i, k) for i in range(4) for k in (1, 2)]
+    assert {m.session.chat_id for m in second.msgs.values()} == {s.chat_id for s in first.plan[:4]}
+    assert report["accepted"] == report["replied"] == 8 and first_report["replied"] == 6, json.dumps([report, first_report], default=str)
+    assert correct(report) and correct(first_report) and report["unmatched_replies"] == 0
+    with psycopg.connect(stack.pg_admin, autocommit=True) as conn:
+        names = {r[0] for r in conn.execute("SELECT DISTINCT application_name FROM pg_stat_activity WHERE datname = %s",
+                                             (stack.db_name,))}
+    assert "pool-all" in names and names <= {p.name for p in stack.procs}, names

@@ -3,7 +3,9 @@
 Point an `OpenAIChatAgent` at `StandInLLM.base()` (e.g. `base_url = "http://127.0.0.1:PORT/v1"`).
 Route: POST /{prefix}/chat/completions. Every request is recorded (headers, JSON body) in `requests`;
 `fail_next` queues scripted answers (a 500, a 429 with Retry-After, a 401, a 200 that is not JSON, a slow answer)
-that are served before the normal canned completion.
+that are served before the normal canned completion. `latency_s` makes every completion take that long, like a
+hosted model (the benchmark's waiting Agent: a thousand requests waiting at once, each on a thread of its own);
+`active` and `peak_active` count the requests being answered.
 
     with StandInLLM(responder=lambda body: "hello") as llm:
         agent = OpenAIChatAgent(base_url=llm.base(), model="m", api_key_env="X", env={"X": "k"})
@@ -18,8 +20,10 @@ import json
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable
+
+from cli.standins.server import StandInServer
 
 
 @dataclass(frozen=True)
@@ -46,19 +50,36 @@ class Scripted:
     complete: bool = True  # False: after the delay, answer with the normal completion (a slow success)
 
 
+def last_user_text(body: dict[str, Any]) -> str:
+    """The content of the last user message of a chat-completions request ("" if none)."""
+    messages = body.get("messages", [])
+    return next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
+
+
+def echo_responder(body: dict[str, Any]) -> str:
+    """Repeats the user's last message (in a group, "Name: text"): the load generator's tag comes back."""
+    return f"echo: {last_user_text(body)}"
+
+
 def default_responder(body: dict[str, Any]) -> str:
     """A canned reply that shows what the model was given: how many messages and the last user turn."""
-    messages = body.get("messages", [])
-    last = next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
-    return f"(stand-in {body.get('model', '?')}) I read {len(messages)} messages. You said: {last}"
+    return (f"(stand-in {body.get('model', '?')}) I read {len(body.get('messages', []))} messages. "
+            f"You said: {last_user_text(body)}")
 
 
 class StandInLLM:
     def __init__(self, responder: Callable[[dict[str, Any]], str] = default_responder,
-                 host: str = "127.0.0.1", port: int = 0, prefix: str = "v1"):
+                 host: str = "127.0.0.1", port: int = 0, prefix: str = "v1", latency_s: float = 0.0,
+                 record: bool = True):
+        if latency_s < 0:
+            raise ValueError(f"latency_s must be >= 0, got {latency_s}")
         self.responder = responder
         self.prefix = prefix.strip("/")
+        self.latency_s = latency_s  # every normal completion is answered this long after its request arrived
+        self.record = record  # False: `requests` stays empty (a long benchmark would hold every conversation)
         self.requests: list[LLMRequest] = []
+        self.active = 0  # requests being answered now
+        self.peak_active = 0  # the most at once since start (or reset_peak)
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._script: list[Scripted] = []
@@ -85,8 +106,7 @@ class StandInLLM:
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout test)
                     pass
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.server.daemon_threads = True
+        self.server = StandInServer((host, port), Handler)
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="standin-llm", daemon=True)
 
@@ -121,13 +141,32 @@ class StandInLLM:
         with self._lock:
             self._script.append(Scripted(200, None, None, delay_s, complete=False))
 
+    def reset_peak(self) -> int:
+        """The most requests answered at once since the last reset (or start); starts counting again from now."""
+        with self._lock:
+            peak, self.peak_active = self.peak_active, self.active
+        return peak
+
     def _handle(self, path: str, headers: dict[str, str], raw: bytes) -> tuple[int, bytes, dict[str, str]]:
+        started = time.monotonic()
+        with self._lock:
+            self.active += 1
+            self.peak_active = max(self.peak_active, self.active)
+        try:
+            return self._answer(path, headers, raw, started)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    def _answer(self, path: str, headers: dict[str, str], raw: bytes,
+                started: float) -> tuple[int, bytes, dict[str, str]]:
         try:
             body = json.loads(raw)
         except ValueError:
             body = None
         with self._lock:
-            self.requests.append(LLMRequest(path, {k.lower(): v for k, v in headers.items()}, body))
+            if self.record:
+                self.requests.append(LLMRequest(path, {k.lower(): v for k, v in headers.items()}, body))
             scripted = self._script.pop(0) if self._script else None
         if scripted is not None:
             if scripted.delay_s:
@@ -140,12 +179,15 @@ class StandInLLM:
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return 400, json.dumps({"error": {"message": "body must be JSON with messages"}}).encode(), {}
         n = next(self._ids)
+        content = self.responder(body)
+        if self.latency_s:
+            time.sleep(max(0.0, started + self.latency_s - time.monotonic()))
         answer = {
             "id": f"chatcmpl-standin{n}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body.get("model"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": self.responder(body)},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                          "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
         }

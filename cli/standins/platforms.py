@@ -23,10 +23,11 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from cli.standins.accounts import Accounts
+from cli.standins.server import StandInServer
 
 NONCE_WINDOW_S = 120.0  # Discord: "checked for uniqueness in the past few minutes"; the low end of "a few"
 NONCE_CHARS = 25
@@ -102,8 +103,7 @@ class StandInPlatforms:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.server.daemon_threads = True
+        self.server = StandInServer((host, port), Handler)
         self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), name="standin-platforms",
                                         daemon=True)
 
