@@ -16,7 +16,8 @@ from workers.agents import EchoAgent
 from shared.db import STATEMENT_LISTENERS, engine_for, transaction
 from shared.models import ChatSession, Message, SessionEvent
 from shared.transcripts import transcript
-from workers.store import SEQ_RESTART_IDLE_S, LeaseBusy, _as_utc, now
+from shared.db import as_utc
+from workers.store import SEQ_RESTART_IDLE_S, LeaseBusy, now
 from workers.maintenance import Maintenance
 from test_turn import _hours, make_runner, msg, sent
 
@@ -238,7 +239,7 @@ def test_accepting_leaves_the_activity_time_to_the_turn(database_url):
     r.store.accept(msg("three", seq=3))  # waits for seq 2: no turn yet
 
     def last_activity():
-        return _as_utc(transcript(database_url, "wa:dm:5511")[0].last_activity_at)
+        return as_utc(transcript(database_url, "wa:dm:5511")[0].last_activity_at)
     assert abs((last_activity() - an_hour_ago).total_seconds()) < 1
     r.handle(msg("two", seq=2))  # both turns run
     assert (now() - last_activity()).total_seconds() < 60

@@ -22,8 +22,8 @@ A turn is one message, or with a burst policy the ready messages taken together 
 settled in its one commit. A reply carries its route (the channel, chat and topic of the message it answers).
 Beside the turns, beat's sweeps: workers/maintenance.py; what people read of the store: shared/transcripts.py.
 
-The turn's statements are SQLAlchemy Core statements built once, at import, run on one pooled connection per
-transaction (`shared.db.run_transaction`); on PostgreSQL straight on psycopg (`shared.db.execute`).
+The turn's statements (workers/statements.py) are SQLAlchemy Core statements built once, at import, run on one pooled
+connection per transaction (`shared.db.run_transaction`); on PostgreSQL straight on psycopg (`shared.db.execute`).
 """
 
 from __future__ import annotations
@@ -37,24 +37,14 @@ from typing import Callable, Iterable, Mapping, TypeVar
 
 import structlog
 from sqlalchemy import (
-    BigInteger,
     Connection,
-    Integer,
-    and_,
-    bindparam,
-    case,
-    delete,
-    exists,
-    insert,
-    literal_column,
-    or_,
     select,
-    update,
 )
 from sqlalchemy.exc import IntegrityError
 
+from workers import statements as sql
 from shared.config import ChannelConfig
-from shared.db import DB_UNAVAILABLE, engine_for, execute, run_statement, run_transaction
+from shared.db import DB_UNAVAILABLE, as_utc, engine_for, execute, run_statement, run_transaction
 from shared.errors import ChatSessionsError, LeaseLost  # noqa: F401 - LeaseLost is part of the store's surface
 from shared.messages import SEQ_TTL_S, Delivery, InboundMessage
 from shared.models import (
@@ -68,11 +58,7 @@ from shared.models import (
     SENT,
     SKIPPED,
     Channel,
-    ChatSession,
     DeadLetter,
-    InboxItem,
-    Message,
-    SessionEvent,
 )
 
 T = TypeVar("T")
@@ -200,95 +186,7 @@ def _insert(url: str):
     return insert
 
 
-def _as_utc(value: datetime) -> datetime:
-    """SQLite hands back naive datetimes (stored as UTC); PostgreSQL aware ones in the session's zone."""
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
-
-
-# -- the statements -------------------------------------------------------------------------------------------------
-# Built once; parameters are bound by name at each call. (A bind name may not be a column of the updated table.)
-
-_sessions, _messages, _inbox = ChatSession.__table__, Message.__table__, InboxItem.__table__
-_events = SessionEvent.__table__
-
-_HELD = and_(_sessions.c.id == bindparam("sid"), _sessions.c.lease_token == bindparam("token"))  # the fence
-_FREE = or_(_sessions.c.lease_until.is_(None), _sessions.c.lease_until < bindparam("t"))
-_seq = bindparam("seq", type_=BigInteger())
-_SEQ_FORWARD = case((_sessions.c.last_seq < _seq, _seq), else_=_sessions.c.last_seq)  # a replay never moves it back
-_PENDING = _messages.c.delivery_status == literal_column(f"'{PENDING}'")  # inline: the partial index's predicate
-
-_SESSION_STATE = (_sessions.c.id, _sessions.c.status, _sessions.c.generation, _sessions.c.last_seq,
-                  _sessions.c.last_activity_at, _sessions.c.lease_until)
-_FIND_SESSION = select(*_SESSION_STATE).where(_sessions.c.key == bindparam("key"))
-# The ingress's counter restarted (SEQ_TTL_S): the session's order starts over. Checked again under the row lock,
-# and never for a message already stored (a very late redelivery) or while anything waits in the inbox.
-_RESTART_SEQ = (update(_sessions)
-                .where(_sessions.c.id == bindparam("sid"), _sessions.c.last_seq >= _seq,
-                       _sessions.c.last_activity_at < bindparam("idle_since"),
-                       ~exists().where(_inbox.c.session_id == _sessions.c.id),
-                       ~exists().where(_messages.c.channel_id == bindparam("channel"),
-                                       _messages.c.platform_message_id == bindparam("pmid")))
-                .values(last_seq=0))
-# Waking leaves last_activity_at to the turn: a reset policy compares the message with the activity before it.
-_WAKE = (update(_sessions).where(_sessions.c.id == bindparam("sid"), _sessions.c.status == DORMANT)
-         .values(status=ACTIVE).returning(_sessions.c.generation))
-_ADD_EVENT = insert(_events)
-
-_CLAIM = (update(_sessions).where(_sessions.c.id == bindparam("sid"), _FREE)
-          .values(lease_token=_sessions.c.lease_token + 1, lease_until=bindparam("until"))
-          .returning(_sessions.c.id, _sessions.c.channel_id, _sessions.c.lease_token, _sessions.c.generation,
-                     _sessions.c.last_seq, _sessions.c.chat_id, _sessions.c.chat_kind, _sessions.c.status,
-                     _sessions.c.last_activity_at))
-_RENEW = update(_sessions).where(_HELD).values(lease_until=bindparam("until"))
-_RENEW_FOR_TURN = _RENEW.returning(_sessions.c.generation, _sessions.c.last_seq, _sessions.c.last_activity_at)
-_RELEASE = update(_sessions).where(_HELD).values(lease_until=None).returning(_sessions.c.last_seq)
-
-_ROUTE = (_messages.c.channel_id, _messages.c.chat_id, _messages.c.chat_kind, _messages.c.thread_id,
-          _messages.c.user_sent_at)  # where a reply goes (NULL chat on rows older than migration 0004)
-_OUTBOX = (select(_messages.c.id, _messages.c.text, *_ROUTE).where(_messages.c.session_id == bindparam("sid"), _PENDING)
-           .order_by(_messages.c.position))
-_HEAD = (select(_inbox.c.id, _inbox.c.seq, _inbox.c.payload,
-                exists().where(_messages.c.channel_id == _inbox.c.channel_id,
-                               _messages.c.platform_message_id == _inbox.c.platform_message_id).label("stored"))
-         .where(_inbox.c.session_id == bindparam("sid")).order_by(_inbox.c.seq, _inbox.c.id)
-         .limit(bindparam("take", type_=Integer())))  # 1, or a burst's worth (Store.claim's `take`)
-_HISTORY = (select(_messages.c.role, _messages.c.sender_id, _messages.c.sender_name, _messages.c.text,
-                   _messages.c.created_at)
-            .where(_messages.c.session_id == bindparam("sid"), _messages.c.generation == bindparam("generation"),
-                   or_(_messages.c.delivery_status.is_(None), _messages.c.delivery_status != SKIPPED))
-            .order_by(_messages.c.position.desc()).limit(bindparam("limit", type_=Integer())))
-_READY = select(exists().where(_inbox.c.session_id == bindparam("sid"), _inbox.c.seq <= bindparam("upto")))
-_NEWER = select(exists().where(_inbox.c.session_id == bindparam("sid"), _inbox.c.seq > bindparam("seq")))
-
-_COMMIT = (update(_sessions).where(_HELD)  # fenced, and a renewal of the lease: the send that follows needs no other
-           .values(message_count=_sessions.c.message_count + bindparam("count"), last_activity_at=bindparam("t"),
-                   generation=bindparam("gen"), status=ACTIVE, last_seq=_SEQ_FORWARD, lease_until=bindparam("until"))
-           .returning(_sessions.c.message_count, _sessions.c.last_seq))
-_SETTLE_SEQ = update(_sessions).where(_HELD).values(last_seq=_SEQ_FORWARD).returning(_sessions.c.last_seq)
-_SETTLE_DEAD = (update(_sessions).where(_HELD).values(last_seq=_SEQ_FORWARD, last_activity_at=bindparam("t"))
-                .returning(_sessions.c.last_seq))
-_TAKE_ITEM = delete(_inbox).where(_inbox.c.id == bindparam("item"))
-_ADD_MESSAGE = insert(_messages).returning(_messages.c.id)
-_MARK_DELIVERY = (update(_messages).where(_messages.c.id == bindparam("rid"))
-                  .values(delivery_status=bindparam("outcome"), delivery_error=bindparam("error"),
-                          delivery_attempts=_messages.c.delivery_attempts + bindparam("attempts"),
-                          delivered_at=bindparam("at")))
-
-
-@functools.cache
-def _upserts(dialect: str):
-    """The statements with an ON CONFLICT clause, whose construct is the dialect's own."""
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    create_session = (dialect_insert(_sessions).on_conflict_do_nothing(index_elements=["key"])
-                      .returning(*_SESSION_STATE))
-    enqueue = dialect_insert(_inbox).on_conflict_do_nothing(index_elements=["channel_id", "platform_message_id"])
-    return create_session, enqueue
-
-
-def _transactional(method: Callable[..., T]) -> Callable[..., T]:
+def transactional(method: Callable[..., T]) -> Callable[..., T]:
     """The method runs as one transaction, on the connection it gets as `c` (callers do not pass it)."""
     @functools.wraps(method)
     def run(self: Store, *args, **kwargs) -> T:
@@ -298,18 +196,18 @@ def _transactional(method: Callable[..., T]) -> Callable[..., T]:
 
 def _ready(c: Connection, session_id: int, last_seq: int) -> bool:
     """Whether the session's inbox head may run now: it is the next message (or an earlier one, replayed)."""
-    return bool(execute(c, _READY, {"sid": session_id, "upto": last_seq + 1}).scalar())
+    return bool(execute(c, sql.READY, {"sid": session_id, "upto": last_seq + 1}).scalar())
 
 
 def _pending(r, chat_id: str, chat_kind: str) -> PendingReply:
-    """A PendingReply from an outbox row (id, text, *_ROUTE); a row older than its route columns goes to the
+    """A PendingReply from an outbox row (id, text, *sql.ROUTE); a row older than its route columns goes to the
     session's chat (`chat_id`, `chat_kind`), as every reply did then."""
     return PendingReply(r.id, r.channel_id, r.chat_id or chat_id, r.chat_kind or chat_kind, r.text, r.thread_id,
-                        _as_utc(r.user_sent_at) if r.user_sent_at is not None else None)
+                        as_utc(r.user_sent_at))
 
 
 def _outbox(c: Connection, claim: Claim) -> tuple[PendingReply, ...]:
-    return tuple(_pending(r, claim.chat_id, claim.chat_kind) for r in execute(c, _OUTBOX, {"sid": claim.session_id}))
+    return tuple(_pending(r, claim.chat_id, claim.chat_kind) for r in execute(c, sql.OUTBOX, {"sid": claim.session_id}))
 
 
 def _take(take: Mapping[str, int] | None, claim: Claim) -> int:
@@ -343,7 +241,7 @@ def _turn(c: Connection, claim: Claim, heads, history_limit: int | Mapping[str, 
     item_id, message = burst[-1]
     if not isinstance(history_limit, int):
         history_limit = history_limit.get(message.channel_id) or history_limit[claim.channel_id]
-    history = execute(c, _HISTORY, {"sid": claim.session_id, "generation": claim.generation,
+    history = execute(c, sql.HISTORY, {"sid": claim.session_id, "generation": claim.generation,
                                    "limit": history_limit}).all()
     return Turn(claim, item_id, message, [StoredMessage(*r) for r in reversed(history)], stored=False,
                 earlier=tuple(burst[:-1]))
@@ -354,15 +252,11 @@ def _delivery_params(reply_id: int, delivery: Delivery) -> dict:
             "attempts": delivery.attempts, "at": now() if delivery.ok else None}
 
 
-def _event(session_id: int, generation: int, event: str, at: datetime) -> dict:
-    return {"session_id": session_id, "generation": generation, "event": event, "at": at}
-
-
 class Store:
     def __init__(self, database_url: str):
         self.url = database_url
         self.insert = _insert(database_url)
-        self._create_session, self._enqueue = _upserts(engine_for(database_url).dialect.name)
+        self._create_session, self._enqueue = sql.upserts(engine_for(database_url).dialect.name)
 
     def sync_channels(self, channels: Iterable[ChannelConfig]) -> None:
         """Make the channels table match the config (rows are kept for channels that left it)."""
@@ -377,7 +271,7 @@ class Store:
 
     # -- accepting ----------------------------------------------------------------------------------------------
 
-    @_transactional
+    @transactional
     def accept(self, c: Connection, msg: InboundMessage, lease: Lease | None = None) -> Accepted:
         """Record a message in its session's inbox (creating the session, or waking a dormant one).
 
@@ -393,7 +287,7 @@ class Store:
         `release`) relies on the message being committed before that claim is tried.
         """
         t, monotonic = _clock()
-        row = execute(c, _FIND_SESSION, {"key": msg.session_key}).first()
+        row = execute(c, sql.FIND_SESSION, {"key": msg.session_key}).first()
         if row is None:
             row = execute(c, self._create_session, {
                 "channel_id": msg.channel_id, "key": msg.session_key, "chat_kind": msg.chat_kind,
@@ -401,14 +295,14 @@ class Store:
                 "lease_token": 0, "lease_until": None, "created_at": t, "last_activity_at": t,
             }).first()
             if row is not None:
-                execute(c, _ADD_EVENT, _event(row.id, row.generation, CREATED, t))
+                execute(c, sql.ADD_EVENT, sql.event(row.id, row.generation, CREATED, t))
             else:  # a concurrent accept created it (and committed: ON CONFLICT waited for it)
-                row = execute(c, _FIND_SESSION, {"key": msg.session_key}).one()
+                row = execute(c, sql.FIND_SESSION, {"key": msg.session_key}).one()
         if row.status == DORMANT:
             self._wake(c, row.id, t)
-        if 0 < msg.seq <= row.last_seq and _as_utc(row.last_activity_at) < t - timedelta(seconds=SEQ_RESTART_IDLE_S):
+        if 0 < msg.seq <= row.last_seq and as_utc(row.last_activity_at) < t - timedelta(seconds=SEQ_RESTART_IDLE_S):
             self._restart_seq(c, row.id, msg, t)
-        free = row.lease_until is None or _as_utc(row.lease_until) < t
+        free = row.lease_until is None or as_utc(row.lease_until) < t
         held = self._take_lease(c, row.id, t, lease) if lease is not None and free else None
         # A redelivery of an answered message goes through the inbox too: its turn, in seq order,
         # only records that this seq is settled, so later messages don't wait for it.
@@ -424,7 +318,7 @@ class Store:
         """A new message numbered at or below last_seq of a session idle past SEQ_RESTART_IDLE_S: the ingress's
         counter expired and restarted at 1. Without this, the restarted numbers would all look like replays, run
         whenever they arrive, unordered, until they passed the old last_seq."""
-        restarted = execute(c, _RESTART_SEQ, {"sid": session_id, "seq": msg.seq, "channel": msg.channel_id,
+        restarted = execute(c, sql.RESTART_SEQ, {"sid": session_id, "seq": msg.seq, "channel": msg.channel_id,
                                              "pmid": msg.platform_message_id,
                                              "idle_since": t - timedelta(seconds=SEQ_RESTART_IDLE_S)}).rowcount
         if restarted:
@@ -433,13 +327,13 @@ class Store:
     @staticmethod
     def _wake(c: Connection, session_id: int, t: datetime) -> None:
         """A dormant session becomes active again (once: the update is conditional), with its `resumed` event."""
-        woke = execute(c, _WAKE, {"sid": session_id, "t": t}).first()
+        woke = execute(c, sql.WAKE, {"sid": session_id, "t": t}).first()
         if woke is not None:
-            execute(c, _ADD_EVENT, _event(session_id, woke.generation, RESUMED, t))
+            execute(c, sql.ADD_EVENT, sql.event(session_id, woke.generation, RESUMED, t))
 
     # -- the lease ----------------------------------------------------------------------------------------------
 
-    @_transactional
+    @transactional
     def claim(self, c: Connection, session_id: int, lease_seconds: float, *,
               history_limits: Mapping[str, int] | None = None, force: bool = False,
               take: Mapping[str, int] | None = None) -> Claim:
@@ -458,22 +352,22 @@ class Store:
     @staticmethod
     def _take_lease(c: Connection, session_id: int, t: datetime, lease: Lease):
         """The lease with a new fencing token, if it is free (the claim's UPDATE ... RETURNING row), else None."""
-        return execute(c, _CLAIM, {"sid": session_id, "t": t, "until": t + timedelta(seconds=lease.seconds)}).first()
+        return execute(c, sql.CLAIM, {"sid": session_id, "t": t, "until": t + timedelta(seconds=lease.seconds)}).first()
 
     def _read_work(self, c: Connection, row, t: datetime, lease: Lease, monotonic: float, force: bool = False) -> Claim:
         """What the new holder has to do: the outbox, and (with history limits) the first ready turn."""
         claim = Claim(row.id, row.channel_id, row.lease_token, row.generation, row.last_seq, row.chat_id,
-                      row.chat_kind, _as_utc(row.last_activity_at), lease.seconds, monotonic)
+                      row.chat_kind, as_utc(row.last_activity_at), lease.seconds, monotonic)
         outbox = _outbox(c, claim)
         if lease.history_limits is None:
             return replace(claim, outbox=outbox)
-        heads = execute(c, _HEAD, {"sid": claim.session_id, "take": _take(lease.take, claim)}).all()
+        heads = execute(c, sql.HEAD, {"sid": claim.session_id, "take": _take(lease.take, claim)}).all()
         if heads and row.status == DORMANT:  # the dormancy sweep raced an accept: active again
             self._wake(c, claim.session_id, t)
         turn = _turn(c, claim, heads, lease.history_limits, force)
         return replace(claim, outbox=outbox, turn=turn)
 
-    @_transactional
+    @transactional
     def release(self, c: Connection, claim: Claim, deliveries: Iterable[tuple[int, Delivery]] = ()) -> bool:
         """Give the lease up, recording the outcomes of the last sends in the same transaction. True if an inbox
         message is ready after all: it came in while the holder finished its last turn, and its own worker found
@@ -483,36 +377,36 @@ class Store:
         statement, a new snapshot): an accept that committed before that read is seen here; one that committed
         after it then claims, and that claim waits for this transaction's row lock, then finds the lease free."""
         for reply_id, delivery in deliveries:
-            execute(c, _MARK_DELIVERY, _delivery_params(reply_id, delivery))
-        row = execute(c, _RELEASE, {"sid": claim.session_id, "token": claim.token}).first()
+            execute(c, sql.MARK_DELIVERY, _delivery_params(reply_id, delivery))
+        row = execute(c, sql.RELEASE, {"sid": claim.session_id, "token": claim.token}).first()
         return row is not None and _ready(c, claim.session_id, row.last_seq)
 
     def renew(self, claim: Claim, lease_seconds: float) -> None:
         """Extend the lease if this holder still has it (the fencing check before a send); LeaseLost if not."""
-        renewed = run_statement(self.url, _RENEW, {"sid": claim.session_id, "token": claim.token,
+        renewed = run_statement(self.url, sql.RENEW, {"sid": claim.session_id, "token": claim.token,
                                                    "until": now() + timedelta(seconds=lease_seconds)})
         if not renewed:
             raise LeaseLost(str(claim.session_id))
 
     # -- turns --------------------------------------------------------------------------------------------------
 
-    @_transactional
+    @transactional
     def next_turn(self, c: Connection, claim: Claim, lease_seconds: float, history_limit: int | Mapping[str, int],
                   force: bool = False, take: Mapping[str, int] | None = None) -> Turn | None:
         """The inbox message whose turn it is (lowest seq, right after last_seq), with its context; renews the
         lease. None if the inbox is empty or its head waits for an earlier message (unless `force`). With `take`
         (see `claim`), the ready messages after it too, up to that many: a burst."""
         t, monotonic = _clock()
-        row = execute(c, _RENEW_FOR_TURN, {"sid": claim.session_id, "token": claim.token,
+        row = execute(c, sql.RENEW_FOR_TURN, {"sid": claim.session_id, "token": claim.token,
                                           "until": t + timedelta(seconds=lease_seconds)}).first()
         if row is None:
             raise LeaseLost(str(claim.session_id))
         claim = replace(claim, generation=row.generation, last_seq=row.last_seq,
-                        last_activity_at=_as_utc(row.last_activity_at), renewed_at=monotonic, outbox=(), turn=None)
-        heads = execute(c, _HEAD, {"sid": claim.session_id, "take": _take(take, claim)}).all()
+                        last_activity_at=as_utc(row.last_activity_at), renewed_at=monotonic, outbox=(), turn=None)
+        heads = execute(c, sql.HEAD, {"sid": claim.session_id, "take": _take(take, claim)}).all()
         return _turn(c, claim, heads, history_limit, force)
 
-    @_transactional
+    @transactional
     def commit_turn(self, c: Connection, turn: Turn, reply: str | None, *, new_generation: bool = False,
                     reset: bool = False, supersede: bool = False) -> Settled:
         """Move the turn's messages from the inbox into the conversation with its reply (the outbox entry), all or
@@ -528,21 +422,21 @@ class Store:
         generation = claim.generation + 1 if new_generation or reset else claim.generation
         inbound = turn.messages
         count = len(inbound) + (1 if reply else 0)
-        row = execute(c, _COMMIT, {"sid": claim.session_id, "token": claim.token, "count": count, "t": t,
+        row = execute(c, sql.COMMIT, {"sid": claim.session_id, "token": claim.token, "count": count, "t": t,
                                   "gen": generation, "seq": msg.seq,  # the newest: a burst's highest seq
                                   "until": t + timedelta(seconds=claim.lease_seconds)}).first()
         if row is None:
             raise LeaseLost(msg.session_key)
         for item_id, _ in turn.earlier:
-            execute(c, _TAKE_ITEM, {"item": item_id})
-        execute(c, _TAKE_ITEM, {"item": turn.item_id})
+            execute(c, sql.TAKE_ITEM, {"item": item_id})
+        execute(c, sql.TAKE_ITEM, {"item": turn.item_id})
         position = row.message_count - count
         if reset:
-            execute(c, _ADD_EVENT, _event(claim.session_id, generation, NEW_GENERATION, t))
+            execute(c, sql.ADD_EVENT, sql.event(claim.session_id, generation, NEW_GENERATION, t))
             claim = replace(claim, generation=generation)  # the messages and the reply belong to the new one
         try:
             for m in inbound:
-                inbound_id = execute(c, _ADD_MESSAGE, self._message(
+                inbound_id = execute(c, sql.ADD_MESSAGE, self._message(
                     claim, m, position, "user", m.sender_id, m.sender_name, m.text, t,
                     platform_message_id=m.platform_message_id, ingress_seq=m.seq)).scalar_one()
                 position += 1
@@ -551,13 +445,13 @@ class Store:
                 raise AlreadyStored(msg.platform_message_id) from None
             raise
         if new_generation:
-            execute(c, _ADD_EVENT, _event(claim.session_id, generation, NEW_GENERATION, t))
+            execute(c, sql.ADD_EVENT, sql.event(claim.session_id, generation, NEW_GENERATION, t))
         replies: tuple[PendingReply, ...] = ()
         stale = False
         if reply:
-            stale = supersede and bool(execute(c, _NEWER, {"sid": claim.session_id, "seq": msg.seq}).scalar())
+            stale = supersede and bool(execute(c, sql.NEWER, {"sid": claim.session_id, "seq": msg.seq}).scalar())
             user_sent_at = datetime.fromtimestamp(msg.sent_at, timezone.utc) if msg.sent_at else None
-            reply_id = execute(c, _ADD_MESSAGE, self._message(
+            reply_id = execute(c, sql.ADD_MESSAGE, self._message(
                 claim, msg, position, "assistant", "agent", "Agent", reply, t, in_reply_to=inbound_id,
                 delivery_status=SKIPPED if stale else PENDING, user_sent_at=user_sent_at)).scalar_one()
             if not stale:
@@ -579,29 +473,29 @@ class Store:
                 "created_at": t, "in_reply_to": in_reply_to, "delivery_status": delivery_status,
                 "delivery_attempts": 0}
 
-    @_transactional
+    @transactional
     def discard(self, c: Connection, turn: Turn) -> Settled:
         """Drop an inbox message that turned out to be stored already (a redelivery); returns the session's unsent
         replies (its own, if it was committed but never sent) and whether the next message is ready."""
-        row = execute(c, _SETTLE_SEQ, {"sid": turn.claim.session_id, "token": turn.claim.token,
+        row = execute(c, sql.SETTLE_SEQ, {"sid": turn.claim.session_id, "token": turn.claim.token,
                                       "seq": turn.message.seq}).first()
         if row is None:  # another holder took over: it takes the inbox; our next fencing check stops us
             return Settled((), False)
-        execute(c, _TAKE_ITEM, {"item": turn.item_id})
+        execute(c, sql.TAKE_ITEM, {"item": turn.item_id})
         return Settled(_outbox(c, turn.claim), _ready(c, turn.claim.session_id, row.last_seq))
 
-    @_transactional
+    @transactional
     def dead_letter(self, c: Connection, turn: Turn, error: str, attempts: int) -> Settled:
         """Set a failed turn's messages aside (fenced, like a commit) so the session goes on with its next message
         (a burst: each of its messages becomes a dead letter of its own)."""
         msg, t = turn.message, now()
         error = error.replace("\x00", "\ufffd")[:4000]  # an error may quote the value PostgreSQL refused
-        row = execute(c, _SETTLE_DEAD, {"sid": turn.claim.session_id, "token": turn.claim.token, "seq": msg.seq,
+        row = execute(c, sql.SETTLE_DEAD, {"sid": turn.claim.session_id, "token": turn.claim.token, "seq": msg.seq,
                                        "t": t}).first()
         if row is None:
             raise LeaseLost(msg.session_key)
         for item_id, m in (*turn.earlier, (turn.item_id, msg)):
-            execute(c, _TAKE_ITEM, {"item": item_id})
+            execute(c, sql.TAKE_ITEM, {"item": item_id})
             c.execute(self.insert(DeadLetter).values(
                 channel_id=m.channel_id, session_key=m.session_key, platform_message_id=m.platform_message_id,
                 payload=json.dumps(m.to_dict()), error=error, attempts=attempts, created_at=t,
@@ -611,14 +505,14 @@ class Store:
 
     # -- the outbox ---------------------------------------------------------------------------------------------
 
-    @_transactional
+    @transactional
     def pending_replies(self, c: Connection, session_id: int) -> list[PendingReply]:
         """Unsent replies of a session, in order (the outbox; a turn gets them with its claim)."""
         rows = c.execute(
-            select(_messages.c.id, _messages.c.text, *_ROUTE, _sessions.c.chat_id.label("session_chat_id"),
-                   _sessions.c.chat_kind.label("session_chat_kind"))
-            .join_from(_messages, _sessions, _sessions.c.id == _messages.c.session_id)
-            .where(_messages.c.session_id == session_id, _PENDING).order_by(_messages.c.position)
+            select(sql.messages.c.id, sql.messages.c.text, *sql.ROUTE, sql.sessions.c.chat_id.label("session_chat_id"),
+                   sql.sessions.c.chat_kind.label("session_chat_kind"))
+            .join_from(sql.messages, sql.sessions, sql.sessions.c.id == sql.messages.c.session_id)
+            .where(sql.messages.c.session_id == session_id, sql.UNSENT).order_by(sql.messages.c.position)
         ).all()
         return [_pending(r, r.session_chat_id, r.session_chat_kind) for r in rows]
 
@@ -629,7 +523,7 @@ class Store:
         deadline, wait = time.monotonic() + retry_for_s, 0.2
         while True:
             try:
-                run_statement(self.url, _MARK_DELIVERY, params)
+                run_statement(self.url, sql.MARK_DELIVERY, params)
                 return
             except DB_UNAVAILABLE:
                 if time.monotonic() > deadline:
