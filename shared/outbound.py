@@ -71,6 +71,12 @@ def safe_url(url: str, path: bool = True) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path if path else "", "", ""))
 
 
+# Keep-alive connections kept per host: more than any pool's concurrency (a gevent pool runs 1000 turns at once), so a
+# connection is never thrown away (with a WARNING) for lack of room and a fresh TLS handshake paid for its successor.
+# urllib3 fills a pool lazily: the size costs nothing until that many requests run at once.
+CONNECTIONS_PER_HOST = 1024
+
+
 class Fence(Protocol):
     """A sender's right to send for one session (workers/dispatch.py: its lease). The send path takes it from the turn
     through the channel to the HTTP request: `check` runs before every request (after any pacing wait) and raises
@@ -149,7 +155,7 @@ class HttpSender:
         self.session.trust_env = False
         self.session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
         self._proxies: dict[tuple[str, str], dict[str, str]] = {}
-        adapter = FencedAdapter(pool_connections=4, pool_maxsize=64)
+        adapter = FencedAdapter(pool_connections=4, pool_maxsize=CONNECTIONS_PER_HOST)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.sleep = sleep

@@ -198,3 +198,48 @@ def test_proxies_and_the_ca_bundle_come_from_the_environment_read_once(monkeypat
     assert "https" not in sender._proxies_for("https://internal.example/send")
     monkeypatch.setenv("HTTPS_PROXY", "http://other.example:3128")  # read once: a running worker keeps its view
     assert sender._proxies_for("https://graph.facebook.com/x")["https"] == "http://proxy.example:3128"
+
+
+def test_many_concurrent_sends_to_one_host_keep_their_connections(caplog):
+    """A gevent pool sends many replies at once to one host: every connection goes back to the pool for the next
+    send, none is thrown away (urllib3 warns "Connection pool is full, discarding connection") to be set up again."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    concurrent = 150  # more than the 64 a default-sized pool keeps
+    everyone_in = threading.Barrier(concurrent, timeout=30)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: the connection is returned to the client's pool
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            everyone_in.wait()  # hold every answer until all the requests are open at once
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 512
+        daemon_threads = True
+
+    server = Server(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    sender, results = HttpSender({}, sleep=no_sleep), []
+    try:
+        with caplog.at_level("WARNING", logger="urllib3.connectionpool"):
+            threads = [threading.Thread(target=lambda: results.append(
+                sender.post(f"http://127.0.0.1:{server.server_address[1]}/send", {}, id_of))) for _ in range(concurrent)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+    finally:
+        server.shutdown()
+    assert len(results) == concurrent and all(r.ok and r.attempts == 1 for r in results)
+    assert [r.getMessage() for r in caplog.records if "pool is full" in r.getMessage()] == []

@@ -31,7 +31,7 @@ from requests.adapters import HTTPAdapter
 
 from workers.agents import Conversation, Utterance
 from shared.errors import ConfigError
-from shared.outbound import HttpSender, safe_url
+from shared.outbound import CONNECTIONS_PER_HOST, HttpSender, safe_url
 
 log = structlog.get_logger(__name__)
 
@@ -94,7 +94,7 @@ class _DeadlineAdapter(HTTPAdapter):
     """
 
     def __init__(self, timeout: tuple[float, float], local: threading.local):
-        super().__init__(pool_connections=4, pool_maxsize=64)
+        super().__init__(pool_connections=4, pool_maxsize=CONNECTIONS_PER_HOST)
         self._timeout = timeout
         self._local = local
 
