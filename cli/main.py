@@ -89,6 +89,13 @@ def cmd_admin(args: argparse.Namespace) -> int:
                   "--access-logfile", "/dev/null"])
 
 
+# A gevent pool whose greenlets are all busy stops polling the broker (its prefetch is spent), and Celery's loop for
+# green pools has no event hub to start polling again when a greenlet ends: it notices at its next 2-second poll. With
+# twice the prefetch the consumer keeps polling; the one message past the pool's size waits in the pool's spawn, which
+# hands it a greenlet the moment one ends (acks are late, so the message stays unacked and safe while it waits).
+GREEN_PREFETCH = ("--prefetch-multiplier", "2")
+
+
 def worker_command(settings, partitions: str, *, pool: str | None = None, concurrency: int | None = None,
                    name: str | None = None, maintenance: bool = True, events: bool = False,
                    loglevel: str = "INFO") -> list[str]:
@@ -110,7 +117,7 @@ def worker_command(settings, partitions: str, *, pool: str | None = None, concur
     queues = [queue_name(p) for p in numbers] + ([MAINTENANCE_QUEUE] if maintenance else [])
     return ["celery", "-A", "workers.app", "worker", *(["-E"] if events else []), "-P", pool, "-c", str(concurrency),
             "-Q", ",".join(queues), "-n", name or f"pool-{partitions.replace(',', '_')}@%h", "--without-mingle",
-            "--without-gossip", "-l", loglevel]
+            "--without-gossip", *(GREEN_PREFETCH if pool == "gevent" else ()), "-l", loglevel]
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -8,11 +8,18 @@ Two gaps in kombu's Redis transport, both hit when Redis goes away while workers
   message it already holds. Here the worker runs it anyway: its first step stores it in the session's inbox,
   so only a worker that also dies before that commit can lose it.
 
+And one gap of green pools (gevent): Celery runs them without an event loop, and without one kombu hands a dead
+consumer's unacked messages back to their queues only after a poll that found nothing. Under steady traffic a poll
+always finds something, so a killed worker's messages waited until the traffic stopped. Here the poller restores
+them every `unacked_restore_interval`, busy or not, as the event loop's timer does for thread pools.
+
 `SentinelTransport` is the same for `sentinel://` broker URLs (Redis Sentinel, kombu's sentinel transport): the
 channel asks the sentinels for the master and, after a failover, for the new one.
 """
 
 from __future__ import annotations
+
+import time
 
 import redis
 import structlog
@@ -40,8 +47,31 @@ class Channel(kombu_redis.Channel):
         return super()._connparams(asynchronous=asynchronous)
 
 
+class MultiChannelPoller(kombu_redis.MultiChannelPoller):
+    restore_interval = float(kombu_redis.Channel.unacked_restore_interval)
+    _restore_due = 0.0
+
+    def get(self, callback, timeout=None):
+        """A poll without an event loop (green pools): first the restore sweep, when it is due."""
+        if time.monotonic() >= self._restore_due:
+            self._restore_due = time.monotonic() + self.restore_interval
+            self.maybe_restore_messages()
+        return super().get(callback, timeout)
+
+
+def _restore_on_every_poll(transport: kombu_redis.Transport) -> None:
+    transport.cycle = MultiChannelPoller()
+    interval = transport.client.transport_options.get("unacked_restore_interval") or 0
+    if interval > 0:
+        transport.cycle.restore_interval = float(interval)
+
+
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _restore_on_every_poll(self)
 
 
 class SentinelChannel(Channel, kombu_redis.SentinelChannel):
@@ -50,6 +80,10 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
 
 class SentinelTransport(kombu_redis.SentinelTransport):
     Channel = SentinelChannel
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _restore_on_every_poll(self)
 
 
 TRANSPORT = f"{__name__}:Transport"

@@ -56,3 +56,31 @@ def test_a_closed_connection_answers_with_a_connection_error_not_attribute_error
     with pytest.raises(redis.exceptions.ConnectionError):
         channel._connparams()
     assert isinstance(redis.exceptions.ConnectionError(), conn.connection_errors)
+
+
+def test_a_dead_consumers_message_comes_back_while_traffic_never_stops(private_redis):
+    """Without an event loop (a gevent pool) kombu restored unacked messages only after an empty poll: with a
+    message always waiting, a killed worker's message never went back to its queue."""
+    port, client = private_redis
+    url, options = f"redis://127.0.0.1:{port}/0", {"visibility_timeout": 1, "unacked_restore_interval": 0.5,
+                                                   "unacked_restore_throttle": 1}
+    dead = Connection(url, transport=TRANSPORT, transport_options=options)
+    channel = dead.channel()
+    channel.queue_declare("sessions.0")
+    channel.basic_publish(channel.prepare_message("orphan"), exchange="", routing_key="sessions.0")
+    assert channel.basic_get("sessions.0", no_ack=False).body == b"orphan"  # fetched, never acked: the worker died
+    assert client.hlen("unacked") == 1
+    time.sleep(1.1)  # past the visibility timeout
+
+    received: list[str] = []
+    with Connection(url, transport=TRANSPORT, transport_options=options) as live:
+        consumer = live.channel()
+        consumer.basic_consume("sessions.0", True, lambda m: received.append(m.body.decode()), "live")
+        for n in range(60):  # every poll finds a message: the traffic never stops
+            consumer.basic_publish(consumer.prepare_message(f"live-{n}"), exchange="", routing_key="sessions.0")
+            live.drain_events(timeout=1)
+            if "orphan" in received:
+                break
+            time.sleep(0.05)
+    assert "orphan" in received
+    assert received.index("orphan") < 59  # not only once the traffic stopped
