@@ -39,17 +39,14 @@ FILLERS = (
 
 class _Tap(list):
     """Replaces StandInPlatforms.sent: the stand-in appends under its lock; we hand each record to the collector.
-    With keep=False records are not kept (a long run would hold every reply's headers and body)."""
+    New records are not kept (a long run would hold every reply's headers and body)."""
 
-    def __init__(self, callback: Callable[[Sent], None], initial: Iterable[Sent] = (), keep: bool = False):
+    def __init__(self, callback: Callable[[Sent], None], initial: Iterable[Sent] = ()):
         super().__init__(initial)
         self.callback = callback
-        self.keep = keep
 
     def append(self, item: Sent) -> None:  # type: ignore[override]
         self.callback(item)
-        if self.keep:
-            super().append(item)
 
 
 class _Client:
@@ -289,8 +286,6 @@ class LoadGen:
         try:
             for t in threads:
                 t.join(None if hard_deadline is None else max(0.1, hard_deadline - time.monotonic()))
-            for wl in workloads:
-                wl.t_sent_all = time.time()
             self._drain(workloads, hard_deadline)
         finally:
             stop_progress.set()

@@ -46,7 +46,6 @@ class Workload:
     sent: int = 0
     accepted: int = 0
     t_start: float = 0.0
-    t_sent_all: float = 0.0
     finished: bool = False
     _ready: deque = field(default_factory=deque)
     _cond: threading.Condition = field(default_factory=threading.Condition)
