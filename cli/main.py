@@ -150,21 +150,21 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 
 def cmd_sessions(args: argparse.Namespace) -> int:
-    from cli import ops
+    from cli import sessions
 
-    return ops.sessions_main(args)
+    return sessions.main(args)
 
 
 def cmd_partitions(args: argparse.Namespace) -> int:
-    from cli import ops
+    from cli import partitions
 
-    return ops.partitions_main(args)
+    return partitions.main(args)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from cli import ops
+    from cli import check
 
-    return ops.check_main(args)
+    return check.main(args)
 
 
 def cmd_worker_alive(args: argparse.Namespace) -> int:
@@ -184,12 +184,9 @@ def cmd_deadletters(args: argparse.Namespace) -> int:
 
 
 def add_ops_commands(sub) -> None:
-    """`sessions list|show|new|erase|export|stuck`, `partitions`, `check`, `worker-alive` (cli/ops.py)."""
-
-    def duration(text: str) -> float:  # "90", "90s", "5m", "2h"; cli.ops is imported only when a command runs
-        from cli.ops import duration as parse
-
-        return parse(text)
+    """`sessions list|show|new|erase|export|stuck` (cli/sessions.py), `partitions` (cli/partitions.py), `check`
+    (cli/check.py), `worker-alive` (workers/liveness.py)."""
+    from cli.common import duration  # "90", "90s", "5m", "2h"; light: the commands' modules load when one runs
 
     sessions = sub.add_parser("sessions", help="inspect and manage sessions")
     s_sub = sessions.add_subparsers(dest="sessions_command", required=True)

@@ -453,7 +453,7 @@ def test_stuck_reports_an_expired_lease_and_an_unsent_reply_and_recovers(env, ca
     with transaction(env.url) as s:
         assert s.scalar(select(ChatSession.lease_until).where(ChatSession.key == "wa:dm:5511")) is None
     queued = [json.loads(raw)["headers"]["task"] for raw in env.redis.lrange("maintenance", 0, -1)]
-    from cli.ops import sweep_task_name
+    from cli.sessions import sweep_task_name
 
     assert queued == [sweep_task_name()]
 
