@@ -184,7 +184,8 @@ def cmd_deadletters(args: argparse.Namespace) -> int:
 
 
 def add_ops_commands(sub) -> None:
-    """`sessions list|show|new|erase|export|stuck` (cli/sessions.py), `partitions` (cli/partitions.py), `check`
+    """`sessions list|show|new|erase|export|stuck` (cli/sessions.py), `sessions waiting|takeover|reply|handback`
+    (cli/handoff.py), `partitions` (cli/partitions.py), `check`
     (cli/check.py), `worker-alive` (workers/liveness.py)."""
     from cli.common import duration  # "90", "90s", "5m", "2h"; light: the commands' modules load when one runs
 
@@ -223,6 +224,23 @@ def add_ops_commands(sub) -> None:
     s_stuck.add_argument("--recover", action="store_true",
                          help="release expired leases and ask the sweeper to resend; advise on the rest")
     s_stuck.add_argument("--json", action="store_true")
+    s_waiting = s_sub.add_parser("waiting", help="sessions waiting for a person, oldest first (the handoff queue)")
+    s_waiting.add_argument("--operator", metavar="NAME", help="instead: the sessions this operator has")
+    s_waiting.add_argument("--json", action="store_true")
+    s_take = s_sub.add_parser("takeover", help="an operator takes a session over: the Agent stops answering it",
+                              description="Exit 0 if the operator has it now, 1 if another operator has it.")
+    s_take.add_argument("key")
+    s_take.add_argument("--operator", required=True, metavar="NAME")
+    s_take.add_argument("--json", action="store_true")
+    s_reply = s_sub.add_parser("reply", help="an operator's reply, sent in the session's order (needs the broker)")
+    s_reply.add_argument("key")
+    s_reply.add_argument("text")
+    s_reply.add_argument("--operator", required=True, metavar="NAME")
+    s_reply.add_argument("--json", action="store_true")
+    s_back = s_sub.add_parser("handback", help="return a session to the Agent")
+    s_back.add_argument("key")
+    s_back.add_argument("--operator", metavar="NAME", help="only if this operator has it")
+    s_back.add_argument("--json", action="store_true")
     for action in s_sub.choices.values():
         action.set_defaults(fn=cmd_sessions)
 

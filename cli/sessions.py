@@ -1,5 +1,6 @@
 """`chatsessions sessions list|show|new|erase|export|stuck`: find sessions, read one, start a fresh one, a user's
-data erased or exported (privacy), and the sessions whose messages are stuck (with --recover, unstuck)."""
+data erased or exported (privacy), and the sessions whose messages are stuck (with --recover, unstuck). The
+handoff's commands (waiting, takeover, reply, handback) are cli/handoff.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 from datetime import datetime, timezone
 from typing import Callable
 
-from cli import session_reset, stuck
+from cli import handoff, session_reset, stuck
 from cli.common import FAILED, OK, USAGE, Progress, broker_view_of, celery_app, err, print_json, redact, redis_at, table
 from shared import privacy, redis_keys, session_queries
 from shared.config import Settings, get_settings
@@ -29,6 +30,8 @@ def main(args: argparse.Namespace) -> int:
         "list": _sessions_list, "show": _sessions_show, "new": _sessions_new, "erase": _sessions_erase,
         "export": _sessions_export, "stuck": _sessions_stuck,
     }
+    if args.sessions_command in handoff.COMMANDS:
+        return handoff.main(args, get_settings())
     return handlers[args.sessions_command](args, get_settings())
 
 

@@ -58,6 +58,7 @@ BURSTS = ("queue", "collect", "latest")
 THREADS_DEFAULT = {"telegram": False, "discord": True}
 WHATSAPP_WINDOW_HOURS = 24.0  # free-form replies only within 24 h of the user's last message (platform rule)
 DEFAULT_RESET_NOTICE = "(This is a new conversation.)"
+DEFAULT_HANDOFF_NOTICE = "A person will answer shortly."
 PERSON_KEY_PREFIX = "person"  # per-person session keys start "person:"; no channel may have this id
 _PERSON_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _TEMPLATE_NAME = re.compile(r"[a-z0-9_]{1,512}")
@@ -86,6 +87,15 @@ class SessionOptions:
     window_hours: float = WHATSAPP_WINDOW_HOURS  # WhatsApp: free-form replies only this long after the user's message
     window_template: str | None = None  # WhatsApp: template sent outside the window (None: reply undeliverable)
     window_template_language: str = "en_US"  # WhatsApp: the template's language code
+    # Handing over to a person (docs/operations.md): what a user writes to ask for one (the whole message, any
+    # case), what they are told once per handoff, how an operator's reply starts ("{operator}: " names them), how
+    # long a session an operator has stays silent before it returns to the Agent, and whether a turn the Agent
+    # failed (a dead letter) asks for a person.
+    handoff_keywords: tuple[str, ...] = ("/human",)
+    handoff_notice: str = DEFAULT_HANDOFF_NOTICE
+    operator_prefix: str = ""
+    human_idle_minutes: float = 60.0
+    handoff_on_failure: bool = False
 
     @property
     def zone(self) -> ZoneInfo:
@@ -111,7 +121,7 @@ def _session_options(raw: Any, platform: str, where: str) -> SessionOptions:
         return ConfigError(f'{where}: session.{key} applies only with session.reset = "{reset}"')
 
     values = dict(raw)
-    for key in ("idle_minutes", "reset_idle_hours", "retention_days", "window_hours"):
+    for key in ("idle_minutes", "reset_idle_hours", "retention_days", "window_hours", "human_idle_minutes"):
         if key in raw:
             value = raw[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -154,8 +164,25 @@ def _session_options(raw: Any, platform: str, where: str) -> SessionOptions:
         except (ZoneInfoNotFoundError, ValueError):
             raise bad("timezone", 'is not a known IANA time zone name (such as "Europe/Berlin"; the tz database '
                                   "comes from the system or the tzdata package)") from None
-    if "reset_notice" in raw and not isinstance(raw["reset_notice"], str):
-        raise bad("reset_notice", 'must be text ("" to say nothing)')
+    for key in ("reset_notice", "handoff_notice"):
+        if key in raw and not isinstance(raw[key], str):
+            raise bad(key, 'must be text ("" to say nothing)')
+    if "handoff_keywords" in raw:
+        words = raw["handoff_keywords"]
+        if not isinstance(words, list) or not all(isinstance(w, str) and w.strip() for w in words):
+            raise bad("handoff_keywords", 'must be a list of words or phrases, such as ["/human", "agent please"]')
+        values["handoff_keywords"] = tuple(w.strip().lower() for w in words)
+    if "operator_prefix" in raw:
+        prefix = raw["operator_prefix"]
+        try:
+            if not isinstance(prefix, str):
+                raise TypeError
+            prefix.format(operator="x")
+        except (TypeError, ValueError, KeyError, IndexError):
+            raise bad("operator_prefix", 'must be text in which only {operator} is replaced, such as "{operator}: "'
+                      ) from None
+    if "handoff_on_failure" in raw and not isinstance(raw["handoff_on_failure"], bool):
+        raise bad("handoff_on_failure", "must be true or false")
     for key in _WHATSAPP_ONLY:
         if key in raw and platform != "whatsapp":
             raise ConfigError(f"{where}: session.{key} applies to whatsapp channels only")

@@ -11,6 +11,10 @@ from shared.errors import MalformedPayload
 DM = "dm"
 GROUP = "group"
 NEW_SESSION = "new"
+# An operator's reply (shared/handoff.py), queued on the session's partition like a user message so that it is stored
+# and sent after every message before it, under the session's lease: sender_name is the operator, text the reply,
+# sent_at the time of the user's last message (WhatsApp's window counts from it).
+OPERATOR_REPLY = "operator_reply"
 
 # How long the ingress remembers a platform message id (Meta retries for up to 7 days). A signed message older than
 # this is a captured webhook sent again, not a retry: it is refused, so it cannot bring back a conversation that was
@@ -41,7 +45,7 @@ class InboundMessage:
     text: str
     platform_message_id: str
     sent_at: float
-    command: str | None = None  # NEW_SESSION for /new and its platform equivalents
+    command: str | None = None  # NEW_SESSION for /new and its platform equivalents; OPERATOR_REPLY
     seq: int = 0  # per-session ingress order, assigned by the ingress
     received_at: float = 0.0  # when the ingress accepted it (epoch seconds)
     # Session policies (shared/policies.py). The defaults are what a message queued before they existed meant:

@@ -6,6 +6,7 @@ from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -25,6 +26,14 @@ CREATED = "created"
 WENT_DORMANT = "dormant"
 RESUMED = "resumed"
 NEW_GENERATION = "new_session"
+HANDOFF_REQUESTED = "handoff_requested"  # the user, the Agent or a policy asked for a person: the session waits
+TAKEN_OVER = "taken_over"  # an operator has the session: the Agent does not run
+RETURNED = "returned"  # back to the Agent (an operator handed it back, or no operator reply for human_idle_minutes)
+
+# Who answers a session (docs/operations.md, "Handing over to a person")
+AGENT = "agent"
+WAITING = "waiting"  # a person was asked for; the Agent does not run until an operator returns the session
+HUMAN = "human"  # an operator has it
 
 # Delivery states of a reply (the reply row is the outbox entry)
 PENDING = "pending"
@@ -64,8 +73,20 @@ class ChatSession(Base):
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_activity_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Handoff: who answers (AGENT, WAITING, HUMAN), which operator has it, since when (waiting: when it was asked
+    # for, the waiting queue's order; human: the operator's last action, from which human_idle_minutes counts),
+    # why a person was asked for, and whether the user has had the one notice of this handoff.
+    mode: Mapped[str] = mapped_column(String(10), server_default=AGENT)
+    operator: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    mode_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    handoff_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    notice_sent: Mapped[bool] = mapped_column(Boolean, server_default=sql("false"))
 
-    __table_args__ = (Index("ix_sessions_idle", "channel_id", "status", "last_activity_at"),)
+    __table_args__ = (
+        Index("ix_sessions_idle", "channel_id", "status", "last_activity_at"),
+        Index("ix_sessions_handoff", "mode", "mode_at", postgresql_where=sql("mode <> 'agent'"),
+              sqlite_where=sql("mode <> 'agent'")),
+    )
 
 
 class Message(Base):
@@ -112,6 +133,8 @@ class SessionEvent(Base):
     generation: Mapped[int] = mapped_column(Integer)
     event: Mapped[str] = mapped_column(String(20))
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    actor: Mapped[str | None] = mapped_column(String(100), nullable=True)  # handoff: "user", "agent", an operator
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)  # handoff: why
 
 
 class DeadLetter(Base):

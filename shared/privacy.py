@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 from sqlalchemy import delete, exists, func, or_, select
 
 from shared.config import Identity
-from shared.db import batches, iso, transaction
+from shared.db import batches, transaction
 from shared.messages import DM
 from shared.models import (
     ChatSession,
@@ -22,7 +22,14 @@ from shared.models import (
 )
 from shared.replybox import box_key
 from shared.policies import person_key
-from shared.session_queries import SESSION_COLUMNS, dead_letter_dict, inbox_dict, message_dict, session_info
+from shared.session_queries import (
+    SESSION_COLUMNS,
+    dead_letter_dict,
+    event_dict,
+    inbox_dict,
+    message_dict,
+    session_info,
+)
 from shared import redis_keys
 
 
@@ -221,7 +228,7 @@ def export_user(url: str, user_id: str, *, channel: str | None = None,
             sessions.append({
                 "session": session_info(row).to_dict(),
                 "messages": [message_dict(m) for m in messages],
-                "events": [{"generation": e.generation, "event": e.event, "at": iso(e.at)} for e in events],
+                "events": [event_dict(e) for e in events],
                 "inbox": [inbox_dict(i) for i in inbox],
                 "dead_letters": [dead_letter_dict(d) for d in letters],
             })

@@ -35,10 +35,14 @@ class SessionInfo:
     lease_until: datetime | None
     created_at: datetime
     last_activity_at: datetime
+    mode: str = "agent"  # handoff: agent, waiting or human
+    operator: str | None = None
+    mode_at: datetime | None = None
+    handoff_reason: str | None = None
 
     def to_dict(self, partitions: int | None = None) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("lease_until", "created_at", "last_activity_at"):
+        for k in ("lease_until", "created_at", "last_activity_at", "mode_at"):
             d[k] = iso(d[k])
         if partitions:
             d["partition"] = partition_of(self.key, partitions)
@@ -48,12 +52,13 @@ class SessionInfo:
 SESSION_COLUMNS = (ChatSession.id, ChatSession.key, ChatSession.channel_id, ChatSession.chat_kind,
                     ChatSession.chat_id, ChatSession.status, ChatSession.generation, ChatSession.message_count,
                     ChatSession.last_seq, ChatSession.lease_until, ChatSession.created_at,
-                    ChatSession.last_activity_at)
+                    ChatSession.last_activity_at, ChatSession.mode, ChatSession.operator, ChatSession.mode_at,
+                    ChatSession.handoff_reason)
 
 
 def session_info(row: Any) -> SessionInfo:
     values = list(row)
-    for i in (9, 10, 11):
+    for i in (9, 10, 11, 14):
         values[i] = as_utc(values[i])
     return SessionInfo(*values)
 
@@ -126,6 +131,11 @@ def inbox_dict(item: Any) -> dict[str, Any]:
             "created_at": iso(item.created_at), "message": message}
 
 
+def event_dict(e: SessionEvent) -> dict[str, Any]:
+    """A lifecycle event, JSON-ready; handoff events say who made them and why."""
+    return {"generation": e.generation, "event": e.event, "at": iso(e.at), "actor": e.actor, "detail": e.detail}
+
+
 def session_detail(url: str, key: str, partitions: int | None = None) -> dict[str, Any] | None:
     """Everything stored about one session, JSON-ready: the row, its messages of every generation,
     lifecycle events, messages waiting in its inbox and its dead letters."""
@@ -143,7 +153,7 @@ def session_detail(url: str, key: str, partitions: int | None = None) -> dict[st
         return {
             "session": info.to_dict(partitions),
             "messages": [message_dict(m) for m in messages],
-            "events": [{"generation": e.generation, "event": e.event, "at": iso(e.at)} for e in events],
+            "events": [event_dict(e) for e in events],
             "inbox": [inbox_dict(i) for i in inbox],
             "dead_letters": [dead_letter_dict(d) for d in letters],
         }

@@ -11,7 +11,7 @@ from sqlalchemy import delete, select
 
 from shared.db import transaction
 from shared.messages import InboundMessage
-from shared.models import NEW_GENERATION, ChatSession, DeadLetter, Message, SessionEvent
+from shared.models import AGENT, HUMAN, NEW_GENERATION, WAITING, ChatSession, DeadLetter, Message, SessionEvent
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,8 @@ class SessionSummary:
     message_count: int
     created_at: datetime
     last_activity_at: datetime
+    mode: str = AGENT  # who answers: agent, waiting (for a person) or human (an operator has it)
+    operator: str | None = None
 
 
 @dataclass(frozen=True)
@@ -30,10 +32,11 @@ class TranscriptLine:
     at: datetime
     generation: int
     kind: str  # "user", "assistant" or "event"
-    sender_name: str
-    text: str
+    sender_name: str  # a message's sender (the Agent, an operator, the notice); an event's actor (handoff)
+    text: str  # a message's text; an event's name
     delivery_status: str | None = None
     delivery_error: str | None = None  # why a reply was not delivered (failed)
+    detail: str | None = None  # an event's why (handoff)
 
 
 def transcript(url: str, session_key: str) -> tuple[SessionSummary, list[TranscriptLine]] | None:
@@ -43,13 +46,14 @@ def transcript(url: str, session_key: str) -> tuple[SessionSummary, list[Transcr
         if session is None:
             return None
         summary = SessionSummary(session.key, session.channel_id, session.status, session.generation,
-                                 session.message_count, session.created_at, session.last_activity_at)
+                                 session.message_count, session.created_at, session.last_activity_at, session.mode,
+                                 session.operator)
         messages = s.scalars(select(Message).where(Message.session_id == session.id).order_by(Message.position)).all()
         events = s.scalars(select(SessionEvent).where(SessionEvent.session_id == session.id)
                            .order_by(SessionEvent.id)).all()
     lines = [TranscriptLine(m.created_at, m.generation, m.role, m.sender_name, m.text, m.delivery_status,
                             m.delivery_error) for m in messages]
-    lines += [TranscriptLine(e.at, e.generation, "event", "", e.event) for e in events]
+    lines += [TranscriptLine(e.at, e.generation, "event", e.actor or "", e.event, detail=e.detail) for e in events]
     # Events sort before messages stored in the same instant (a generation starts before its first message).
     lines.sort(key=lambda line: (line.at, line.kind != "event" or line.text == NEW_GENERATION))
     return summary, lines
@@ -93,16 +97,19 @@ def format_transcript(key: str, url: str) -> str:
     if found is None:
         raise LookupError(f"no session {key!r}")
     summary, lines = found
-    out = [f"session {summary.key}  [{summary.status}, generation {summary.generation}]"]
+    mode = {WAITING: ", waiting for a person", HUMAN: f", with {summary.operator}"}.get(summary.mode, "")
+    out = [f"session {summary.key}  [{summary.status}, generation {summary.generation}{mode}]"]
     for line in lines:
         at = line.at.strftime("%H:%M:%S")
         if line.kind == "event":
-            out.append(f"  {at}  -- {line.text} (generation {line.generation})")
+            who = f" by {line.sender_name}" if line.sender_name else ""
+            why = f": {line.detail}" if line.detail else ""
+            out.append(f"  {at}  -- {line.text}{who}{why} (generation {line.generation})")
         elif line.kind == "user":
             out.append(f"  {at}  g{line.generation} {line.sender_name}: {line.text}")
         else:
             status = f"  [{line.delivery_status}]" if line.delivery_status != "sent" else ""
             if line.delivery_status == "failed" and line.delivery_error:
                 status = f"  [failed: {line.delivery_error}]"
-            out.append(f"  {at}  g{line.generation}   Agent: {line.text}{status}")
+            out.append(f"  {at}  g{line.generation}   {line.sender_name}: {line.text}{status}")
     return "\n".join(out)

@@ -41,13 +41,24 @@ class Conversation:
     message: Utterance
 
 
+@dataclass(frozen=True)
+class Handoff:
+    """What an Agent returns to hand the conversation to a person: `reason` for the operators (the waiting queue, the
+    session's events), `text` for the user (None: the channel's handoff_notice). The Agent does not run again in the
+    session until an operator hands it back."""
+
+    reason: str
+    text: str | None = None
+
+
 @runtime_checkable
 class Agent(Protocol):
-    def reply(self, conversation: Conversation) -> str | None:
-        """The reply text, or None to stay silent. May be `async def` (awaited on the process's agent loop)."""
+    def reply(self, conversation: Conversation) -> str | Handoff | None:
+        """The reply text, None to stay silent, or a Handoff to ask for a person. May be `async def` (awaited on the
+        process's agent loop)."""
 
 
-def reply_of(agent: Agent, conversation: Conversation) -> str | None:
+def reply_of(agent: Agent, conversation: Conversation) -> str | Handoff | None:
     """An Agent's reply, whether its `reply` is plain (`def`) or a coroutine (`async def`)."""
     result = agent.reply(conversation)
     return _await(result) if inspect.isawaitable(result) else result

@@ -69,12 +69,16 @@ def sweep() -> int:
 
 @app.task(name=MARK_DORMANT, acks_late=True)
 def mark_dormant() -> int:
-    """Periodic: idle active sessions become dormant, per channel, in batches."""
-    total = 0
+    """Periodic: idle active sessions become dormant, per channel, in batches; sessions an operator has left without a
+    reply for the channel's human_idle_minutes go back to the Agent."""
+    total = returned = 0
     for channel in settings.channels.values():
         total += maintenance.mark_dormant(channel.id, channel.session.idle_minutes)
+        returned += maintenance.return_idle(channel.id, channel.session.human_idle_minutes)
     if total:
         log.info("session.dormant", count=total)
+    if returned:
+        log.info("handoff.returned_idle", count=returned)
     return total
 
 

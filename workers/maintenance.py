@@ -1,5 +1,6 @@
 """Keeping sessions moving, run by beat: the sweeper finds sessions nobody serves (an inbox waiting or a reply unsent
-while the lease is free), idle sessions go dormant, closed ones lose their messages after the retention period.
+while the lease is free), idle sessions go dormant, sessions an operator left silent go back to the Agent, closed
+ones lose their messages after the retention period.
 Each runs in batches, every statement guarded like the turn's (the lease must be free, nothing may be waiting)."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from datetime import timedelta
 from sqlalchemy import Connection, and_, delete, exists, func, or_, select, update
 
 from shared.db import run_transaction
-from shared.models import ACTIVE, DORMANT, WENT_DORMANT
+from shared.models import ACTIVE, AGENT, DORMANT, HUMAN, RETURNED, WENT_DORMANT
 from shared.db import as_utc
 from workers import statements as sql
 from workers.store import now, transactional
@@ -74,6 +75,26 @@ class Maintenance:
             if found < batch:
                 return total
 
+
+    @transactional
+    def return_idle(self, c: Connection, channel_id: str, idle_minutes: float, limit: int = 500) -> int:
+        """Sessions of the channel an operator has had for `idle_minutes` without acting (no reply) go back to the
+        Agent, each with a `returned` event; returns how many. Decided on the row alone, like an operator's
+        hand-back (shared/handoff.py): a turn reads the mode when it starts."""
+        t = now()
+        rows = c.execute(
+            update(sql.sessions)
+            .where(sql.sessions.c.channel_id == channel_id, sql.sessions.c.mode == HUMAN,
+                   sql.sessions.c.mode_at < t - timedelta(minutes=idle_minutes),
+                   sql.sessions.c.id.in_(select(sql.sessions.c.id).where(
+                       sql.sessions.c.channel_id == channel_id, sql.sessions.c.mode == HUMAN,
+                       sql.sessions.c.mode_at < t - timedelta(minutes=idle_minutes)).limit(limit)))
+            .values(mode=AGENT, operator=None, mode_at=t, handoff_reason=None, notice_sent=False)
+            .returning(sql.sessions.c.id, sql.sessions.c.generation)).all()
+        if rows:
+            c.execute(sql.ADD_EVENT, [sql.event(r.id, r.generation, RETURNED, t, "idle",
+                                                f"no operator reply for {idle_minutes:g} minutes") for r in rows])
+        return len(rows)
 
     def purge_expired(self, channel_id: str, retention_days: float, batch: int = 100) -> tuple[int, int]:
         """Retention: closed sessions' messages and lifecycle events are deleted, `batch` sessions per transaction;

@@ -50,6 +50,12 @@ def should_answer(options: SessionOptions, messages: Sequence[InboundMessage]) -
     return options.group_reply == "always" or any(m.chat_kind != GROUP or m.addressed for m in messages)
 
 
+def asks_for_person(options: SessionOptions, messages: Sequence[InboundMessage]) -> bool:
+    """Whether the user asked for a person: a message that is one of the channel's handoff_keywords (any case)."""
+    words = options.handoff_keywords
+    return bool(words) and any(m.text.strip().lower() in words for m in messages)
+
+
 def reset_due(options: SessionOptions, last_activity: datetime, at: datetime) -> bool:
     """Whether a message sent `at` opens a new session under the reset policy, the session's last activity (before
     this message) being `last_activity`. idle: `reset_idle_hours` or more in between; daily: the last activity was

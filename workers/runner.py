@@ -65,7 +65,9 @@ class TurnRunner:
         """Accept one inbound message and drain its session; returns what became of this message
         ("replied", "silent", "new_session", "context" (stored unanswered: group_reply), "collected" (answered
         with a later message of its burst), "superseded" (burst = "latest": a newer message made the reply stale),
-        "dead_lettered", "duplicate", or "queued" for the holder)."""
+        "dead_lettered", "duplicate", "handoff" (a person was asked for), "held" (stored for the person who has the
+        session), "operator_reply" / "operator_refused" (an operator's reply, sent or not), or "queued" for the
+        holder)."""
         accepted = self.store.accept(msg, self.lease)
         outcomes = self.drain(accepted.session_id, claim=accepted.claim)
         return outcomes.get(msg.platform_message_id, "queued" if accepted.new else "duplicate")

@@ -22,7 +22,17 @@ from sqlalchemy import (
     update,
 )
 
-from shared.models import ACTIVE, DORMANT, PENDING, SKIPPED, ChatSession, InboxItem, Message, SessionEvent
+from shared.models import (
+    ACTIVE,
+    DORMANT,
+    HUMAN,
+    PENDING,
+    SKIPPED,
+    ChatSession,
+    InboxItem,
+    Message,
+    SessionEvent,
+)
 
 sessions, messages, inbox = ChatSession.__table__, Message.__table__, InboxItem.__table__
 events = SessionEvent.__table__
@@ -33,6 +43,7 @@ SEQ = bindparam("seq", type_=BigInteger())
 SEQ_FORWARD = case((sessions.c.last_seq < SEQ, SEQ), else_=sessions.c.last_seq)  # a replay never moves it back
 UNSENT = messages.c.delivery_status == literal_column(f"'{PENDING}'")  # inline: the partial index's predicate
 
+HANDOFF_STATE = (sessions.c.mode, sessions.c.operator, sessions.c.notice_sent)
 SESSION_STATE = (sessions.c.id, sessions.c.status, sessions.c.generation, sessions.c.last_seq,
                   sessions.c.last_activity_at, sessions.c.lease_until)
 FIND_SESSION = select(*SESSION_STATE).where(sessions.c.key == bindparam("key"))
@@ -51,19 +62,34 @@ WAKE = (update(sessions).where(sessions.c.id == bindparam("sid"), sessions.c.sta
 ADD_EVENT = insert(events)
 
 
-def event(session_id: int, generation: int, name: str, at: datetime) -> dict:
-    """ADD_EVENT's parameters: a session's lifecycle event (created, resumed, new generation, went dormant)."""
-    return {"session_id": session_id, "generation": generation, "event": name, "at": at}
-
+def event(session_id: int, generation: int, name: str, at: datetime, actor: str | None = None,
+          detail: str | None = None) -> dict:
+    """ADD_EVENT's parameters: a session's lifecycle event (created, resumed, new generation, went dormant, the
+    handoff's), with who made it and why (handoff)."""
+    return {"session_id": session_id, "generation": generation, "event": name, "at": at, "actor": actor,
+            "detail": detail}
 
 
 CLAIM = (update(sessions).where(sessions.c.id == bindparam("sid"), FREE)
           .values(lease_token=sessions.c.lease_token + 1, lease_until=bindparam("until"))
           .returning(sessions.c.id, sessions.c.channel_id, sessions.c.lease_token, sessions.c.generation,
                      sessions.c.last_seq, sessions.c.chat_id, sessions.c.chat_kind, sessions.c.status,
-                     sessions.c.last_activity_at))
+                     sessions.c.last_activity_at, *HANDOFF_STATE))
 RENEW = update(sessions).where(HELD).values(lease_until=bindparam("until"))
-RENEW_FOR_TURN = RENEW.returning(sessions.c.generation, sessions.c.last_seq, sessions.c.last_activity_at)
+RENEW_FOR_TURN = RENEW.returning(sessions.c.generation, sessions.c.last_seq, sessions.c.last_activity_at,
+                                 *HANDOFF_STATE)
+# A turn's change of who answers (the user or the Agent asked for a person): only from the mode the turn read, so an
+# operator's takeover committed meanwhile (shared/handoff.py) is never undone by it.
+SET_MODE = (update(sessions).where(HELD, sessions.c.mode == bindparam("seen"))
+            .values(mode=bindparam("new_mode"), operator=None, mode_at=bindparam("t"),
+                    handoff_reason=bindparam("reason"), notice_sent=bindparam("noticed"))
+            .returning(sessions.c.id))
+NEXT_POSITION = (update(sessions).where(HELD).values(message_count=sessions.c.message_count + 1)
+                 .returning(sessions.c.message_count))  # a message stored outside a turn's commit (a notice)
+NOTICED = update(sessions).where(HELD, sessions.c.mode == bindparam("seen")).values(notice_sent=True)
+# An operator's reply is stored only while the operator it names has the session; it restarts their idle clock.
+OPERATOR_ACTIVE = (update(sessions).where(HELD, sessions.c.mode == HUMAN, sessions.c.operator == bindparam("op"))
+                   .values(mode_at=bindparam("t")).returning(sessions.c.id))
 RELEASE = update(sessions).where(HELD).values(lease_until=None).returning(sessions.c.last_seq)
 
 ROUTE = (messages.c.channel_id, messages.c.chat_id, messages.c.chat_kind, messages.c.thread_id,

@@ -49,14 +49,17 @@ from shared.errors import ChatSessionsError, LeaseLost  # noqa: F401 - LeaseLost
 from shared.messages import SEQ_TTL_S, Delivery, InboundMessage
 from shared.models import (
     ACTIVE,
+    AGENT,
     CREATED,
     DORMANT,
     FAILED,
+    HANDOFF_REQUESTED,
     NEW_GENERATION,
     PENDING,
     RESUMED,
     SENT,
     SKIPPED,
+    WAITING,
     Channel,
     DeadLetter,
 )
@@ -124,6 +127,9 @@ class Claim:
     last_activity_at: datetime | None = None  # the session's last turn before this one (reset policies)
     lease_seconds: float = 0.0  # how long each renewal holds (the claim, every commit, every fencing check)
     renewed_at: float = 0.0  # time.monotonic() when the statement that renewed the lease for this claim was sent
+    mode: str = AGENT  # who answers the session (handoff): AGENT, WAITING or HUMAN, as of this claim or turn
+    operator: str | None = None  # HUMAN: the operator who has it
+    notice_sent: bool = False  # WAITING/HUMAN: the user has had this handoff's notice
     # What the new holder has to do, read with the claim (Store.claim only; empty on the claim a Turn carries):
     outbox: tuple[PendingReply, ...] = ()  # replies committed by an earlier holder and never sent, in order
     turn: Turn | None = field(default=None, repr=False, compare=False)  # the first ready message (with context)
@@ -155,6 +161,18 @@ class Turn:
     def messages(self) -> list[InboundMessage]:
         """Every message of the turn, oldest first."""
         return [m for _, m in self.earlier] + [self.message]
+
+
+@dataclass(frozen=True)
+class HandoffRequest:
+    """A turn asks for a person (the session waits for an operator): who asked ("user", "agent", "policy") and why."""
+
+    actor: str
+    reason: str
+
+
+AGENT_SENDER = ("agent", "Agent")
+NOTICE_SENDER = ("notice", "Notice")  # the handoff notice: said by the system, neither the Agent nor a person
 
 
 @dataclass(frozen=True)
@@ -357,7 +375,8 @@ class Store:
     def _read_work(self, c: Connection, row, t: datetime, lease: Lease, monotonic: float, force: bool = False) -> Claim:
         """What the new holder has to do: the outbox, and (with history limits) the first ready turn."""
         claim = Claim(row.id, row.channel_id, row.lease_token, row.generation, row.last_seq, row.chat_id,
-                      row.chat_kind, as_utc(row.last_activity_at), lease.seconds, monotonic)
+                      row.chat_kind, as_utc(row.last_activity_at), lease.seconds, monotonic, row.mode, row.operator,
+                      row.notice_sent)
         outbox = _outbox(c, claim)
         if lease.history_limits is None:
             return replace(claim, outbox=outbox)
@@ -402,13 +421,15 @@ class Store:
         if row is None:
             raise LeaseLost(str(claim.session_id))
         claim = replace(claim, generation=row.generation, last_seq=row.last_seq,
-                        last_activity_at=as_utc(row.last_activity_at), renewed_at=monotonic, outbox=(), turn=None)
+                        last_activity_at=as_utc(row.last_activity_at), renewed_at=monotonic, mode=row.mode,
+                        operator=row.operator, notice_sent=row.notice_sent, outbox=(), turn=None)
         heads = execute(c, sql.HEAD, {"sid": claim.session_id, "take": _take(take, claim)}).all()
         return _turn(c, claim, heads, history_limit, force)
 
     @transactional
     def commit_turn(self, c: Connection, turn: Turn, reply: str | None, *, new_generation: bool = False,
-                    reset: bool = False, supersede: bool = False) -> Settled:
+                    reset: bool = False, supersede: bool = False, handoff: HandoffRequest | None = None,
+                    notice: bool = False) -> Settled:
         """Move the turn's messages from the inbox into the conversation with its reply (the outbox entry), all or
         nothing; returns the reply to send and whether the next message is ready. LeaseLost if the fencing token
         moved, AlreadyStored if a platform id is already stored.
@@ -417,7 +438,10 @@ class Store:
         policy): a new generation starts with this turn — its messages stored in it, after its `new_session` event.
         A burst's messages are stored in order and all their seqs settle here. `supersede` (burst = "latest"): if a
         newer message of the session is already waiting, the reply is stored `skipped`, never sent (that message's
-        turn answers the whole burst)."""
+        turn answers the whole burst).
+
+        `handoff`: the session now waits for a person (from the mode the turn read; an operator's takeover meanwhile
+        stands). `notice`: the reply is the handoff's notice to the user (said once per handoff)."""
         claim, msg, (t, monotonic) = turn.claim, turn.message, _clock()
         generation = claim.generation + 1 if new_generation or reset else claim.generation
         inbound = turn.messages
@@ -446,24 +470,64 @@ class Store:
             raise
         if new_generation:
             execute(c, sql.ADD_EVENT, sql.event(claim.session_id, generation, NEW_GENERATION, t))
+        if handoff is not None:
+            if execute(c, sql.SET_MODE, {"sid": claim.session_id, "token": claim.token, "seen": claim.mode,
+                                         "new_mode": WAITING, "t": t, "reason": handoff.reason,
+                                         "noticed": notice}).first():
+                execute(c, sql.ADD_EVENT, sql.event(claim.session_id, generation, HANDOFF_REQUESTED, t,
+                                                    handoff.actor, handoff.reason))
+        elif notice:
+            execute(c, sql.NOTICED, {"sid": claim.session_id, "token": claim.token, "seen": claim.mode})
         replies: tuple[PendingReply, ...] = ()
         stale = False
         if reply:
             stale = supersede and bool(execute(c, sql.NEWER, {"sid": claim.session_id, "seq": msg.seq}).scalar())
             user_sent_at = datetime.fromtimestamp(msg.sent_at, timezone.utc) if msg.sent_at else None
+            sender_id, sender_name = NOTICE_SENDER if notice else AGENT_SENDER
             reply_id = execute(c, sql.ADD_MESSAGE, self._message(
-                claim, msg, position, "assistant", "agent", "Agent", reply, t, in_reply_to=inbound_id,
+                claim, msg, position, "assistant", sender_id, sender_name, reply, t, in_reply_to=inbound_id,
                 delivery_status=SKIPPED if stale else PENDING, user_sent_at=user_sent_at)).scalar_one()
             if not stale:
                 replies = (PendingReply(reply_id, msg.channel_id, msg.chat_id, msg.chat_kind, reply, msg.thread_id,
                                         user_sent_at),)
         return Settled(replies, _ready(c, claim.session_id, row.last_seq), superseded=stale, renewed_at=monotonic)
 
+    @transactional
+    def commit_operator_reply(self, c: Connection, turn: Turn, text: str, refused: str | None = None) -> Settled:
+        """An operator's reply (an inbox message of its own, so it follows every message stored before it) stored as
+        the session's next outbox entry, sent with the operator's name. Stored only while that operator has the
+        session (it restarts their idle clock); otherwise, or with `refused`, it is stored failed with the reason,
+        never sent — visible to the operator in the transcript. AlreadyStored on a redelivery."""
+        claim, msg, (t, monotonic) = turn.claim, turn.message, _clock()
+        row = execute(c, sql.COMMIT, {"sid": claim.session_id, "token": claim.token, "count": 1, "t": t,
+                                      "gen": claim.generation, "seq": msg.seq,
+                                      "until": t + timedelta(seconds=claim.lease_seconds)}).first()
+        if row is None:
+            raise LeaseLost(msg.session_key)
+        execute(c, sql.TAKE_ITEM, {"item": turn.item_id})
+        if refused is None and not execute(c, sql.OPERATOR_ACTIVE, {"sid": claim.session_id, "token": claim.token,
+                                                                      "op": msg.sender_name, "t": t}).first():
+            refused = f"not sent: {msg.sender_name} no longer has the session"
+        user_sent_at = datetime.fromtimestamp(msg.sent_at, timezone.utc) if msg.sent_at else None
+        try:
+            reply_id = execute(c, sql.ADD_MESSAGE, self._message(
+                claim, msg, row.message_count - 1, "assistant", msg.sender_id, msg.sender_name, text, t,
+                platform_message_id=msg.platform_message_id, ingress_seq=msg.seq,
+                delivery_status=FAILED if refused else PENDING, user_sent_at=user_sent_at,
+                delivery_error=refused)).scalar_one()
+        except IntegrityError as exc:
+            if "platform" in str(exc.orig).lower():
+                raise AlreadyStored(msg.platform_message_id) from None
+            raise
+        replies = () if refused else (PendingReply(reply_id, msg.channel_id, msg.chat_id, msg.chat_kind, text,
+                                                   msg.thread_id, user_sent_at),)
+        return Settled(replies, _ready(c, claim.session_id, row.last_seq), renewed_at=monotonic)
+
     @staticmethod
     def _message(claim: Claim, route: InboundMessage, position: int, role: str, sender_id: str, sender_name: str,
                  text: str, t: datetime, platform_message_id: str | None = None, ingress_seq: int | None = None,
                  in_reply_to: int | None = None, delivery_status: str | None = None,
-                 user_sent_at: datetime | None = None) -> dict:
+                 user_sent_at: datetime | None = None, delivery_error: str | None = None) -> dict:
         """A messages row (every column named, so both kinds of message share one compiled INSERT). `route` is the
         inbound message stored, or answered: its channel and chat are the row's (a reply goes back there)."""
         return {"session_id": claim.session_id, "generation": claim.generation, "position": position, "role": role,
@@ -471,7 +535,7 @@ class Store:
                 "chat_id": route.chat_id, "chat_kind": route.chat_kind, "thread_id": route.thread_id,
                 "user_sent_at": user_sent_at, "platform_message_id": platform_message_id, "ingress_seq": ingress_seq,
                 "created_at": t, "in_reply_to": in_reply_to, "delivery_status": delivery_status,
-                "delivery_attempts": 0}
+                "delivery_error": delivery_error, "delivery_attempts": 0}
 
     @transactional
     def discard(self, c: Connection, turn: Turn) -> Settled:
@@ -485,9 +549,11 @@ class Store:
         return Settled(_outbox(c, turn.claim), _ready(c, turn.claim.session_id, row.last_seq))
 
     @transactional
-    def dead_letter(self, c: Connection, turn: Turn, error: str, attempts: int) -> Settled:
+    def dead_letter(self, c: Connection, turn: Turn, error: str, attempts: int, handoff: HandoffRequest | None = None,
+                    notice: str | None = None) -> Settled:
         """Set a failed turn's messages aside (fenced, like a commit) so the session goes on with its next message
-        (a burst: each of its messages becomes a dead letter of its own)."""
+        (a burst: each of its messages becomes a dead letter of its own). `handoff` (handoff_on_failure): the
+        session now waits for a person, and the user is told `notice`."""
         msg, t = turn.message, now()
         error = error.replace("\x00", "\ufffd")[:4000]  # an error may quote the value PostgreSQL refused
         row = execute(c, sql.SETTLE_DEAD, {"sid": turn.claim.session_id, "token": turn.claim.token, "seq": msg.seq,
@@ -501,7 +567,22 @@ class Store:
                 payload=json.dumps(m.to_dict()), error=error, attempts=attempts, created_at=t,
             ).on_conflict_do_update(index_elements=["channel_id", "platform_message_id"],
                                     set_={"error": error, "attempts": attempts, "created_at": t}))
-        return Settled((), _ready(c, turn.claim.session_id, row.last_seq))
+        replies: tuple[PendingReply, ...] = ()
+        claim = turn.claim
+        if handoff is not None and execute(c, sql.SET_MODE, {
+                "sid": claim.session_id, "token": claim.token, "seen": claim.mode, "new_mode": WAITING, "t": t,
+                "reason": handoff.reason, "noticed": bool(notice)}).first():
+            execute(c, sql.ADD_EVENT, sql.event(claim.session_id, claim.generation, HANDOFF_REQUESTED, t,
+                                                handoff.actor, handoff.reason))
+            if notice:
+                position = execute(c, sql.NEXT_POSITION, {"sid": claim.session_id, "token": claim.token}).scalar_one()
+                user_sent_at = datetime.fromtimestamp(msg.sent_at, timezone.utc) if msg.sent_at else None
+                reply_id = execute(c, sql.ADD_MESSAGE, self._message(
+                    claim, msg, position - 1, "assistant", *NOTICE_SENDER, notice, t, delivery_status=PENDING,
+                    user_sent_at=user_sent_at)).scalar_one()
+                replies = (PendingReply(reply_id, msg.channel_id, msg.chat_id, msg.chat_kind, notice, msg.thread_id,
+                                        user_sent_at),)
+        return Settled(replies, _ready(c, claim.session_id, row.last_seq))
 
     # -- the outbox ---------------------------------------------------------------------------------------------
 

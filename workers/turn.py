@@ -13,11 +13,12 @@ from typing import Mapping
 import structlog
 
 from workers import policies
-from workers.agents import Agent, AgentFailed, Conversation, Retrying, Utterance
+from workers.agents import Agent, AgentFailed, Conversation, Handoff, Retrying, Utterance
 from shared.config import SessionOptions
 from shared.db import DB_UNAVAILABLE
-from shared.messages import NEW_SESSION
-from workers.store import AlreadyStored, LeaseLost, Settled, Store, Turn
+from shared.messages import NEW_SESSION, OPERATOR_REPLY
+from shared.models import AGENT
+from workers.store import AlreadyStored, HandoffRequest, LeaseLost, Settled, Store, Turn
 
 log = structlog.get_logger(__name__)
 
@@ -50,22 +51,41 @@ class TurnTaker:
     def _take(self, turn: Turn) -> tuple[str, Settled]:
         if turn.stored:  # a redelivery of a message already in the conversation: settle its seq, send what is unsent
             return "duplicate", self.store.discard(turn)
-        msg = turn.message
-        plan = policies.plan_turn(self.options[msg.channel_id], turn.messages, turn.claim.last_activity_at,
+        msg, options = turn.message, self.options[turn.message.channel_id]
+        plan = policies.plan_turn(options, turn.messages, turn.claim.last_activity_at,
                                   new_session=msg.command == NEW_SESSION)
         try:
+            if msg.command == OPERATOR_REPLY:
+                return self._operator_reply(turn, options)
             if plan.new_session:
                 return "new_session", self.store.commit_turn(turn, NEW_SESSION_REPLY, new_generation=True)
             if plan.reset:  # exactly a /new before this message: the old generation is never given again
                 turn = replace(turn, history=[])
                 log.info("session.reset", generation=turn.claim.generation + 1)
+            if turn.claim.mode != AGENT:  # a person has it, or is asked for: stored for them; the notice once
+                notice = options.handoff_notice if not turn.claim.notice_sent else ""
+                return "held", self.store.commit_turn(turn, notice or None, reset=plan.reset, notice=bool(notice))
             if not plan.answer:  # group_reply: context only, nobody is told
                 return "context", self.store.commit_turn(turn, None, reset=plan.reset)
+            if policies.asks_for_person(options, turn.messages):
+                return "handoff", self.store.commit_turn(
+                    turn, plan.reply(options.handoff_notice) or None, reset=plan.reset, notice=True,
+                    handoff=HandoffRequest("user", "the user asked for a person"))
             try:
-                reply = plan.reply(self._agent(msg.channel_id).reply(self._conversation(turn)))
+                result = self._agent(msg.channel_id).reply(self._conversation(turn))
             except AgentFailed as exc:
                 log.error("turn.dead_lettered", error=str(exc), attempts=self.agent_attempts)
-                return "dead_lettered", self.store.dead_letter(turn, str(exc), self.agent_attempts)
+                if not options.handoff_on_failure:
+                    return "dead_lettered", self.store.dead_letter(turn, str(exc), self.agent_attempts)
+                return "dead_lettered", self.store.dead_letter(
+                    turn, str(exc), self.agent_attempts, handoff=HandoffRequest("policy", f"the Agent failed: {exc}"),
+                    notice=options.handoff_notice or None)
+            if isinstance(result, Handoff):
+                log.info("turn.handoff", reason=result.reason[:200])
+                text = plan.reply(result.text if result.text is not None else options.handoff_notice) or None
+                return "handoff", self.store.commit_turn(turn, text, reset=plan.reset, notice=True,
+                                                         handoff=HandoffRequest("agent", result.reason))
+            reply = plan.reply(result)
             settled = self.store.commit_turn(turn, reply, reset=plan.reset, supersede=plan.supersede)
         except AlreadyStored:  # a copy committed meanwhile; its replies may still need sending
             if turn.earlier:  # a burst: nothing of it was stored; read the inbox again (the stored copy goes alone)
@@ -75,6 +95,15 @@ class TurnTaker:
             log.info("turn.reply_superseded", reason="a newer message of the session is waiting")
             return "superseded", settled
         return ("replied" if reply else "silent"), settled
+
+    def _operator_reply(self, turn: Turn, options: SessionOptions) -> tuple[str, Settled]:
+        """An operator's reply: stored and sent in the session's order if that operator still has the session."""
+        msg = turn.message
+        prefix = options.operator_prefix.format(operator=msg.sender_name) if options.operator_prefix else ""
+        refused = None if turn.claim.mode != AGENT and turn.claim.operator == msg.sender_name else \
+            f"not sent: {msg.sender_name} no longer has the session"
+        return ("operator_reply" if refused is None else "operator_refused",
+                self.store.commit_operator_reply(turn, prefix + msg.text, refused))
 
     def _agent(self, channel_id: str) -> Agent:
         return Retrying(self.agents[channel_id], self.agent_attempts, self.agent_backoff_s)
