@@ -31,11 +31,11 @@ from cli.loadgen import (
 from cli.standins import payloads as p
 from cli.standins.llm import StandInLLM, echo_responder
 from cli.standins.platforms import StandInPlatforms
-from shared.agents import load_agent
 from shared.channels.base import WebhookRequest
 from shared.config import load_settings
 from shared.channels.whatsapp import WhatsAppChannel
 from shared.errors import InvalidSignature
+from workers.agents import load_agent
 from workers.testing import run_conversation
 
 PHONE_ID = "106540352242922"
