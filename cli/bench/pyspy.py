@@ -64,7 +64,7 @@ CATEGORIES = (  # first match on any frame of the stack, from the leaf up
     ("JSON", ("json/",)),
     ("flask/werkzeug/gunicorn", ("flask/", "werkzeug/", "gunicorn/")),
     ("ingress code", ("ingress/", "shared/channels/")),
-    ("turn/store code", ("workers/", "shared/store.py", "shared/db.py")),
+    ("turn/store code", ("workers/", "shared/db.py")),
 )
 
 
