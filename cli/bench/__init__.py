@@ -2,8 +2,9 @@
 
 Starts a private stack (cli/stack.py): a fresh PostgreSQL database, a private redis-server, `chatsessions ingress`
 (gunicorn), BENCH_POOLS worker pools (the command `chatsessions worker` execs) and beat; a StandInPlatforms receives
-the replies, a StandInLLM (cli/standins/llm.py) answers the waiting Agent's completions; `chatsessions loadgen`'s engine (cli.loadgen) plays WhatsApp, Telegram and Discord at it. Scenarios,
-in run order (pick with SCENARIOS=e2e,ingress or --scenarios):
+the replies, a StandInLLM (cli/standins/llm.py) answers the waiting Agent's completions; `chatsessions loadgen`'s
+engine (cli.loadgen) plays WhatsApp, Telegram and Discord at it. Scenarios, in run order (pick with
+SCENARIOS=e2e,ingress or --scenarios):
 
   turn         one worker's turn in this process (no stack): CPU ms, transactions and statements per turn
   ceiling      bare Celery no-op tasks (cli/bench_ceiling.py) through the same broker, queues and worker flags

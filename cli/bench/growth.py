@@ -16,7 +16,7 @@ from cli.bench.seeder import Seeder
 
 
 class GrowthScenarios:
-    """memory and scale, mixed into Bench (cli/bench/harness.py), whose stack, knobs (self.k) and load generator it drives."""
+    """memory and scale (and the EXPLAIN of a turn): methods of Bench (cli/bench/harness.py)."""
 
     def scenario_memory(self) -> dict[str, Any]:
         self.stop_pools()

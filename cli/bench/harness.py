@@ -27,6 +27,7 @@ SCENARIOS = ("turn", "ceiling", "ingress", "status_callbacks", "e2e", "hot_sessi
              "memory", "scale")
 STACKLESS = ("turn",)  # scenarios that need only a database: they run before the stack starts
 
+# the bench channels' rate limits: high enough that no load of the bench meets them
 RATE_LIMITS = "rate_limits = { account_per_s = 1000000, account_burst = 1000000, chat_per_s = 100000, chat_burst = 100000 }"
 
 

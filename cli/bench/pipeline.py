@@ -14,7 +14,7 @@ from cli.bench.meters import cpu_by_role, cpu_per_msg, cpu_per_request
 
 
 class PipelineScenarios:
-    """ceiling, ingress, status_callbacks, e2e and hot_session, mixed into Bench (cli/bench/harness.py), whose stack, knobs (self.k) and load generator it drives."""
+    """ceiling, ingress, status_callbacks, e2e and hot_session: methods of Bench (cli/bench/harness.py)."""
 
     def scenario_ceiling(self) -> dict[str, Any]:
         runs = [self.ceiling_once() for _ in range(max(1, self.k.int("BENCH_CEILING_REPEAT")))]

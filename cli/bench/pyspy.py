@@ -13,7 +13,7 @@ from cli.bench.knobs import log
 
 
 class PySpyProfiling:
-    """start_profile / finish_profile, mixed into Bench (cli/bench/harness.py), whose stack, knobs (self.k) and load generator it drives."""
+    """py-spy around a scenario's load (start_profile, finish_profile): methods of Bench (cli/bench/harness.py)."""
 
     def start_profile(self, label: str, pools: bool = True) -> dict[str, Any] | None:
         import shutil

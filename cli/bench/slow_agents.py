@@ -14,7 +14,7 @@ from cli.bench.report import CORRECTNESS
 
 
 class SlowAgentScenarios:
-    """slow_agent (and slow_agent_gevent) and waiting_agent, mixed into Bench (cli/bench/harness.py), whose stack, knobs (self.k) and load generator it drives."""
+    """slow_agent (and slow_agent_gevent) and waiting_agent: methods of Bench (cli/bench/harness.py)."""
 
     def scenario_slow_agent(self) -> list[dict[str, Any]]:
         """The 200 ms Agent at each concurrency, on each execution model of BENCH_SLOW_MODELS: the threads runs are

@@ -13,7 +13,7 @@ from cli.bench.knobs import log
 
 
 class TurnScenario:
-    """The `turn` scenario, mixed into Bench (cli/bench/harness.py), whose stack, knobs (self.k) and load generator it drives."""
+    """The `turn` scenario, a method of Bench (cli/bench/harness.py): it needs the knobs only, no stack."""
 
     def scenario_turn(self) -> dict[str, Any]:
         """The turn alone, in this process, on a fresh database: what one turn costs a worker."""
