@@ -17,7 +17,12 @@ import requests
 from channel_helpers import fixture, make_config
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cli import bench
+from cli.bench.harness import Bench
+from cli.bench.knobs import Knobs
+from cli.bench.meters import LOADGEN, Peaks, cpu_by_role, cpu_per_msg, cpu_per_request
+from cli.bench.pipeline import log_levels
+from cli.bench.report import CORRECTNESS, table, targets_met
+from cli.bench.slow_agents import waiting_figures, waiting_wave
 from cli.loadgen import (
     ECHOING_AGENTS,
     TAG,
@@ -31,11 +36,11 @@ from cli.loadgen import (
 from cli.standins import payloads as p
 from cli.standins.llm import StandInLLM, echo_responder
 from cli.standins.platforms import StandInPlatforms
-from workers.agents import load_agent
 from shared.channels.base import WebhookRequest
 from shared.config import load_settings
 from shared.channels.whatsapp import WhatsAppChannel
 from shared.errors import InvalidSignature
+from workers.agents import load_agent
 from workers.testing import run_conversation
 
 PHONE_ID = "106540352242922"
@@ -140,23 +145,23 @@ def test_a_status_workload_plays_only_whatsapp_dms():
 
 CPU = {"wall_s": 10.0, "machine_busy_cores": 1.9, "other_processes_cores": 0.0,
        "cores": {"beat": 0.01, "ingress": 0.3, "pool-a": 0.4, "pool-b": 0.35, "redis": 0.05, "postgres": 0.2,
-                 bench.LOADGEN: 0.1}}
+                 LOADGEN: 0.1}}
 
 
 def test_cpu_per_message_by_role_groups_the_pools_and_sums_every_process():
-    per = bench.cpu_per_msg(CPU, 1000)  # 10 s at 0.3 cores over 1,000 messages: 3 ms
-    roles = bench.cpu_by_role(per)
+    per = cpu_per_msg(CPU, 1000)  # 10 s at 0.3 cores over 1,000 messages: 3 ms
+    roles = cpu_by_role(per)
     assert roles == {"all": 14.1, "ingress": 3.0, "pools": 7.5, "postgres": 2.0, "redis": 0.5, "loadgen": 1.0}
-    assert bench.cpu_by_role(bench.cpu_per_msg(CPU | {"cores": {"pool-a": 0.5}}, 1000)) == {
+    assert cpu_by_role(cpu_per_msg(CPU | {"cores": {"pool-a": 0.5}}, 1000)) == {
         "all": 5.0, "ingress": 0.0, "pools": 5.0, "postgres": 0.0, "redis": 0.0, "loadgen": 0.0}
-    assert bench.cpu_by_role(bench.cpu_per_msg(CPU, 0)) == {}
+    assert cpu_by_role(cpu_per_msg(CPU, 0)) == {}
 
 
 def test_cpu_per_request_is_the_ingress_processes_share():
-    measured = bench.cpu_per_request(CPU, 2000)
+    measured = cpu_per_request(CPU, 2000)
     assert measured["cpu_ms_per_request"] == 1.5
     assert measured["cpu_ms_per_request_by_process"]["redis"] == 0.25
-    assert bench.cpu_per_request(CPU, 0) == {"cpu_ms_per_request": None, "cpu_ms_per_request_by_process": {}}
+    assert cpu_per_request(CPU, 0) == {"cpu_ms_per_request": None, "cpu_ms_per_request_by_process": {}}
 
 
 def test_log_levels_counts_json_lines_by_level_and_the_others_apart():
@@ -164,8 +169,8 @@ def test_log_levels_counts_json_lines_by_level_and_the_others_apart():
                       json.dumps({"event": "channel.ignored", "level": "info"}),
                       json.dumps({"event": "channel.ignored", "level": "info"}),
                       "[2026-01-01 00:00:00 +0000] [42] [INFO] Booting worker with pid: 42", "", "[1, 2]"])
-    assert bench.log_levels(text) == {"warning": 1, "info": 2, "unparsed": 2}
-    assert bench.log_levels("") == {}
+    assert log_levels(text) == {"warning": 1, "info": 2, "unparsed": 2}
+    assert log_levels("") == {}
 
 
 def results(**over: dict) -> dict:
@@ -179,7 +184,7 @@ def results(**over: dict) -> dict:
                     "at_rate": {"offered_req_per_s": 1000.0, "achieved_req_per_s": 990.0}},
         "status_callbacks": {"max_req_per_s": 3100.0, "cpu_ms_per_request": 0.5, "rejected": 0, "queued_after": 0,
                              "ingress_log_lines": 0,
-                             "cpu_ms_per_request_by_process": {"ingress": 0.5, bench.LOADGEN: 0.3}},
+                             "cpu_ms_per_request_by_process": {"ingress": 0.5, LOADGEN: 0.3}},
     }
     for name, block in over.items():
         r[name] = r[name] | block
@@ -187,7 +192,7 @@ def results(**over: dict) -> dict:
 
 
 def test_targets_of_the_issue():
-    met = {k: v["met"] for k, v in bench.targets_met(results()).items()}
+    met = {k: v["met"] for k, v in targets_met(results()).items()}
     assert met == {
         "e2e_ratio_to_ceiling>=0.28": False, "e2e_msgs_per_s>=250": True, "e2e_cpu_ms_per_message_all<=6.5": True,
         "e2e_cpu_ms_per_message_pools<=3.5": False, "e2e_cpu_ms_per_message_postgres<=1.5": True,
@@ -198,7 +203,7 @@ def test_targets_of_the_issue():
 
 def test_status_callbacks_are_not_quiet_when_anything_was_logged_queued_or_refused():
     for key in ("rejected", "queued_after", "ingress_log_lines"):
-        met = bench.targets_met(results(status_callbacks={key: 1}))["status_callbacks_quiet"]
+        met = targets_met(results(status_callbacks={key: 1}))["status_callbacks_quiet"]
         assert met["met"] is False and met["value"][key] == 1
 
 
@@ -210,8 +215,8 @@ def row(text: str, scenario: str, figure: str) -> str:
 
 def test_the_table_prints_the_new_figures_with_their_targets():
     r = results()
-    r["targets"] = bench.targets_met(r)  # as Bench.write leaves them before the table is printed
-    text = bench.table(r)
+    r["targets"] = targets_met(r)  # as Bench.write leaves them before the table is printed
+    text = table(r)
     assert row(text, "e2e", "msgs/s").endswith(">= 250 yes")
     assert row(text, "e2e", "ratio to ceiling").endswith(">= 0.28 NO")
     assert row(text, "e2e", "all processes").endswith("6.00 <= 6.5 yes")
@@ -293,7 +298,7 @@ def test_a_stopped_standin_ends_the_keep_alive_connections_it_served(make):
 def bench_config(tmp_path, monkeypatch):
     """The bench's channels TOML and secrets (Bench.config_text, Bench.secrets), loaded as the workers load them."""
     standin = StandInPlatforms()
-    b = bench.Bench(bench.Knobs(quick=True), tmp_path / "results.json")
+    b = Bench(Knobs(quick=True), tmp_path / "results.json")
     b.workdir.rmdir()
     with StandInLLM(echo_responder) as llm:
         b.standin, b.llm, b.discord_key = standin, llm, Ed25519PrivateKey.generate()
@@ -335,16 +340,16 @@ def wave(name: str, sessions: int, replied: int, duration_s: float, rss: float |
     report = {"sessions": sessions, "accepted": sessions, "replied": replied, "rejected": 0,
               "msgs_per_s": round(replied / duration_s, 2), "duration_s": duration_s,
               "accept_latency_ms": {"max": 900.0}, "latency_ms": {"p50": 2100.0},
-              **{k: counts.get(k, 0) for k in bench.CORRECTNESS}}
+              **{k: counts.get(k, 0) for k in CORRECTNESS}}
     peaks = {k: v for k, v in (("rss_mb", rss), ("db_connections", connections)) if v is not None}
-    return bench.waiting_wave(name, report, CPU, peaks, llm_peak=sessions)
+    return waiting_wave(name, report, CPU, peaks, llm_peak=sessions)
 
 
 def test_waiting_agent_figures_from_its_waves():
     full = [wave("first", 1000, 1000, 5.0, 250.0, 38), wave("second", 1000, 999, 4.0, 262.5, 40, lost=1)]
     half = wave("half", 500, 500, 3.0, 300.0, 41, duplicated=2)
     assert full[0]["cpu_ms_per_msg"]["pool-a"] == 4.0 and full[1]["llm_concurrent_peak"] == 1000
-    figures = bench.waiting_figures(full, half, within=480, latency_s=2.0, in_flight=1000, e2e_msgs_per_s=250.0)
+    figures = waiting_figures(full, half, within=480, latency_s=2.0, in_flight=1000, e2e_msgs_per_s=250.0)
     assert figures["turns_per_s"] == round(1999 / 9, 1)  # replies of the two full waves / their summed durations
     assert figures["ideal_turns_per_s"] == 250.0  # min(1000 / 2 s, the e2e msgs/s)
     assert figures["efficiency"] == round(1999 / 9 / 250, 3)
@@ -352,13 +357,13 @@ def test_waiting_agent_figures_from_its_waves():
     assert figures["rss_mb_peak"] == 262.5  # the full waves only: 1,000 in flight
     assert figures["db_connections_peak"] == 41  # every wave
     assert figures["llm_concurrent_peak"] == 1000  # the most waiting on the LLM at once, in a full wave
-    assert [figures[k] for k in bench.CORRECTNESS] == [1, 2, 0, 0]
+    assert [figures[k] for k in CORRECTNESS] == [1, 2, 0, 0]
     assert "e2e msgs/s = 250" in figures["note"]
-    alone = bench.waiting_figures(full, half, within=500, latency_s=2.0, in_flight=1000, e2e_msgs_per_s=None)
+    alone = waiting_figures(full, half, within=500, latency_s=2.0, in_flight=1000, e2e_msgs_per_s=None)
     assert alone["ideal_turns_per_s"] == 500.0 and alone["within_latency_plus_1s"] == 1.0
     assert "not measured" in alone["note"]
-    unsampled = bench.waiting_figures([wave("first", 10, 10, 1.0, None, None)], wave("half", 5, 0, 1.0, None, None),
-                                      within=0, latency_s=2.0, in_flight=10, e2e_msgs_per_s=None)
+    unsampled = waiting_figures([wave("first", 10, 10, 1.0, None, None)], wave("half", 5, 0, 1.0, None, None),
+                                within=0, latency_s=2.0, in_flight=10, e2e_msgs_per_s=None)
     assert (unsampled["rss_mb_peak"], unsampled["db_connections_peak"], unsampled["within_latency_plus_1s"]) == (
         None, None, 0.0)
 
@@ -370,19 +375,19 @@ def slow_runs(model: str, efficiencies: dict[int, float], reordered: int = 0) ->
 
 def test_waiting_and_slow_agent_targets_and_rows():
     full = [wave("first", 1000, 1000, 2.4, 380.0, 40), wave("second", 1000, 1000, 2.4, 390.0, 40)]
-    waiting = bench.waiting_figures(full, wave("half", 500, 500, 2.6, 300.0, 40), within=470, latency_s=2.0,
-                                    in_flight=1000, e2e_msgs_per_s=None)
+    waiting = waiting_figures(full, wave("half", 500, 500, 2.6, 300.0, 40), within=470, latency_s=2.0,
+                              in_flight=1000, e2e_msgs_per_s=None)
     r = results() | {"slow_agent": slow_runs("threads", {1: 0.84, 64: 0.2}), "slow_agent_gevent": slow_runs("gevent", {1: 0.85, 64: 0.9}, 1),
           "waiting_agent": {"execution_model": "gevent", "agent_latency_s": 2.0, "in_flight": 1000,
                             **waiting, "waves": [*full, wave("half", 500, 500, 2.6, 300.0, 40)]}}
-    r["targets"] = bench.targets_met(r)
+    r["targets"] = targets_met(r)
     met = {k: v["met"] for k, v in r["targets"].items() if k.startswith(("slow", "waiting"))}
     assert met == {"slow_agent_efficiency_at_64>=0.8": False, "slow_agent_reordered==0": True,
                    "slow_agent_gevent_efficiency_at_64>=0.8": True, "slow_agent_gevent_reordered==0": False,
                    "waiting_agent_correct": True, "waiting_agent_efficiency>=0.8": True,
                    "waiting_agent_within_latency_plus_1s>=0.95": False, "waiting_agent_rss_mb_peak<=400": True,
                    "waiting_agent_db_connections_peak<=40": True}
-    text = bench.table(r)
+    text = table(r)
     assert row(text, "slow_agent", "threads c=64").endswith("(20%), reordered 0 >= 80% NO")
     assert row(text, "slow_agent_gevent", "gevent c=64").endswith("(90%), reordered 1 >= 80% NO")
     assert row(text, "waiting_agent", "turns/s, 1,000 in flight, 2 s Agent, gevent (ideal 500.0)").endswith(
@@ -399,6 +404,6 @@ def test_peaks_keeps_the_highest_reading_and_skips_the_missing():
 
     def gone() -> float:
         raise OSError("the process exited")
-    with bench.Peaks({"rss": lambda: next(values, 1.0), "none": lambda: None, "gone": gone}, interval=60) as peaks:
+    with Peaks({"rss": lambda: next(values, 1.0), "none": lambda: None, "gone": gone}, interval=60) as peaks:
         peaks.sample()
     assert peaks.peak == {"rss": 7.0}  # entry, the explicit sample, exit

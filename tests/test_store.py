@@ -297,7 +297,7 @@ def test_a_dead_pooled_connection_is_replaced_not_failed(postgres_url, monkeypat
 
 def test_the_bench_turn_profile_counts_a_turn(tmp_path):
     """`chatsessions bench --scenarios turn`, small, on SQLite: the figures the docs quote come from here."""
-    from cli.bench import print_turn_profile, profile_turns
+    from cli.bench.turn import print_turn_profile, profile_turns
     from shared.migrate import upgrade
 
     url = f"sqlite:///{tmp_path}/bench.db"
