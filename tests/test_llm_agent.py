@@ -357,3 +357,37 @@ def test_run_conversation_takes_functions_and_raises_the_agents_error():
 
     with pytest.raises(RuntimeError, match="boom"):
         run_conversation(broken, ["hi"])
+
+
+# -- handing over to a person ------------------------------------------------------------------------------------
+
+
+def tool_call(arguments: str) -> dict:
+    return {"role": "assistant", "content": None, "tool_calls": [{
+        "id": "call_1", "type": "function", "function": {"name": "hand_over_to_person", "arguments": arguments}}]}
+
+
+def test_the_handoff_tool_is_offered_only_when_enabled(llm, make_agent):
+    make_agent().reply(dm("hi"))
+    make_agent(handoff_tool=True).reply(dm("hi"))
+    without, offered = llm.requests
+    assert "tools" not in without.body
+    assert [t["function"]["name"] for t in offered.body["tools"]] == ["hand_over_to_person"]
+    assert offered.body["tools"][0]["function"]["parameters"]["required"] == ["reason"]
+
+
+def test_the_models_handoff_call_becomes_a_handoff(llm, make_agent):
+    from workers.agents import Handoff
+
+    llm.responder = lambda body: tool_call('{"reason": "refund above the limit", "message": "A colleague will help."}')
+    assert make_agent(handoff_tool=True).reply(dm("I want my money back")) == Handoff(
+        "refund above the limit", "A colleague will help.")
+    llm.responder = lambda body: tool_call("not json")  # arguments it got wrong still hand over
+    assert make_agent(handoff_tool=True).reply(dm("a person please")) == Handoff("the model asked for a person")
+
+
+def test_a_handoff_through_the_turn_puts_the_session_in_the_waiting_queue(llm, make_agent):
+    llm.responder = lambda body: tool_call('{"reason": "angry customer"}')
+    replies = run_conversation(make_agent(handoff_tool=True), ["this is the third time I write!", "hello?"])
+    assert replies == ["A person will answer shortly.", None]  # told once; the second message waits for a person
+    assert len(llm.requests) == 1  # the model was not asked again

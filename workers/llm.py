@@ -17,6 +17,7 @@ other than 429, which is a configuration problem such as a bad key; warning othe
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -29,12 +30,22 @@ import requests
 import structlog
 from requests.adapters import HTTPAdapter
 
-from workers.agents import Conversation, Utterance
+from workers.agents import Conversation, Handoff, Utterance
 from shared.errors import ConfigError
 from shared.outbound import CONNECTIONS_PER_HOST, HttpSender, safe_url
 
 log = structlog.get_logger(__name__)
 
+# handoff_tool = true: the model may call this function to hand the conversation to a person (workers.agents.Handoff).
+HANDOFF_TOOL = {"type": "function", "function": {
+    "name": "hand_over_to_person",
+    "description": "Hand this conversation to a human support agent: when the user asks for a person, or asks for "
+                   "something you may not do or decide (a refund, an exception, a complaint). After this call the "
+                   "conversation is no longer yours.",
+    "parameters": {"type": "object", "properties": {
+        "reason": {"type": "string", "description": "Why, in one sentence, for the human agent."},
+        "message": {"type": "string", "description": "What to tell the user now (optional)."}},
+        "required": ["reason"]}}}
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
 DEFAULT_SYSTEM_PROMPT = (
@@ -149,6 +160,7 @@ class OpenAIChatAgent:
         max_tokens: int | None = None,
         fallback_text: str | None = None,
         extra_body: Mapping[str, Any] | None = None,
+        handoff_tool: bool = False,
         env: Mapping[str, str] | None = None,  # for tests; os.environ by default
         sleep: Callable[[float], None] = time.sleep,  # for tests: the back-off waits
     ):
@@ -166,6 +178,9 @@ class OpenAIChatAgent:
         if extra_body is not None and not isinstance(extra_body, Mapping):
             raise ConfigError(f"OpenAIChatAgent: extra_body must be a table, got {extra_body!r}")
         self.extra_body = dict(extra_body or {})
+        if not isinstance(handoff_tool, bool):
+            raise ConfigError(f"OpenAIChatAgent: handoff_tool must be true or false, got {handoff_tool!r}")
+        self.handoff_tool = handoff_tool
         base = _text("base_url", base_url if base_url is not None else env.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL)
         try:
             parts = urlsplit(base)
@@ -238,11 +253,13 @@ class OpenAIChatAgent:
                                 "temperature": self.temperature}
         if self.max_tokens is not None:
             body["max_tokens"] = self.max_tokens
+        if self.handoff_tool:
+            body["tools"] = [*body.get("tools", []), HANDOFF_TOOL]
         return body
 
     # -- the Agent -------------------------------------------------------------------------------------------
 
-    def reply(self, conversation: Conversation) -> str | None:
+    def reply(self, conversation: Conversation) -> str | Handoff | None:
         answer: dict[str, Any] = {}
 
         def keep_body(body: Any) -> None:
@@ -266,6 +283,9 @@ class OpenAIChatAgent:
             else:
                 reason = "http_4xx"
             return self._failed(conversation, reason, status, error, delivery.attempts)
+        if self.handoff_tool and (handoff := self._handoff(answer.get("body"))) is not None:
+            log.info("agent.handoff", model=self.model, reason=handoff.reason[:200])
+            return handoff
         text = self._completion_text(answer.get("body"))
         if text is None:
             # In HttpSender's form, so the log shows the status and not the answer (it may quote the conversation).
@@ -274,6 +294,29 @@ class OpenAIChatAgent:
         log.debug("agent.backend_replied", model=self.model, attempts=delivery.attempts,
                   duration_ms=round((time.monotonic() - started) * 1000))
         return text
+
+    @staticmethod
+    def _handoff(body: Any) -> Handoff | None:
+        """The model's call of hand_over_to_person (choices[0].message.tool_calls), as a Handoff; None if it made
+        none. Arguments it got wrong still hand over: asking for a person is what matters."""
+        try:
+            calls = body["choices"][0]["message"].get("tool_calls") or []
+        except (KeyError, IndexError, TypeError, AttributeError):
+            return None
+        for call in calls if isinstance(calls, list) else []:
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or function.get("name") != HANDOFF_TOOL["function"]["name"]:
+                continue
+            try:
+                arguments = json.loads(function.get("arguments") or "{}")
+            except ValueError:
+                arguments = {}
+            arguments = arguments if isinstance(arguments, dict) else {}
+            reason, message = arguments.get("reason"), arguments.get("message")
+            return Handoff(reason.strip()[:500] if isinstance(reason, str) and reason.strip() else
+                           "the model asked for a person",
+                           message.strip() if isinstance(message, str) and message.strip() else None)
+        return None
 
     @staticmethod
     def _completion_text(body: Any) -> str | None:

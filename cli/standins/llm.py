@@ -68,7 +68,7 @@ def default_responder(body: dict[str, Any]) -> str:
 
 
 class StandInLLM:
-    def __init__(self, responder: Callable[[dict[str, Any]], str] = default_responder,
+    def __init__(self, responder: Callable[[dict[str, Any]], str | dict[str, Any]] = default_responder,
                  host: str = "127.0.0.1", port: int = 0, prefix: str = "v1", latency_s: float = 0.0,
                  record: bool = True):
         if latency_s < 0:
@@ -179,7 +179,8 @@ class StandInLLM:
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return 400, json.dumps({"error": {"message": "body must be JSON with messages"}}).encode(), {}
         n = next(self._ids)
-        content = self.responder(body)
+        content = self.responder(body)  # the reply's text, or a whole message (a dict: tool calls)
+        message = content if isinstance(content, dict) else {"role": "assistant", "content": content}
         if self.latency_s:
             time.sleep(max(0.0, started + self.latency_s - time.monotonic()))
         answer = {
@@ -187,8 +188,8 @@ class StandInLLM:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body.get("model"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                         "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": message,
+                         "finish_reason": "tool_calls" if message.get("tool_calls") else "stop"}],
             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
         }
         return 200, json.dumps(answer).encode(), {}
