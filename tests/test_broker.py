@@ -82,5 +82,6 @@ def test_a_dead_consumers_message_comes_back_while_traffic_never_stops(private_r
             if "orphan" in received:
                 break
             time.sleep(0.05)
+    dead.close()
     assert "orphan" in received
     assert received.index("orphan") < 59  # not only once the traffic stopped

@@ -240,6 +240,8 @@ def test_many_concurrent_sends_to_one_host_keep_their_connections(caplog):
             for t in threads:
                 t.join(60)
     finally:
+        sender.session.close()
         server.shutdown()
+        server.server_close()
     assert len(results) == concurrent and all(r.ok and r.attempts == 1 for r in results)
     assert [r.getMessage() for r in caplog.records if "pool is full" in r.getMessage()] == []
