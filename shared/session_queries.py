@@ -112,23 +112,23 @@ def message_dict(m: Message) -> dict[str, Any]:
     }
 
 
-def dead_letter_dict(d: DeadLetter) -> dict[str, Any]:
+def _payload(raw: str) -> Any:
+    """A stored InboundMessage as JSON (None if a row holds something else)."""
     try:
-        message = json.loads(d.payload)
+        return json.loads(raw)
     except ValueError:
-        message = None
+        return None
+
+
+def dead_letter_dict(d: DeadLetter) -> dict[str, Any]:
     return {"id": d.id, "channel_id": d.channel_id, "session_key": d.session_key,
             "platform_message_id": d.platform_message_id, "error": d.error, "attempts": d.attempts,
-            "created_at": iso(d.created_at), "message": message}
+            "created_at": iso(d.created_at), "message": _payload(d.payload)}
 
 
 def inbox_dict(item: Any) -> dict[str, Any]:
-    try:
-        message = json.loads(item.payload)
-    except ValueError:
-        message = None
     return {"id": item.id, "seq": item.seq, "platform_message_id": item.platform_message_id,
-            "created_at": iso(item.created_at), "message": message}
+            "created_at": iso(item.created_at), "message": _payload(item.payload)}
 
 
 def event_dict(e: SessionEvent) -> dict[str, Any]:

@@ -20,10 +20,9 @@ import json
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable
 
-from cli.standins.server import StandInServer
+from cli.standins.server import StandInServer, json_handler
 
 
 @dataclass(frozen=True)
@@ -83,30 +82,9 @@ class StandInLLM:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._script: list[Scripted] = []
-        standin = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *_args):  # keep test and demo output clean
-                pass
-
-            def do_POST(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length)
-                status, data, headers = standin._handle(self.path, dict(self.headers), raw)
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    for k, v in headers.items():
-                        self.send_header(k, v)
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout test)
-                    pass
-
-        self.server = StandInServer((host, port), Handler)
+        self.server = StandInServer((host, port), json_handler(
+            lambda _method, path, headers, raw: self._handle(path, headers, raw)))
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="standin-llm", daemon=True)
 

@@ -23,11 +23,10 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from cli.standins.accounts import Accounts
-from cli.standins.server import StandInServer
+from cli.standins.server import StandInServer, json_handler
 
 NONCE_WINDOW_S = 120.0  # Discord: "checked for uniqueness in the past few minutes"; the low end of "a few"
 NONCE_CHARS = 25
@@ -76,34 +75,12 @@ class StandInPlatforms:
         self._nonces: dict[tuple[str, Any], tuple[float, dict[str, Any]]] = {}  # (author, nonce) -> (at, answer)
         self._delays: dict[str, float] = {}  # prefix -> seconds between creating a message and answering
         self.accounts = Accounts()  # the bots, numbers and applications the setup endpoints know
-        standin = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+        def answer(method: str, path: str, headers: dict[str, str], raw: bytes) -> tuple[int, bytes, dict[str, str]]:
+            status, body, extra = self._handle(path, headers, raw, method)
+            return status, json.dumps(body).encode(), extra
 
-            def log_message(self, *_args):  # keep test and demo output clean
-                pass
-
-            def do_GET(self):
-                self.do_POST("GET")
-
-            def do_PUT(self):
-                self.do_POST("PUT")
-
-            def do_POST(self, method: str = "POST"):
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length)
-                status, answer, headers = standin._handle(self.path, dict(self.headers), raw, method)
-                data = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = StandInServer((host, port), Handler)
+        self.server = StandInServer((host, port), json_handler(answer, ("GET", "PUT", "POST")))
         self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), name="standin-platforms",
                                         daemon=True)
 

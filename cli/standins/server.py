@@ -5,8 +5,39 @@ from __future__ import annotations
 
 import socket
 import threading
-from http.server import ThreadingHTTPServer
-from typing import Any
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+# A stand-in's answer to one request: (method, path, headers, body) -> (status, JSON bytes, extra headers)
+Answer = Callable[[str, str, dict[str, str], bytes], tuple[int, bytes, dict[str, str]]]
+
+
+def json_handler(answer: Answer, methods: tuple[str, ...] = ("POST",)) -> type[BaseHTTPRequestHandler]:
+    """A keep-alive request handler that answers `methods` with `answer`'s JSON (others: 501, http.server's)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *_args: Any) -> None:  # keep test and demo output clean
+            pass
+
+        def _serve(self) -> None:
+            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            status, data, headers = answer(self.command, self.path, dict(self.headers), raw)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout test)
+                pass
+
+    for method in methods:
+        setattr(Handler, f"do_{method}", Handler._serve)
+    return Handler
 
 
 class StandInServer(ThreadingHTTPServer):
