@@ -20,7 +20,8 @@ from shared.channels.base import TEMPLATES, Outbound
 from shared.db import DB_UNAVAILABLE
 from workers.deliveries import DeliveryJournal
 from shared.messages import Delivery
-from workers.store import Claim, LeaseLost, PendingReply, Store
+from workers.store import LeaseLost, Store
+from workers.work import Claim, PendingReply
 
 log = structlog.get_logger(__name__)
 

@@ -23,7 +23,8 @@ from shared.config import Settings
 from shared.db import DB_UNAVAILABLE
 from workers.deliveries import DeliveryJournal, MemoryJournal
 from shared.messages import InboundMessage
-from workers.store import Claim, Lease, LeaseBusy, LeaseLost, PendingReply, Store, Turn
+from workers.store import LeaseBusy, LeaseLost, Store
+from workers.work import Claim, Lease, PendingReply, Turn
 from workers.dispatch import Dispatcher, LeaseFence, Sent
 from workers.turn import TurnTaker
 

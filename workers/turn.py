@@ -18,7 +18,8 @@ from shared.config import SessionOptions
 from shared.db import DB_UNAVAILABLE
 from shared.messages import NEW_SESSION, OPERATOR_REPLY
 from shared.models import AGENT
-from workers.store import AlreadyStored, HandoffRequest, LeaseLost, Settled, Store, Turn
+from workers.store import AlreadyStored, LeaseLost, Store
+from workers.work import HandoffRequest, Settled, Turn
 
 log = structlog.get_logger(__name__)
 
