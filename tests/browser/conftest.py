@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.selenium_manager import SeleniumManager
@@ -54,28 +53,11 @@ def webchat_toml() -> str:
 
 
 @pytest.fixture(scope="module")
-def browser_redis() -> Iterator[redis.Redis]:
-    """This stack's Redis database (broker, ledger, reply boxes), flushed; FAILS when Redis is unreachable."""
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5, socket_timeout=10)
-    try:
-        client.ping()
-        client.flushdb()
-    except redis.RedisError as exc:
-        client.close()
-        pytest.fail(f"browser tests need Redis at {REDIS_URL}; it is not reachable: {exc}", pytrace=False)
-    yield client
-    try:
-        client.flushdb()
-    finally:
-        client.close()
-
-
-@pytest.fixture(scope="module")
-def stack(pg_database, browser_redis, standin, tmp_path_factory) -> Iterator[Stack]:
+def stack(pg_database, standin, tmp_path_factory) -> Iterator[Stack]:
     """The integration stack's processes (same commands, same readiness checks) with the web chat channel and the
     session browser turned on."""
     work = tmp_path_factory.mktemp("browser-stack")
-    with running_stack(work, pg_database, browser_redis, standin, extra_config=webchat_toml(),
+    with running_stack(work, pg_database, standin, extra_config=webchat_toml(),
                        redis_url=REDIS_URL, extra_env={"ADMIN_TOKEN": ADMIN_TOKEN}, name="browser") as running:
         yield running
 

@@ -1,6 +1,7 @@
 """A restartable stack for ONE fault at a time: real processes, private Redis, fresh PostgreSQL database.
 
-`FaultStack` starts, from scratch for each fault:
+`FaultStack` starts, from scratch for each fault, with cli/stack.py (the helper the bench and the integration tests
+start theirs with):
   * a private `redis-server` on a free port in the fault's tmp dir, with persistence (AOF, appendfsync always)
     or without (no RDB, no AOF); it is the broker (unless RabbitMQ is chosen) and always the ingress ledger;
   * optionally a dedicated RabbitMQ vhost (`rabbitmqctl add_vhost`), deleted afterwards, as the broker;
@@ -10,7 +11,7 @@
   * a TOML config with echo channels on WhatsApp, Telegram and Discord (interactions, Ed25519 key generated per
     run) plus a WhatsApp channel bound to tests.faults.agents:PoisonEcho, outbound rate limits raised;
   * `chatsessions ingress` (gunicorn; one or more, each on its own port), `chatsessions worker` pools and
-    `chatsessions beat`, each logging to <tmp>/<name>.log.
+    `chatsessions beat`, each logging to <tmp>/<name>.log (<name>.<n>.log for its n-th start).
 
 Fault injection: signal/stop/kill/pause/resume any process, add or remove pools, restart Redis on the same port
 (SHUTDOWN, then start again with the same files), and take the database away.
@@ -27,28 +28,23 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
-import socket
 import subprocess
-import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import psycopg
 import redis
-import requests
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from psycopg.rows import dict_row
 
+from cli.stack import Proc, Stack, StackError, free_port
 from cli.standins.platforms import StandInPlatforms
 from shared.partitioning import partition_of
 
 REPO = Path(__file__).resolve().parents[2]
-VENV_BIN = REPO / ".venv" / "bin"
 PG_ADMIN = os.environ.get("FAULT_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 AMQP_BASE = os.environ.get("FAULT_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672")
 PARTITIONS = 16
@@ -75,110 +71,11 @@ SECRETS = {
     "FAULT_TG_BOT_TOKEN": "333333:fault-tg-bot-token", "FAULT_TG_SECRET": "fault-tg-secret-token",
     "FAULT_DC_BOT_TOKEN": "fault-dc-bot-token",
 }
-# Environment variables of the caller that would change the stack's behaviour.
-SCRUBBED = ("LEASE_SECONDS", "VISIBILITY_TIMEOUT", "WORKER_CONCURRENCY", "LOG_LEVEL", "BIND", "BROKER_URL",
-            "REDIS_URL", "DATABASE_URL", "CHATSESSIONS_CONFIG", "PARTITIONS", "SWEEP_SECONDS")
-
-_ports_lock = threading.Lock()
-_ports_given: set[int] = set()
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now (and that this process did not hand out before)."""
-    with _ports_lock:
-        while True:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            if port not in _ports_given:
-                _ports_given.add(port)
-                return port
 
 
 def session_key(channel_id: str, kind: str, chat_id: str) -> str:
     """Mirror of shared.channels.base.session_key."""
     return f"{channel_id}:{kind}:{chat_id}"
-
-
-class StackError(AssertionError):
-    """The stack could not do what a fault needed (a process did not start, a wait timed out)."""
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise StackError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Processes
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen
-    log_path: Path
-    log_file: IO[bytes]
-    started_at: float = field(default_factory=time.time)
-    stopped: bool = False  # ended on purpose (by the harness), so not "exited unexpectedly"
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def tail(self, lines: int = 40) -> str:
-        noise = ("Sending due task", "chat.mark_dormant", "chat.sweep", "chat.purge_expired")
-        text = [line for line in self.log().splitlines() if not any(n in line for n in noise)]
-        return "\n".join(text[-lines:])
-
-    def signal(self, sig: int) -> None:
-        if self.alive():
-            os.kill(self.pid, sig)
-
-    def wait(self, timeout: float) -> bool:
-        try:
-            self.popen.wait(timeout=timeout)
-            return True
-        except subprocess.TimeoutExpired:
-            return False
-
-    def end(self, timeout: float = 25.0) -> float | None:
-        """SIGTERM, wait up to `timeout`, then SIGKILL its process group; returns seconds to exit (None if killed)."""
-        self.stopped = True
-        started = time.monotonic()
-        if self.alive():
-            try:
-                os.kill(self.pid, signal.SIGCONT)  # a paused process cannot handle SIGTERM
-            except ProcessLookupError:
-                pass
-            self.signal(signal.SIGTERM)
-        took: float | None = None
-        if self.wait(timeout):
-            took = time.monotonic() - started
-        self._kill_group()
-        self.popen.wait(timeout=10)
-        if not self.log_file.closed:
-            self.log_file.close()
-        return took
-
-    def _kill_group(self) -> None:
-        """Whatever is left of the process group we created for it (e.g. gunicorn's workers)."""
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -202,69 +99,52 @@ class FaultStack:
         self.work = work
         self.name = name
         self.options = options or StackOptions()
-        self.procs: dict[str, Proc] = {}
-        self.retired: list[Proc] = []  # processes replaced by a restart, kept for their logs
-        self.ingress_urls: list[str] = []
         self.standin: StandInPlatforms | None = None
         self.discord_key = Ed25519PrivateKey.generate()
-        self.db_name = f"chatsessions_fault_{uuid.uuid4().hex[:10]}"
-        self.pg_url = f"{PG_ADMIN.rsplit('/', 1)[0]}/{self.db_name}"
-        self.database_url = self.pg_url.replace("postgresql://", "postgresql+psycopg://", 1)
-        self.redis_port = free_port()
-        self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
-        self.redis_proc: Proc | None = None
         self.vhost: str | None = None
-        self.broker_url = self.redis_url
-        self.env: dict[str, str] = {}
-        self.events: list[tuple[float, str]] = []  # (time, what the harness did), for reports
-        self._db_created = False
-        self._redis_client: redis.Redis | None = None
-        self._gen = itertools.count(1)
-
-    # -- lifecycle ---------------------------------------------------------------------------------------------------
-
-    def start(self) -> FaultStack:
-        self.work.mkdir(parents=True, exist_ok=True)
-        self.start_redis()
-        if self.options.broker == "amqp":
-            self._add_vhost()
-        self._create_database()
-        self.standin = StandInPlatforms().start()
-        public_key = self.discord_key.public_key().public_bytes_raw().hex()
-        config = self.work / "channels.toml"
-        config.write_text(config_toml(self.standin))
-        env = {k: v for k, v in os.environ.items() if k not in SCRUBBED}
-        env.update(SECRETS)
-        env.update(
-            FAULT_DC_PUBLIC_KEY=public_key,
-            CHATSESSIONS_CONFIG=str(config),
-            DATABASE_URL=self.database_url,
-            BROKER_URL=self.broker_url,
-            REDIS_URL=self.redis_url,
-            PARTITIONS=str(PARTITIONS),
+        python_path = os.environ.get("PYTHONPATH")
+        env = dict(
+            SECRETS,
+            FAULT_DC_PUBLIC_KEY=self.discord_key.public_key().public_bytes_raw().hex(),
             LEASE_SECONDS=str(LEASE_SECONDS),
             VISIBILITY_TIMEOUT=str(VISIBILITY_TIMEOUT),
             SWEEP_SECONDS="1",
             LOG_FORMAT="json",
             LOG_TASK_LINES="true",  # (b) counts the turns in flight at the pause from Celery's task lines
-            PYTHONUNBUFFERED="1",
-            PYTHONPATH=str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""),
-            PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            PYTHONPATH=str(REPO) + (os.pathsep + python_path if python_path else ""),  # tests.faults.agents
         )
         env.update(self.options.extra_env)
-        self.env = env
-        from shared.migrate import upgrade  # what `chatsessions db upgrade` runs, without another interpreter
+        # The processes: the URLs, PARTITIONS and the config join the environment at start.
+        self.processes = Stack(work, env=env, pg_admin=PG_ADMIN, db_name=f"chatsessions_fault_{uuid.uuid4().hex[:10]}",
+                               redis_port=free_port(), redis_persistence=self.options.persistence,
+                               partitions=PARTITIONS, migrate_in_process=True, worker_cli=True)
+        self.redis_port = self.processes.redis_port
+        self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        self._redis_client: redis.Redis | None = None
+        self._gen = itertools.count(1)
 
-        upgrade(self.database_url)
+    @property
+    def ingress_urls(self) -> list[str]:
+        return self.processes.ingress_urls
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------------
+
+    def start(self) -> FaultStack:
+        self.work.mkdir(parents=True, exist_ok=True)
+        if self.options.broker == "amqp":
+            self._add_vhost()
+        self.standin = StandInPlatforms().start()
+        self.processes.config_text = config_toml(self.standin)
+        self.processes.setup()  # the database, the private Redis, the config, the environment, the migration
         for i in range(self.options.ingresses):
             self.start_ingress(f"ingress-{i + 1}" if self.options.ingresses > 1 else "ingress")
         for pool, partitions in self.options.pools.items():
             self.start_worker(pool, partitions, wait=False)
         if self.options.beat:
-            self.start_beat()
-        for name in list(self.procs):
-            if name.startswith("ingress"):
-                self.wait_ingress_ready(name)
+            self.processes.start_beat()
+        for proc in list(self.processes.procs):
+            if proc.name.startswith("ingress"):
+                self.wait_ingress_ready(proc.name)
         for pool in self.options.pools:
             self.wait_worker_ready(pool)
         self.warm_up()
@@ -272,23 +152,10 @@ class FaultStack:
 
     def close(self) -> dict[str, float | None]:
         """End everything this stack started; returns how long each process took to exit on SIGTERM."""
-        started = time.monotonic()
-        for proc in self.procs.values():  # all at once: they drain in parallel
-            proc.stopped = True
-            if proc.alive():
-                proc.signal(signal.SIGCONT)
-                proc.signal(signal.SIGTERM)
-        took = {}
-        for name, proc in list(self.procs.items()):
-            exited = proc.wait(max(0.1, 20 - (time.monotonic() - started)))
-            took[name] = (time.monotonic() - started) if exited else None
-            proc.end(timeout=0.1)
-        for proc in self.retired:
-            if proc.alive():
-                proc.end(timeout=5)
+        took = self.processes.end(timeout=20)  # all at once: they drain in parallel
         errors = []
-        for step in (self._stop_standin, self._drop_database, self._delete_vhost,
-                     lambda: self.stop_redis(shutdown=False)):
+        for step in (self._stop_standin, self.db_allow, self.processes.teardown, self._delete_vhost,
+                     self._close_redis_client):
             try:  # every step runs, whatever failed before it
                 step()
             except Exception as exc:
@@ -302,88 +169,32 @@ class FaultStack:
             self.standin.stop()
             self.standin = None
 
-    def _drop_database(self) -> None:
-        if not self._db_created:
-            return
-        self.db_allow()  # in case a test failed during an outage
-        from shared.db import engine_for
-
-        engine_for(self.database_url).dispose()  # if this process used the store
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
-        self._db_created = False
-
     def _delete_vhost(self) -> None:
         if self.vhost:
             subprocess.run(["rabbitmqctl", "delete_vhost", self.vhost], capture_output=True, timeout=60, check=False)
             self.vhost = None
 
     def note(self, what: str) -> None:
-        self.events.append((time.time(), what))
+        self.processes.note(what)
 
     # -- processes ---------------------------------------------------------------------------------------------------
 
-    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
-        if name in self.procs:
-            old = self.procs.pop(name)
-            if old.alive():
-                raise StackError(f"{name} is still running (pid {old.pid})")
-            self.retired.append(old)
-        n = next(self._gen)
-        log_path = self.work / f"{name}.{n}.log"
-        log_file = open(log_path, "wb")  # noqa: SIM115 - closed when the process is ended
-        popen = subprocess.Popen(argv, env=env or self.env, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True)
-        proc = Proc(name, popen, log_path, log_file)
-        self.procs[name] = proc
-        self.note(f"start {name} pid {popen.pid}")
-        return proc
-
     def start_ingress(self, name: str = "ingress", port: int | None = None) -> Proc:
-        port = port or free_port()
-        proc = self.spawn(name, [str(VENV_BIN / "chatsessions"), "ingress", "--bind", f"127.0.0.1:{port}",
-                                 "--workers", "2", "--threads", "8"])
-        url = f"http://127.0.0.1:{port}"
-        proc.url = url  # type: ignore[attr-defined]
-        self.ingress_urls = [p.url for n, p in self.procs.items() if n.startswith("ingress")]  # type: ignore
-        return proc
+        return self.processes.start_ingress(workers=2, threads=8, port=port, name=name)
 
     def start_worker(self, name: str, partitions: str, concurrency: int | None = None, wait: bool = True) -> Proc:
-        proc = self.spawn(name, [str(VENV_BIN / "chatsessions"), "worker", "--partitions", partitions,
-                                 "--pool", self.options.pool, "--concurrency", str(concurrency or self.options.concurrency),
-                                 "--name", f"{name}-{RUN}@%h"])
-        proc.partitions = partitions  # type: ignore[attr-defined]
+        proc = self.processes.start_pool(name, partitions, concurrency or self.options.concurrency,
+                                         pool=self.options.pool, node=f"{name}-{RUN}@%h")
         if wait:
             self.wait_worker_ready(name)
         return proc
 
-    def start_beat(self) -> Proc:
-        return self.spawn("beat", [str(VENV_BIN / "chatsessions"), "beat", "--schedule",
-                                   str(self.work / f"beat-schedule-{next(self._gen)}")])
-
     def wait_ingress_ready(self, name: str = "ingress", timeout: float = START_TIMEOUT) -> None:
-        proc = self.procs[name]
-
-        def ready():
-            self._assert_running(proc)
-            try:
-                return requests.get(proc.url + "/readyz", timeout=2).status_code == 200  # type: ignore[attr-defined]
-            except requests.RequestException:
-                return False
-        wait_until(ready, timeout, f"{name} /readyz", interval=0.2)
+        self.processes.wait_ingress_ready(name, timeout)
 
     def wait_worker_ready(self, name: str, timeout: float = START_TIMEOUT) -> None:
         """Until celery logs that the worker is ready (consuming its queues)."""
-        proc = self.procs[name]
-
-        def ready():
-            self._assert_running(proc)
-            return " ready." in proc.log()
-        wait_until(ready, timeout, f"worker {name} to be ready", interval=0.2)
-
-    def _assert_running(self, proc: Proc) -> None:
-        if not proc.alive():
-            raise StackError(f"{proc.name} exited (rc={proc.popen.returncode}) while starting:\n{proc.tail(30)}")
+        self.processes.wait_pool_ready(name, timeout)
 
     def warm_up(self, timeout: float = START_TIMEOUT) -> None:
         """A real round trip into the partitions of every pool (a WhatsApp echo DM landing in one of them; where
@@ -391,10 +202,8 @@ class FaultStack:
         from .traffic import post_until_accepted, whatsapp_request
 
         chats: list[tuple[str, str]] = []
-        for pool, proc in self.procs.items():
-            if not pool.startswith("pool"):
-                continue
-            wanted = parse_partitions(proc.partitions)  # type: ignore[attr-defined]
+        for proc in self.processes.pools():
+            wanted = parse_partitions(proc.partitions)
             used = {phone for phone, _ in chats}
             phone = next(p for p in (f"5500{n:08d}" for n in itertools.count())
                          if partition_of(session_key(WA, "dm", p), PARTITIONS) in wanted and p not in used)
@@ -402,47 +211,35 @@ class FaultStack:
                                              f"wamid.warmup{RUN}{next(self._gen)}")
             status = post_until_accepted(f"{self.ingress_urls[0]}/webhooks/{WA}", body, headers, give_up_s=30)
             if status != "200":
-                raise StackError(f"warm-up message for {pool} answered {status}")
-            chats.append((phone, pool))
+                raise StackError(f"warm-up message for {proc.name} answered {status}")
+            chats.append((phone, proc.name))
         for phone, pool in chats:
-            wait_until(lambda phone=phone: self.standin.replies_to(WA, phone), timeout,
-                       f"the warm-up reply through {pool}", interval=0.1)
+            self.processes.wait_until(lambda phone=phone: self.standin.replies_to(WA, phone), timeout,
+                                      f"the warm-up reply through {pool}", interval=0.1)
 
     def proc(self, name: str) -> Proc:
-        return self.procs[name]
+        return self.processes.proc(name)
 
     def kill(self, name: str) -> None:
         """SIGKILL (no chance to clean up), and wait until it is gone."""
-        proc = self.procs[name]
-        proc.stopped = True
-        proc.signal(signal.SIGKILL)
-        proc.wait(10)
-        proc._kill_group()
-        self.note(f"SIGKILL {name}")
+        self.processes.kill(name)
 
     def pause(self, name: str) -> None:
-        self.procs[name].signal(signal.SIGSTOP)
-        self.note(f"SIGSTOP {name}")
+        self.processes.pause(name)
 
     def resume(self, name: str) -> None:
-        self.procs[name].signal(signal.SIGCONT)
-        self.note(f"SIGCONT {name}")
+        self.processes.resume(name)
 
     def terminate(self, name: str, timeout: float = 60.0) -> float | None:
         """SIGTERM and wait for the exit; returns the seconds it took (None: had to be killed after `timeout`)."""
-        self.note(f"SIGTERM {name}")
-        took = self.procs[name].end(timeout=timeout)
-        self.note(f"{name} exited after {took}")
-        return took
+        return self.processes.terminate(name, timeout)
 
     def restart_worker(self, name: str, partitions: str | None = None) -> Proc:
-        old = self.procs[name]
-        return self.start_worker(name, partitions or old.partitions)  # type: ignore[attr-defined]
+        return self.start_worker(name, partitions or self.proc(name).partitions)
 
     def swap_pools(self, old: str, new: dict[str, str], timeout: float = 60.0) -> float | None:
         """The documented rebalance: stop a pool (SIGTERM, it drains), then start the pools of the new split."""
-        took = self.terminate(old, timeout)
-        self.retired.append(self.procs.pop(old))
+        took = self.processes.terminate(old, timeout, retire=True)
         for name, partitions in new.items():
             self.start_worker(name, partitions, wait=False)
         for name in new:
@@ -450,52 +247,22 @@ class FaultStack:
         return took
 
     def unexpected_exits(self) -> list[str]:
-        return [f"{p.name} (rc={p.popen.returncode})" for p in self.procs.values() if not p.alive() and not p.stopped]
+        return self.processes.unexpected_exits()
 
     # -- Redis ---------------------------------------------------------------------------------------------------------
 
     def start_redis(self) -> None:
-        persistence = (["--appendonly", "yes", "--appendfsync", "always", "--save", ""] if self.options.persistence
-                       else ["--appendonly", "no", "--save", ""])
-        name = "redis"
-        argv = ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir", str(self.work),
-                "--daemonize", "no", "--protected-mode", "no", *persistence]
-        if name in self.procs:
-            self.retired.append(self.procs.pop(name))
-        n = next(self._gen)
-        log_path = self.work / f"redis.{n}.log"
-        log_file = open(log_path, "wb")  # noqa: SIM115
-        popen = subprocess.Popen(argv, cwd=self.work, stdout=log_file, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True)
-        self.redis_proc = Proc("redis", popen, log_path, log_file)
-        self.note(f"start redis pid {popen.pid} persistence={self.options.persistence}")
-
-        def up():
-            if not self.redis_proc.alive():
-                raise StackError(f"redis-server exited: {self.redis_proc.tail(20)}")
-            try:
-                return self.redis().ping()
-            except redis.RedisError:
-                return False
-        wait_until(up, 30, f"redis-server on port {self.redis_port}")
+        self.processes.start_redis()
 
     def stop_redis(self, shutdown: bool = True) -> None:
         """SHUTDOWN (what a service manager's stop does; AOF is fsynced) or, if that fails, SIGTERM."""
-        proc = self.redis_proc
-        if proc is None:
-            return
-        if shutdown and proc.alive():
-            try:
-                self.redis().shutdown(nosave=not self.options.persistence)
-            except redis.ConnectionError:
-                pass  # the connection closes as the server goes away
-            except redis.RedisError:
-                pass
-        proc.end(timeout=15)
+        self.processes.stop_redis(shutdown)
+        self._close_redis_client()
+
+    def _close_redis_client(self) -> None:
         if self._redis_client is not None:
             self._redis_client.close()
             self._redis_client = None
-        self.note("redis stopped")
 
     def restart_redis(self, down_s: float) -> tuple[float, float]:
         """Stop Redis, keep it down `down_s` seconds, start it on the same port; returns (down at, up at)."""
@@ -520,32 +287,24 @@ class FaultStack:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
             if done.returncode != 0:
                 raise StackError(f"{' '.join(argv)} failed: {done.stdout}{done.stderr}")
-        self.broker_url = f"{AMQP_BASE}/{self.vhost}"
+        self.processes.broker_url = f"{AMQP_BASE}/{self.vhost}"
         self.note(f"RabbitMQ vhost {self.vhost}")
 
     # -- PostgreSQL ----------------------------------------------------------------------------------------------------
 
-    def _create_database(self) -> None:
-        try:
-            with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
-                conn.execute(f'CREATE DATABASE "{self.db_name}"')
-        except psycopg.OperationalError as exc:
-            raise StackError(f"the fault suite needs PostgreSQL at {PG_ADMIN}: {exc}") from None
-        self._db_created = True
-
     def db_block(self) -> None:
         """The database 'goes down': no new connections, every open one is terminated."""
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'ALTER DATABASE "{self.db_name}" WITH ALLOW_CONNECTIONS false')
+            conn.execute(f'ALTER DATABASE "{self.processes.db_name}" WITH ALLOW_CONNECTIONS false')
             conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                         "WHERE datname = %s AND pid <> pg_backend_pid()", (self.db_name,))
+                         "WHERE datname = %s AND pid <> pg_backend_pid()", (self.processes.db_name,))
         self.note("database down")
 
     def db_allow(self) -> None:
-        if not self._db_created:
+        if not self.processes.db_created:
             return
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'ALTER DATABASE "{self.db_name}" WITH ALLOW_CONNECTIONS true')
+            conn.execute(f'ALTER DATABASE "{self.processes.db_name}" WITH ALLOW_CONNECTIONS true')
         self.note("database up")
 
     def db_outage(self, seconds: float) -> tuple[float, float]:
@@ -557,42 +316,40 @@ class FaultStack:
             time.sleep(0.2)
             with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
                 conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                             "WHERE datname = %s AND pid <> pg_backend_pid()", (self.db_name,))
+                             "WHERE datname = %s AND pid <> pg_backend_pid()", (self.processes.db_name,))
         self.db_allow()
         return down_at, time.time()
 
     def query(self, sql: str, *params: Any) -> list[dict[str, Any]]:
-        with psycopg.connect(self.pg_url, row_factory=dict_row) as conn:
+        with psycopg.connect(self.processes.pg_url, row_factory=dict_row) as conn:
             return conn.execute(sql, params).fetchall()
 
     # -- CLI and diagnostics -----------------------------------------------------------------------------------------
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([str(VENV_BIN / "chatsessions"), *args], env=self.env, cwd=REPO, check=False,
-                              capture_output=True, text=True, timeout=timeout)
+        return self.processes.cli(*args, timeout=timeout)
+
+    def _all_procs(self) -> list[Proc]:
+        """Every generation of every process but Redis."""
+        return [p for p in [*self.processes.retired, *self.processes.procs] if p.name != "redis"]
 
     def logs(self, name: str) -> str:
         """Everything a process of this name logged, across restarts."""
-        return "\n".join(p.log() for p in [*self.retired, *self.procs.values()] if p.name == name)
+        return "\n".join(p.log() for p in self._all_procs() if p.name == name)
 
     def grep(self, needle: str, workers_only: bool = True) -> list[str]:
         """Lines containing `needle` in any worker's log (all generations), or in every process's log."""
         out = []
-        for p in [*self.retired, *self.procs.values()]:
+        for p in self._all_procs():
             if p.name.startswith("pool") or not workers_only:
                 out += [f"{p.name}: {line}" for line in p.log().splitlines() if needle in line]
         return out
 
     def tails(self, lines: int = 40) -> str:
-        parts = []
-        procs = [*self.retired, *self.procs.values()] + ([self.redis_proc] if self.redis_proc else [])
-        for p in procs:
-            state = "running" if p.alive() else f"exited rc={p.popen.returncode}"
-            parts.append(f"===== {p.name} pid {p.pid} ({state}) {p.log_path} — last {lines} lines =====\n"
-                         f"{p.tail(lines)}")
-        t0 = self.events[0][0] if self.events else 0
-        parts.append("===== harness events =====\n" + "\n".join(f"+{t - t0:7.2f}s {w}" for t, w in self.events))
-        return "\n".join(parts)
+        events = self.processes.events  # (time, what the harness did)
+        t0 = events[0][0] if events else 0
+        return (self.processes.tails(lines) + "\n===== harness events =====\n"
+                + "\n".join(f"+{t - t0:7.2f}s {w}" for t, w in events))
 
 
 def parse_partitions(spec: str) -> set[int]:

@@ -1,6 +1,6 @@
 """The integration stack: REAL PostgreSQL, Redis, gunicorn ingress and celery worker processes.
 
-One stack per test session:
+One stack per test session, started by cli/stack.py (the helper the bench and the fault suite start theirs with):
   * a fresh PostgreSQL database (chatsessions_it_<random>), migrated with `chatsessions db upgrade`, dropped at the end;
   * a Redis database (IT_REDIS_URL, default redis://127.0.0.1:6379/11), FLUSHDB at the start and at the end;
   * a StandInPlatforms in this process: every channel's api_base points at it, it records every reply;
@@ -16,9 +16,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +23,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, NoReturn
 
 import psycopg
 import pytest
@@ -44,12 +41,12 @@ from cli.standins.payloads import (
     telegram_text,
     whatsapp_text,
 )
+from cli.stack import Proc, StackError, create_database, drop_database
+from cli.stack import Stack as Processes
 from cli.standins.platforms import StandInPlatforms
 from shared.logs import pseudonym
 from shared.partitioning import partition_of
 
-REPO = Path(__file__).resolve().parents[2]
-VENV_BIN = REPO / ".venv" / "bin"
 PG_ADMIN = os.environ.get("IT_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("IT_REDIS_URL", "redis://127.0.0.1:6379/11")
 PARTITIONS = 16
@@ -113,7 +110,6 @@ for _cid, (_phone, _agent, _) in POLICY_WHATSAPP.items():
 for _cid, (_bot, _agent, _) in POLICY_TELEGRAM.items():
     TELEGRAM[_cid] = (_bot, _agent, "IT_TG")
 
-NOISE = re.compile(r"Sending due task|chat\.(mark_dormant|purge_expired|sweep_\w+)\[")
 _ids = itertools.count(1)
 _RUN = uuid.uuid4().hex[:6]
 
@@ -128,70 +124,48 @@ def session_key(channel_id: str, kind: str, chat_id: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Processes
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen
-    log_path: Path
-    log_file: IO[bytes]
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def tail(self, lines: int = 40) -> str:
-        """The last lines of the log, without the once-a-second dormant sweep chatter."""
-        text = [line for line in self.log().splitlines() if not NOISE.search(line)]
-        return "\n".join(text[-lines:])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(procs: list[Proc], timeout: float = 25.0) -> list[str]:
-    """SIGTERM every process we started (by pid), wait, SIGKILL the ones that do not exit; returns those."""
-    for p in procs:
-        if p.alive():
-            p.popen.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    killed = []
-    for p in procs:
-        try:
-            p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            killed.append(p.name)
-            p.popen.kill()
-            p.popen.wait(timeout=10)
-        p.log_file.close()
-    return killed
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # The stack and its helpers
 
 
 @dataclass(repr=False)
 class Stack:
-    url: str  # the ingress, http://127.0.0.1:<port>
-    env: dict[str, str]
-    database_url: str  # SQLAlchemy URL (postgresql+psycopg://...)
-    pg_url: str  # the same database for psycopg
+    """The running processes (cli.stack.Stack) and what the tests drive them with."""
+
+    processes: Processes
     redis: redis.Redis
     standin: StandInPlatforms
     discord_key: Ed25519PrivateKey
-    procs: list[Proc] = field(default_factory=list)
-    log_dir: Path | None = None
     secrets: dict[str, str] = field(default_factory=lambda: dict(SECRETS))  # env var -> value, as configured
     whatsapp_channels: dict[str, tuple[str, str, str]] = field(default_factory=lambda: dict(WHATSAPP))
     telegram_bot: str = TG_BOT
+
+    @property
+    def url(self) -> str:
+        """The ingress, http://127.0.0.1:<port>."""
+        return self.processes.url
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The processes' environment."""
+        return self.processes.full_env()
+
+    @property
+    def database_url(self) -> str:
+        """SQLAlchemy URL (postgresql+psycopg://...)."""
+        return self.processes.database_url
+
+    @property
+    def pg_url(self) -> str:
+        """The same database for psycopg."""
+        return self.processes.pg_url
+
+    @property
+    def procs(self) -> list[Proc]:
+        return self.processes.procs
+
+    @property
+    def log_dir(self) -> Path:
+        return self.processes.workdir
 
     @staticmethod
     def next_id() -> int:
@@ -204,30 +178,17 @@ class Stack:
     # -- diagnostics ------------------------------------------------------------------------------------------------
 
     def tails(self, lines: int = 40) -> str:
-        parts = []
-        for p in self.procs:
-            state = "running" if p.alive() else f"EXITED rc={p.popen.returncode}"
-            parts.append(f"===== {p.name} ({state}) {p.log_path} — last {lines} lines =====\n{p.tail(lines)}")
-        return "\n".join(parts)
+        return self.processes.tails(lines)
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str) -> NoReturn:
         """Fail the test; the report hook below appends every process's log tail."""
-        pytest.fail(message, pytrace=False)
+        self.processes.fail(message)
 
     def assert_alive(self) -> None:
-        dead = [p.name for p in self.procs if not p.alive()]
-        if dead:
-            self.fail(f"processes exited unexpectedly: {dead}")
+        self.processes.assert_alive()
 
     def wait_until(self, predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                self.fail(f"timed out after {timeout}s waiting for {what}")
-            time.sleep(interval)
+        return self.processes.wait_until(predicate, timeout, what, interval)
 
     # -- HTTP into the ingress --------------------------------------------------------------------------------------
 
@@ -327,8 +288,7 @@ class Stack:
     # -- the CLI ----------------------------------------------------------------------------------------------------
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([str(VENV_BIN / "chatsessions"), *args], env=self.env, cwd=REPO, check=False,
-                              capture_output=True, text=True, timeout=timeout)
+        return self.processes.cli(*args, timeout=timeout)
 
 
 def discord_interaction(channel: str, user_id: str, name: str, question: str, *, guild_id: str | None = None,
@@ -389,40 +349,14 @@ def pg_database():
     name = f"chatsessions_it_{uuid.uuid4().hex[:10]}"
     problem = None
     try:
-        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.OperationalError as exc:
+        url = create_database(PG_ADMIN, name)
+    except StackError as exc:
         problem = str(exc)
     if problem:
-        pytest.fail(f"integration tests need PostgreSQL at {PG_ADMIN} (trust auth, user postgres); "
-                    f"it is not reachable: {problem}", pytrace=False)
-    url = f"{PG_ADMIN.rsplit('/', 1)[0]}/{name}"
+        pytest.fail(f"integration tests need PostgreSQL at {PG_ADMIN} (trust auth, user postgres); {problem}",
+                    pytrace=False)
     yield url
-    from shared.db import engine_for
-
-    engine_for(url.replace("postgresql://", "postgresql+psycopg://", 1)).dispose()  # if a test used the store
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture(scope="session")
-def redis_db():
-    """The Redis database the run uses (broker + ingress ledger), flushed; FAILS when Redis is unreachable."""
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5, socket_timeout=10)
-    problem = None
-    try:
-        client.ping()
-        client.flushdb()
-    except redis.RedisError as exc:
-        problem = str(exc)
-    if problem:
-        client.close()
-        pytest.fail(f"integration tests need Redis at {REDIS_URL}; it is not reachable: {problem}", pytrace=False)
-    yield client
-    try:
-        client.flushdb()
-    finally:
-        client.close()
+    drop_database(PG_ADMIN, name)
 
 
 @pytest.fixture(scope="session")
@@ -433,89 +367,52 @@ def standin():
 
 
 @contextlib.contextmanager
-def running_stack(work: Path, pg_database: str, redis_client: redis.Redis, standin: StandInPlatforms, *,
-                  redis_url: str = REDIS_URL, extra_config: str = "", extra_env: dict[str, str] | None = None,
+def running_stack(work: Path, pg_database: str, standin: StandInPlatforms, *, redis_url: str = REDIS_URL,
+                  extra_config: str = "", extra_env: dict[str, str] | None = None,
                   name: str = "integration") -> Iterator[Stack]:
     """The real processes — gunicorn ingress, two worker pools splitting the partitions, beat — on a fresh
     config with the stand-in platforms, migrated, ready and consuming; stopped (SIGTERM, then SIGKILL) at exit.
+    The Redis database at `redis_url` is flushed before and after; FAILS (never skips) when it is unreachable.
     The browser tests run the same stack with the web chat channel added (`extra_config`)."""
     global _STACK
     discord_key = Ed25519PrivateKey.generate()
     public_key = discord_key.public_key().public_bytes_raw().hex()
-    config = work / "channels.toml"
-    config.write_text(config_toml(standin, public_key) + ("\n" + extra_config if extra_config else ""))
-    database_url = pg_database.replace("postgresql://", "postgresql+psycopg://", 1)
-
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("LEASE_SECONDS", "VISIBILITY_TIMEOUT", "WORKER_CONCURRENCY", "LOG_LEVEL", "BIND")}
-    env.update(SECRETS)
-    env.update(
-        IT_DC_PUBLIC_KEY=public_key,
-        CHATSESSIONS_CONFIG=str(config),
-        DATABASE_URL=database_url,
-        BROKER_URL=redis_url,
-        REDIS_URL=redis_url,
-        PARTITIONS=str(PARTITIONS),
-        SWEEP_SECONDS="1",
-        BENCH_AGENT_DELAY_S=str(SLOW_AGENT_S),
-        LOG_FORMAT="json",
-        PYTHONUNBUFFERED="1",
-        PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        **(extra_env or {}),
-    )
-    stack = Stack(url="", env=env, database_url=database_url, pg_url=pg_database, redis=redis_client,
-                  standin=standin, discord_key=discord_key, log_dir=work)
-
-    upgrade = stack.cli("db", "upgrade", timeout=120)
-    if upgrade.returncode != 0:
-        pytest.fail(f"`chatsessions db upgrade` failed (rc={upgrade.returncode}):\n"
-                    f"{upgrade.stdout}\n{upgrade.stderr}", pytrace=False)
-
-    port = _free_port()
-    stack.url = f"http://127.0.0.1:{port}"
-    commands = {
-        "ingress": ["ingress", "--bind", f"127.0.0.1:{port}", "--workers", "2"],
-        "worker-a": ["worker", "--partitions", "0-7", "--concurrency", "8", "--name", f"{name}-a@%h"],
-        # The other execution model: pool-b runs its turns on greenlets (the pool for Agents that wait on an LLM).
-        "worker-b": ["worker", "--partitions", "8-15", "--pool", "gevent", "--concurrency", "100", "--name",
-                     f"{name}-b@%h"],
-        "beat": ["beat", "--schedule", str(work / "beat-schedule")],
-    }
+    env = dict(SECRETS, IT_DC_PUBLIC_KEY=public_key, SWEEP_SECONDS="1", BENCH_AGENT_DELAY_S=str(SLOW_AGENT_S),
+               LOG_FORMAT="json", **(extra_env or {}))
+    processes = Processes(work, env=env, config_text=config_toml(standin, public_key) + (
+        "\n" + extra_config if extra_config else ""), database=pg_database, redis_url=redis_url,
+        partitions=PARTITIONS, worker_cli=True, on_failure=lambda message: pytest.fail(message, pytrace=False))
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=10)
+    stack = Stack(processes, client, standin, discord_key)
     _STACK = stack
     try:
-        for proc_name, args in commands.items():
-            log_path = work / f"{proc_name}.log"
-            log_file = open(log_path, "wb")  # noqa: SIM115 - closed in _stop, after the process exits
-            popen = subprocess.Popen([str(VENV_BIN / "chatsessions"), *args], env=env, cwd=REPO,
-                                     stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            stack.procs.append(Proc(proc_name, popen, log_path, log_file))
-        _wait_ready(stack)
+        try:
+            processes.setup()
+            processes.start_ingress(workers=2, threads=8)
+            processes.start_pool("worker-a", "0-7", concurrency=8, node=f"{name}-a@%h")
+            # The other execution model: pool-b runs its turns on greenlets (the pool for Agents that wait on an LLM).
+            processes.start_pool("worker-b", "8-15", pool="gevent", concurrency=100, node=f"{name}-b@%h")
+            processes.start_beat()
+            processes.wait_ready(START_TIMEOUT)
+        except StackError as exc:
+            pytest.fail(f"the {name} stack did not start: {exc}", pytrace=False)
         _wait_consuming(stack)
         yield stack
     finally:
-        killed = _stop(stack.procs)
+        killed = processes.teardown()
+        client.close()
         _STACK = None
         if killed:
             print(f"\n{name}: {killed} ignored SIGTERM for 25 s and were killed; logs in {work}", file=sys.stderr)
 
 
 @pytest.fixture(scope="session")
-def stack(pg_database, redis_db, standin, tmp_path_factory, request) -> Iterator[Stack]:
+def stack(pg_database, standin, tmp_path_factory, request) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("integration")
-    with running_stack(work, pg_database, redis_db, standin) as running:
+    with running_stack(work, pg_database, standin) as running:
         yield running
     if request.session.testsfailed:
         print(f"\nintegration process logs: {work}", file=sys.stderr)
-
-
-def _wait_ready(stack: Stack) -> None:
-    def ready():
-        stack.assert_alive()
-        try:
-            return requests.get(stack.url + "/readyz", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-    stack.wait_until(ready, START_TIMEOUT, "the ingress /readyz", interval=0.2)
 
 
 def _chat_in(partitions: range, channel_id: str) -> str:
