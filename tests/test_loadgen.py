@@ -14,7 +14,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cli.loadgen import LoadGen, Workload, correct, targets_from_settings
-from cli.stack import REPO, Stack, StackError, free_port, venv_bin
+from cli.processes import StackError, free_port, venv_bin
+from cli.stack import REPO, Stack
 from cli.standins.platforms import StandInPlatforms
 
 pytestmark = pytest.mark.integration

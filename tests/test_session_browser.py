@@ -19,7 +19,7 @@ import requests
 import structlog
 from structlog.testing import capture_logs
 
-from cli.stack import free_port
+from cli.processes import free_port
 from ingress.app import create_app
 from ingress.ledger import MemoryLedger
 from ingress.publisher import Publisher

@@ -25,7 +25,7 @@ class PySpyProfiling:
         outdir = Path(self.k.str("BENCH_PROFILE_DIR"))
         outdir.mkdir(parents=True, exist_ok=True)
         targets = {p.name: p.pid for p in self.stack.pools()} if pools else {}
-        from cli.stack import _children
+        from cli.processes import _children
 
         for i, pid in enumerate(_children(self.stack.proc("ingress").pid)[: 1 if pools else None]):
             targets[f"ingress-worker-{i}"] = pid

@@ -40,7 +40,8 @@ import redis
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from psycopg.rows import dict_row
 
-from cli.stack import Proc, Stack, StackError, free_port
+from cli.processes import Proc, StackError, free_port
+from cli.stack import Stack
 from cli.standins.platforms import StandInPlatforms
 from shared.partitioning import partition_of
 

@@ -41,7 +41,7 @@ from cli.standins.payloads import (
     telegram_text,
     whatsapp_text,
 )
-from cli.stack import Proc, StackError, create_database, drop_database
+from cli.processes import Proc, StackError, create_database, drop_database
 from cli.stack import Stack as Processes
 from cli.standins.platforms import StandInPlatforms
 from shared.logs import pseudonym
