@@ -516,3 +516,96 @@ def test_l_gevent_database_outage(make_stack):
 def test_l_gevent_duplicate_webhooks_on_two_ingresses(make_stack):
     duplicates_scenario(make_stack("l-f-duplicates-gevent", ingresses=2, **GEVENT),
                         "l-f. duplicate webhooks, 2 ingresses [gevent]")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# (m) handing over to a person while a worker is SIGKILLed: operators' replies and the users' messages in between
+
+def test_m_handoff_replies_survive_a_worker_sigkill(make_stack):
+    """Sessions an operator has taken over get, interleaved, user messages (webhooks) and the operator's replies
+    (published on the session's partition, as the CLI and the console do) while pool-a is SIGKILLed and restarted.
+    Every user message is stored once and in order, the Agent stays silent, and each chat receives exactly: the
+    Agent's first answer, the notice once, the operator's replies once each, in order (a second copy excused only
+    in the documented duplicate window: the first copy left before the kill)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ingress.publisher import Publisher
+    from shared import handoff
+    from shared.config import load_settings
+
+    from .harness import SECRETS, WA, WA_PHONE_ID
+    from .traffic import next_id, post_until_accepted, whatsapp_request
+
+    stack = make_stack("m-handoff-sigkill")
+    sessions = make_sessions(max(8, SESSIONS // 4), 1, kinds=("wa-dm",))
+    first = Traffic(sessions, stack.ingress_urls, stack.discord_key, rate=RATE).start()
+    assert first.join(timeout=120), first.summary()
+    settings = load_settings(stack.processes.full_env())
+    standin = stack.standin
+
+    def replies(s) -> list[tuple[str, float]]:
+        return [(x.text, x.at) for x in standin.sent if x.prefix == WA and x.chat_id == s.chat_id]
+
+    deadline = time.time() + 120
+    while any(not replies(s) for s in sessions):
+        assert time.time() < deadline, "the Agent did not answer every first message"
+        time.sleep(0.2)
+    for s in sessions:
+        assert handoff.take_over(settings.database_url, s.key, "Maria") == "agent"
+
+    publisher, url = Publisher(settings), stack.ingress_urls[0]
+    steps = ("user", "operator", "user", "operator", "user")
+
+    def converse(s) -> None:
+        for n, who in enumerate(steps):
+            text = f"{s.label} step {n}"
+            if who == "user":
+                body, headers = whatsapp_request(WA_PHONE_ID, SECRETS["FAULT_WA_APP_SECRET"], s.members[0][0], text,
+                                                 f"wamid.fault{next_id()}", name=s.members[0][1])
+                assert post_until_accepted(f"{url}/webhooks/{WA}", body, headers) == "200"
+            else:
+                publisher.publish([handoff.operator_reply(settings.database_url, s.key, "Maria", text)])
+            time.sleep(0.05)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        running = [pool.submit(converse, s) for s in sessions]
+        time.sleep(1.0)
+        stack.kill("pool-a")
+        killed_at = time.time()
+        stack.restart_worker("pool-a")
+        for f in running:
+            f.result(timeout=180)
+
+    operator_texts = {s.label: [f"{s.label} step {n}" for n, who in enumerate(steps) if who == "operator"]
+                      for s in sessions}
+    deadline = time.time() + SETTLE_S
+    while any(len({t for t, _ in replies(s)} & set(operator_texts[s.label])) < 2 for s in sessions):
+        if time.time() > deadline:
+            break
+        time.sleep(0.5)
+
+    problems, excused = [], 0
+    for s in sessions:
+        got = replies(s)
+        texts = [t for t, _ in got]
+        expected = [texts[0], "A person will answer shortly.", *operator_texts[s.label]]
+        collapsed = [t for i, t in enumerate(texts) if i == 0 or t != texts[i - 1]]
+        if collapsed != expected or not texts[0].startswith("echo: "):
+            problems.append(f"{s.label}: {texts}")
+        for t in set(texts):
+            arrivals = [at for x, at in got if x == t]
+            if len(arrivals) == 2 and arrivals[0] <= killed_at < arrivals[1]:
+                excused += 1
+            elif len(arrivals) > 1:
+                problems.append(f"{s.label}: {t!r} sent {len(arrivals)} times")
+        stored = [r["text"] for r in stack.query(
+            "SELECT m.text FROM messages m JOIN sessions s ON s.id = m.session_id WHERE s.key = %s AND m.role = 'user' "
+            "ORDER BY m.position", s.key)]
+        if stored[1:] != [f"{s.label} step {n}" for n, who in enumerate(steps) if who == "user"]:
+            problems.append(f"{s.label}: stored user messages {stored}")
+    total = len(sessions) * len(steps)
+    report = Report("m. handoff: operator replies across a worker SIGKILL", posted=total, accepted=total)
+    report.notes += [f"{len(sessions)} sessions taken over, {len(sessions) * 2} operator replies; pool-a killed "
+                     f"mid-conversation and restarted", f"{excused} copies in the documented duplicate window"]
+    report.problems += problems
+    assert_clean(report)
