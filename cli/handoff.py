@@ -42,10 +42,10 @@ def reply(args: argparse.Namespace, settings: Settings) -> int:
     if settings.embedded:
         err("a reply goes through the broker to the session's worker: set BROKER_URL=redis://...")
         return USAGE
-    message = handoff.operator_reply(settings.database_url, args.key, args.operator, args.text)
     from ingress.publisher import Publisher
 
-    Publisher(settings).publish([message])
+    message = handoff.operator_reply(settings.database_url, args.key, args.operator, args.text,
+                                     publish=Publisher(settings).publish)
     if args.json:
         print_json({"key": args.key, "operator": args.operator, "id": message.platform_message_id, "queued": True})
     else:

@@ -22,7 +22,7 @@ def _exec(argv: list[str]) -> int:
     return 1  # not reached
 
 
-LOCAL_COMMANDS = {"run", "db", "sessions", "deadletters"}  # usable on a laptop with the shipped config
+LOCAL_COMMANDS = {"run", "db", "sessions", "deadletters", "operators", "audit"}  # usable on a laptop with the shipped config
 ADMIN_BIND_DEFAULT = "127.0.0.1:8001"  # `chatsessions admin`: this host only unless told otherwise
 
 
@@ -336,13 +336,14 @@ def build_parser() -> argparse.ArgumentParser:
         action.set_defaults(fn=cmd_deadletters)
 
     from cli import bench as bench_cmd  # light at import: heavy imports wait for a run
-    from cli import config_init, connect
+    from cli import config_init, connect, operators
     from cli import loadgen as loadgen_cmd
 
     setup = sub.add_parser("setup", help="connect a channel to its platform (webhook, commands), print the steps left",
                            description=connect.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     connect.add_arguments(setup)
     setup.set_defaults(fn=connect.main)
+    operators.add_arguments(sub)  # `operators list|hash-password`, `audit`
     config = sub.add_parser("config", help="the channels file")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     init = config_sub.add_parser("init", help="write a commented channels file for the platforms asked for",

@@ -123,5 +123,6 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> Flask:
 
     app.register_blueprint(webchat.blueprint(settings, publisher))  # /chat/<channel_id>: the web chat page
     if not settings.admin_bind:  # else only on its own address (`chatsessions admin`)
-        app.register_blueprint(browser.blueprint(settings))  # /admin: the session browser (only with ADMIN_TOKEN)
+        # /admin: the session browser and operator console (only with ADMIN_TOKEN or [[operators]])
+        app.register_blueprint(browser.blueprint(settings, publisher))
     return app

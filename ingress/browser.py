@@ -1,23 +1,29 @@
-"""The session browser for support leads: channels, sessions (paged), a session's transcript and a search by
-platform user id — read-only pages over shared/session_queries.py, shared/privacy.py and shared/transcripts.py.
+"""The session browser and operator console: channels, sessions (paged), a session's transcript, a search by
+platform user id (read-only pages over shared/session_queries.py, shared/privacy.py and shared/transcripts.py),
+and the handoff's console (ingress/console.py: waiting queue, take over, reply, hand back).
 
-It shows private conversations, so it exists only when ADMIN_TOKEN is set (404 otherwise) and every page
-needs that token: HTTP basic auth (any user name, the token as password) or `Authorization: Bearer <token>`.
-A client address that sent FAILED_LOGINS wrong tokens in FAILED_LOGIN_WINDOW_S is answered 429 until its bucket
-refills, right token or not (else guessing would simply go on). No page shows configuration secrets, options or
+It shows private conversations, so it exists only when someone can log in (ADMIN_TOKEN or `[[operators]]`; 404
+otherwise), and every page needs an account: HTTP basic auth with an operator's name and password
+(shared/accounts.py), or the ADMIN_TOKEN as the password of any other user name or as `Authorization: Bearer`.
+A client address that sent FAILED_LOGINS wrong passwords in FAILED_LOGIN_WINDOW_S is answered 429 until its bucket
+refills, right password or not (else guessing would simply go on). No page shows configuration secrets, options or
 Agent options; every view is logged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from datetime import datetime, timezone
 from typing import Any
 
 import structlog
-from flask import Blueprint, Flask, Response, abort, redirect, render_template, request, url_for
+from flask import Blueprint, Flask, Response, abort, g, redirect, render_template, request, url_for
 
+from ingress import console
 from ingress.proxies import TrustedProxies
+from ingress.publisher import Publisher
+from shared.accounts import ADMIN, TOKEN_ACCOUNT, Account, PasswordCache
 from shared.privacy import export_user
 from shared.session_queries import find_sessions, get_session
 from shared.channels.base import same_secret
@@ -36,8 +42,8 @@ PAGE_SIZE = 50
 REALM = 'Basic realm="chatsessions session browser", charset="UTF-8"'
 HEADERS = {
     "Cache-Control": "no-store",
-    "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; base-uri 'none'; "
-                               "form-action 'self'; frame-ancestors 'none'",
+    "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; script-src 'self'; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
     "X-Content-Type-Options": "nosniff",
@@ -47,16 +53,16 @@ FAILED_LOGINS = 10  # wrong tokens from one client address...
 FAILED_LOGIN_WINDOW_S = 600.0  # ...in this long (a token bucket: one more every window / FAILED_LOGINS)
 
 
-def _presented_token() -> tuple[str | None, str]:
-    """The token the request carries, and how (for the log)."""
+def _presented() -> tuple[str | None, str | None, str]:
+    """The user name and password (or token) the request carries, and how (for the log)."""
     auth = request.authorization
     if auth is None:
-        return None, "no credentials"
+        return None, None, "no credentials"
     if auth.type == "basic":
-        return auth.password, "basic"
+        return auth.username, auth.password, "basic"
     if auth.type == "bearer":
-        return auth.token, "bearer"
-    return None, f"unsupported scheme {auth.type!r}"
+        return None, auth.token, "bearer"
+    return None, None, f"unsupported scheme {auth.type!r}"
 
 
 def _request_fields() -> dict[str, Any]:
@@ -81,9 +87,24 @@ def _time(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def blueprint(settings: Settings) -> Blueprint:
+def blueprint(settings: Settings, publisher: Publisher) -> Blueprint:
     bp = Blueprint("browser", __name__, url_prefix="/admin", template_folder="templates",
                    static_folder="static/browser", static_url_path="/static")
+    passwords = PasswordCache()
+    token_account = (Account(TOKEN_ACCOUNT, ADMIN, "token:" + hashlib.sha256(settings.admin_token.encode()).hexdigest())
+                     if settings.admin_token else None)
+
+    def account_of(name: str | None, password: str | None) -> Account | None:
+        """The account these credentials log in as: a configured operator by name, else ADMIN_TOKEN's."""
+        if password is None:
+            return None
+        if name in settings.operators:
+            account = settings.operators[name]
+            return account if passwords.check(account, password) else None
+        if token_account is not None and same_secret(password, settings.admin_token):
+            return token_account
+        return None
+
     url = settings.database_url
     # Only what a support lead needs to tell channels apart: never secrets, options or agent_options.
     channels = [{"id": c.id, "platform": c.platform, "agent": c.agent, "idle_minutes": c.session.idle_minutes}
@@ -104,7 +125,7 @@ def blueprint(settings: Settings) -> Blueprint:
 
     @bp.before_request
     def authenticate():
-        if not settings.admin_token:
+        if not settings.admin_token and not settings.operators:
             abort(404)  # off unless configured: the same answer as any unknown path
         wait = failed_logins(peek=True)
         if wait > 0:
@@ -112,15 +133,18 @@ def blueprint(settings: Settings) -> Blueprint:
             log.warning("browser.login_limited", **_request_fields(), remote=request.remote_addr, retry_after=retry)
             return Response("too many failed logins, try again later\n", status=429, mimetype="text/plain",
                             headers={"Retry-After": str(retry), **HEADERS})
-        token, how = _presented_token()
-        if not same_secret(token, settings.admin_token):
-            reason = how if token is None else f"wrong token ({how})"
+        name, password, how = _presented()
+        account = account_of(name, password)
+        if account is None:
+            reason = how if password is None else f"wrong password or token ({how})"
             log.warning("browser.denied", reason=reason, **_request_fields(), remote=request.remote_addr)
-            if token is not None:  # a browser's first request carries no credentials: not a failed login
+            if password is not None:  # a browser's first request carries no credentials: not a failed login
                 failed_logins(peek=False)
             return Response("authentication required\n", status=401, mimetype="text/plain",
                             headers={"WWW-Authenticate": REALM, **HEADERS})
-        log.info("browser.viewed", **_request_fields(), remote=request.remote_addr)
+        g.account = account
+        if request.method == "GET" and "live" not in request.args:  # the console's refreshes are not views
+            log.info("browser.viewed", **_request_fields(), remote=request.remote_addr, operator=account.name)
         return None
 
     @bp.after_request
@@ -160,21 +184,29 @@ def blueprint(settings: Settings) -> Blueprint:
         return render_template("browser/sessions.html", page=found, channel=channel, status=status,
                                channels=channels, statuses=(ACTIVE, DORMANT), page_url=page_url)
 
-    @bp.get("/sessions/<path:key>")
-    def session(key: str):
+    def session_page(key: str, notice: str | None = None, status: int = 200) -> Response:
+        """A session's page (or, with ?live, the part the console refreshes: its mode and transcript)."""
         found = transcript(url, key)
         if found is None:
             abort(404)
         summary, lines = found
-        info = get_session(url, key)
         generations: list[tuple[int, list[Any]]] = []
         for line in lines:
             if not generations or generations[-1][0] != line.generation:
                 generations.append((line.generation, []))
             generations[-1][1].append(line)
-        return render_template("browser/session.html", summary=summary, info=info, generations=generations,
-                               partition=partition_of(key, settings.partitions),
-                               pseudonym=pseudonym(settings.secret_key, key))
+        if "live" in request.args:
+            return Response(render_template("browser/_transcript.html", summary=summary, generations=generations))
+        page = render_template("browser/session.html", summary=summary, info=get_session(url, key),
+                               generations=generations, partition=partition_of(key, settings.partitions),
+                               pseudonym=pseudonym(settings.secret_key, key), notice=notice)
+        return Response(page, status=status)
+
+    @bp.get("/sessions/<path:key>")
+    def session(key: str):
+        return session_page(key, console.DONE.get(request.args.get("done", "")))
+
+    console.register(bp, settings, publisher, session_page)
 
     @bp.get("/users")
     def users():
@@ -204,10 +236,10 @@ def blueprint(settings: Settings) -> Blueprint:
 
 
 def create_app(settings: Settings) -> Flask:
-    """The session browser alone, for its own address (`chatsessions admin`, ADMIN_BIND): a port only the support
-    leads' network reaches, while the public ingress has no /admin at all."""
+    """The session browser and console alone, for their own address (`chatsessions admin`, ADMIN_BIND): a port only
+    the support team's network reaches, while the public ingress has no /admin at all."""
     app = Flask("chatsessions.admin")
     app.wsgi_app = TrustedProxies(app.wsgi_app, settings.trusted_proxies)  # the lead's address (login limit), TLS
-    app.register_blueprint(blueprint(settings))
+    app.register_blueprint(blueprint(settings, Publisher(settings)))  # operators' replies go through the broker
     app.add_url_rule("/", "home", lambda: redirect(url_for("browser.index")))
     return app

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from shared.accounts import Account, load_accounts
 from shared.errors import ConfigError, UnknownChannel
 
 DEFAULT_CONFIG = Path(__file__).with_name("default_channels.toml")
@@ -298,6 +299,8 @@ class Settings:
     admin_token: str | None = field(default=None, repr=False)  # ADMIN_TOKEN: the session browser; None = off
     # ADMIN_BIND: the session browser's own address (`chatsessions admin`); set, the ingress does not serve /admin
     admin_bind: str | None = None
+    # [[operators]]: the operator console's named accounts (shared/accounts.py), by name
+    operators: Mapping[str, Account] = field(default_factory=dict, repr=False)
     identities: Mapping[str, Identity] = field(default_factory=dict, repr=False)  # [[identities]] by person
     broker_queue_type: str = "classic"  # BROKER_QUEUE_TYPE: classic | quorum (RabbitMQ quorum queues; amqp:// only)
     redis_sentinel_master: str | None = None  # REDIS_SENTINEL_MASTER: the master of sentinel:// URLs (docs/scaling.md)
@@ -454,7 +457,7 @@ def _admin_token(env: Mapping[str, str]) -> str | None:
     return token
 
 
-def _admin_bind(env: Mapping[str, str], admin_token: str | None) -> str | None:
+def _admin_bind(env: Mapping[str, str], has_accounts: bool) -> str | None:
     """ADMIN_BIND: host:port of the session browser's own process, kept off the public ingress."""
     bind = env.get("ADMIN_BIND") or None
     if bind is None:
@@ -462,8 +465,8 @@ def _admin_bind(env: Mapping[str, str], admin_token: str | None) -> str | None:
     host, _, port = bind.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"ADMIN_BIND must be host:port (e.g. 127.0.0.1:8001), got {bind!r}")
-    if admin_token is None:
-        raise ConfigError("ADMIN_BIND is set but ADMIN_TOKEN is not: the session browser needs its token")
+    if not has_accounts:
+        raise ConfigError("ADMIN_BIND is set but neither ADMIN_TOKEN nor [[operators]] is: nobody could log in")
     return bind
 
 
@@ -556,6 +559,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if visibility <= lease:
         raise ConfigError("VISIBILITY_TIMEOUT must be longer than LEASE_SECONDS")
     admin_token = _admin_token(env)
+    operators = load_accounts(doc.get("operators", []), path)
     worker_pool = (env.get("WORKER_POOL") or "threads").lower()
     if worker_pool not in DEFAULT_CONCURRENCY:
         raise ConfigError(f"WORKER_POOL must be threads or gevent, got {env.get('WORKER_POOL')!r}")
@@ -580,7 +584,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         config_path=path,
         channels=channels,
         admin_token=admin_token,
-        admin_bind=_admin_bind(env, admin_token),
+        admin_bind=_admin_bind(env, bool(admin_token or operators)),
+        operators=operators,
         identities=identities,
         broker_queue_type=broker_queue_type,
         redis_sentinel_master=sentinel_master,

@@ -10,20 +10,21 @@ side (what a turn does in each mode) is workers/turn.py.
 
 from __future__ import annotations
 
-import re
 import secrets
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from typing import Callable
 
 from sqlalchemy import select
 
+from shared import audit
+from shared.accounts import OPERATOR_NAME
 from shared.db import as_utc, iso, transaction
 from shared.errors import ChatSessionsError
 from shared.messages import OPERATOR_REPLY, InboundMessage
 from shared.models import AGENT, HUMAN, RETURNED, TAKEN_OVER, WAITING, Channel, ChatSession, Message, SessionEvent
 
-OPERATOR_NAME = re.compile(r"[^\W_][\w .'-]{0,99}")  # what names an operator to users ("{operator}: " prefixes)
 REPLY_LIMIT = 10_000  # characters; a platform's limit is met by chunking
 
 
@@ -85,7 +86,7 @@ def _event(s, row: ChatSession, event: str, at: datetime, actor: str, detail: st
     s.add(SessionEvent(session_id=row.id, generation=row.generation, event=event, at=at, actor=actor, detail=detail))
 
 
-def take_over(url: str, key: str, operator: str) -> str:
+def take_over(url: str, key: str, operator: str, via: str = audit.CLI) -> str:
     """Give the session to `operator`: the Agent stops answering it. Returns the mode it was in. TakenBy if another
     operator has it (two racing: the row's lock lets one in, the other finds it taken)."""
     operator, t = operator_name(operator), datetime.now(timezone.utc)
@@ -98,11 +99,12 @@ def take_over(url: str, key: str, operator: str) -> str:
             # Waiting, the user was told a person is coming; taken from the Agent, they are told at their next message.
             row.notice_sent = before == WAITING and row.notice_sent
             _event(s, row, TAKEN_OVER, t, operator, f"from {before}")
+            audit.record(s, t, operator, TAKEN_OVER, key, via, f"from {before}")
         row.mode, row.operator, row.mode_at = HUMAN, operator, t
         return before
 
 
-def hand_back(url: str, key: str, actor: str, operator: str | None = None) -> bool:
+def hand_back(url: str, key: str, actor: str, operator: str | None = None, via: str = audit.CLI) -> bool:
     """Return the session to the Agent (its next turn sees the whole generation, operators' replies included).
     With `operator`, only if that operator has it (TakenBy otherwise). False if it was the Agent's already."""
     t = datetime.now(timezone.utc)
@@ -112,14 +114,19 @@ def hand_back(url: str, key: str, actor: str, operator: str | None = None) -> bo
             return False
         if operator is not None and row.mode == HUMAN and row.operator != operator:
             raise TakenBy(key, row.operator or "another operator")
-        _event(s, row, RETURNED, t, actor, f"from {row.mode}" + (f" ({row.operator})" if row.operator else ""))
+        detail = f"from {row.mode}" + (f" ({row.operator})" if row.operator else "")
+        _event(s, row, RETURNED, t, actor, detail)
+        audit.record(s, t, actor, RETURNED, key, via, detail)
         row.mode, row.operator, row.mode_at, row.handoff_reason, row.notice_sent = AGENT, None, t, None, False
         return True
 
 
-def operator_reply(url: str, key: str, operator: str, text: str) -> InboundMessage:
-    """The inbox message of `operator`'s reply in the session they have, for the caller to publish. It goes to
-    the channel, chat and topic of the user's last message (a per-person session spans channels)."""
+def operator_reply(url: str, key: str, operator: str, text: str,
+                   publish: Callable[[list[InboundMessage]], object] | None = None,
+                   via: str = audit.CLI) -> InboundMessage:
+    """The inbox message of `operator`'s reply in the session they have. It goes to the channel, chat and topic of
+    the user's last message (a per-person session spans channels). With `publish`, it is published before the audit
+    entry commits (a reply the broker refused leaves no entry); without, the caller publishes it."""
     operator, text = operator_name(operator), (text or "").strip()
     if not text:
         raise HandoffError("the reply is empty")
@@ -141,9 +148,14 @@ def operator_reply(url: str, key: str, operator: str, text: str) -> InboundMessa
         channel_id, chat_id, chat_kind, thread_id, said_at = last or (row.channel_id, row.chat_id, row.chat_kind,
                                                                       None, None)
         platform = s.scalar(select(Channel.platform).where(Channel.id == channel_id)) or ""
-    return InboundMessage(
-        channel_id=channel_id, platform=platform, session_key=key, chat_id=chat_id or row.chat_id,
-        chat_kind=chat_kind or row.chat_kind, sender_id=f"operator:{operator}", sender_name=operator, text=text,
-        platform_message_id=f"operator:{secrets.token_urlsafe(12)}",
-        sent_at=as_utc(said_at).timestamp() if said_at else time.time(), command=OPERATOR_REPLY,
-        thread_id=thread_id)
+        message = InboundMessage(
+            channel_id=channel_id, platform=platform, session_key=key, chat_id=chat_id or row.chat_id,
+            chat_kind=chat_kind or row.chat_kind, sender_id=f"operator:{operator}", sender_name=operator, text=text,
+            platform_message_id=f"operator:{secrets.token_urlsafe(12)}",
+            sent_at=as_utc(said_at).timestamp() if said_at else time.time(), command=OPERATOR_REPLY,
+            thread_id=thread_id)
+        audit.record(s, datetime.now(timezone.utc), operator, audit.REPLY, key, via,
+                     f"{message.platform_message_id}, {len(text)} characters")
+        if publish is not None:
+            publish([message])
+    return message

@@ -171,3 +171,17 @@ class InboxItem(Base):
         Index("ix_inbox_session_seq", "session_id", "seq"),
         Index("ix_inbox_created", "created_at"),
     )
+
+
+class AuditEntry(Base):
+    """An operator's action — who, what, which session, when — for `chatsessions audit`. Kept by session key, not
+    by row, so it outlives the session; erasing a user's session blanks the key (shared/privacy.py)."""
+
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    actor: Mapped[str] = mapped_column(String(100))  # an operator's name, or "admin" (ADMIN_TOKEN)
+    action: Mapped[str] = mapped_column(String(20))  # taken_over | reply | returned
+    session_key: Mapped[str] = mapped_column(String(300), index=True)
+    via: Mapped[str] = mapped_column(String(20))  # console | cli
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)

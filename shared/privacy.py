@@ -8,12 +8,14 @@ from datetime import datetime, timezone
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
-from sqlalchemy import delete, exists, func, or_, select
+from sqlalchemy import delete, exists, func, or_, select, update
 
+from shared.audit import ERASED_KEY
 from shared.config import Identity
 from shared.db import batches, transaction
 from shared.messages import DM
 from shared.models import (
+    AuditEntry,
     ChatSession,
     DeadLetter,
     InboxItem,
@@ -145,6 +147,8 @@ def erase_user(url: str, user_id: str, *, channel: str | None = None, dry_run: b
                 report.messages += s.execute(messages).rowcount  # replies with their questions: one statement
                 report.inbox += s.execute(inbox).rowcount
                 s.execute(delete(ChatSession).where(ChatSession.id == session_id))
+                # The log keeps that an operator acted, not on whose conversation.
+                s.execute(update(AuditEntry).where(AuditEntry.session_key == key).values(session_key=ERASED_KEY))
         report.sessions.append(key)
         step(key)
 

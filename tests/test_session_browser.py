@@ -156,8 +156,8 @@ def test_off_without_admin_token(tmp_path, path):
 
 @pytest.mark.parametrize("path", PAGES)
 def test_every_page_needs_the_token(admin, events, path):
-    for headers, reason in [({}, "no credentials"), (bearer("wrong"), "wrong token (bearer)"),
-                            (basic("lead", "wrong"), "wrong token (basic)"), (bearer(TOKEN + "x"), "wrong token"),
+    for headers, reason in [({}, "no credentials"), (bearer("wrong"), "wrong password or token (bearer)"),
+                            (basic("lead", "wrong"), "wrong password or token (basic)"), (bearer(TOKEN + "x"), "wrong password or token"),
                             ({"Authorization": f"Token {TOKEN}"}, "unsupported scheme")]:
         status, body, response_headers = get(admin, path, headers)
         assert status == 401, (path, headers)
