@@ -70,11 +70,12 @@ def register(bp: Blueprint, settings: Settings, publisher: Publisher,
         return Response(reason + "\n", status=status, mimetype="text/plain")
 
     def same_origin() -> bool:
-        """A browser's Origin (or Sec-Fetch-Site) names this site; a client that sends neither is not a browser."""
+        """A browser's Sec-Fetch-Site and Origin name this site; a client that sends neither is not a browser. (The
+        pages' no-referrer policy makes Chromium send `Origin: null` with their forms: that says nothing.)"""
         if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
             return False
-        origin = request.headers.get("Origin")
-        return origin is None or urlsplit(origin).netloc == request.host
+        origin = request.headers.get("Origin", "null")
+        return origin == "null" or urlsplit(origin).netloc == request.host
 
     @bp.post("/console/<action>")
     def act(action: str):

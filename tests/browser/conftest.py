@@ -2,9 +2,10 @@
 Selenium, against the REAL stack of tests/integration — gunicorn ingress, two celery worker pools, beat,
 PostgreSQL and Redis — whose fixtures and helpers are imported from there, not copied.
 
-The stack differs in two settings only, so it gets its own Redis database (BROWSER_REDIS_URL, default
-redis://127.0.0.1:6379/10) and lives for this directory's module only: a web chat channel ("web", demo Agent)
-and ADMIN_TOKEN, which turns the session browser on. Chromium missing is a FAILURE, never a skip: `make setup`
+The stack differs in its settings only, so it gets its own Redis database (BROWSER_REDIS_URL, default
+redis://127.0.0.1:6379/10) and lives for one module of this directory: web chat channels ("web", demo Agent) and
+ADMIN_TOKEN and [[operators]], which turn the session browser and operator console on. Chromium missing is a
+FAILURE, never a skip: `make setup`
 installs it (`apt-get install -y chromium chromium-driver`). Selenium is given the driver path, so
 selenium-manager never runs (and never downloads anything): it is made to fail if anything calls it.
 """
@@ -21,6 +22,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.selenium_manager import SeleniumManager
 
+from shared.accounts import hash_password
 from integration.conftest import (  # the integration stack: fixtures, helpers, and its process checks and log tails
     Stack,
     _stack_alive,
@@ -42,14 +44,18 @@ ADMIN_TOKEN = "browser-admin-token-4Fq9Lw-session-browser"
 WEB = "web"  # the web chat channel (demo Agent)
 WEB_TITLE = "Acme support"
 EMBED = "web-embed"  # a web chat channel that another site (http://localhost:<any port>) may show in an iframe
-
+# The operator console's accounts ([[operators]]): two operators and a viewer, passwords stored only as hashes.
+OPERATORS = {"maria": ("operator", "maria-console-password-1"), "joao": ("operator", "joao-console-password-2"),
+             "vera": ("viewer", "vera-console-password-3")}
 
 
 def webchat_toml() -> str:
+    operators = [f'[[operators]]\nname = "{name}"\nrole = "{role}"\npassword_hash = "{hash_password(password)}"\n'
+                 for name, (role, password) in OPERATORS.items()]
     return "\n".join(["[[channels]]", f'id = "{WEB}"', 'platform = "webchat"', 'agent = "demo"',
-                      f'options = {{ title = "{WEB_TITLE}" }}', "",
+                      f'options = {{ title = "{WEB_TITLE}" }}', 'session = { operator_prefix = "{operator}: " }', "",
                       "[[channels]]", f'id = "{EMBED}"', 'platform = "webchat"', 'agent = "demo"',
-                      """options = { frame_ancestors = ["'self'", "http://localhost:*"] }""", ""])
+                      """options = { frame_ancestors = ["'self'", "http://localhost:*"] }""", "", *operators])
 
 
 @pytest.fixture(scope="module")
