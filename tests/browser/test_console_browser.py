@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import requests
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException, TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -48,9 +48,13 @@ class Console:
 
     def wait(self, predicate: Any, what: str) -> Any:
         try:
-            return WebDriverWait(self.driver, TIMEOUT, poll_frequency=0.2).until(lambda _d: predicate())
+            # A page being replaced (a form's answer) or a live part just refreshed: look again at the next poll.
+            return WebDriverWait(self.driver, TIMEOUT, poll_frequency=0.2,
+                                 ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
+                                 ).until(lambda _d: predicate())
         except TimeoutException:
-            pytest.fail(f"timed out after {TIMEOUT}s waiting for {what}; the page shows: {self.main()}", pytrace=False)
+            pytest.fail(f"timed out after {TIMEOUT}s waiting for {what}; the page shows: "
+                        f"{self.driver.page_source[-3000:]}", pytrace=False)
 
     def mark(self) -> None:
         """Mark this page load: a reload would lose the mark."""
@@ -78,7 +82,7 @@ def test_an_operator_takes_a_conversation_over_replies_and_hands_it_back(stack, 
 
     # Both operators open it; Maria takes it over first, João is told who has it.
     joao.open(f"/sessions/{key}")
-    maria.driver.find_element(By.LINK_TEXT, key).click()
+    maria.wait(lambda: maria.driver.find_element(By.LINK_TEXT, key).click() or True, "the link to the session")
     maria.wait(lambda: maria.driver.find_elements(By.ID, "takeover"), "the session page")
     maria.click("takeover")
     maria.wait(lambda: "You have this conversation" in maria.main(), "the takeover")
