@@ -578,10 +578,19 @@ def test_m_handoff_replies_survive_a_worker_sigkill(make_stack):
 
     operator_texts = {s.label: [f"{s.label} step {n}" for n, who in enumerate(steps) if who == "operator"]
                       for s in sessions}
+    user_texts = {s.label: [f"{s.label} step {n}" for n, who in enumerate(steps) if who == "user"] for s in sessions}
+
+    def stored(s) -> list[str]:
+        return [r["text"] for r in stack.query(
+            "SELECT m.text FROM messages m JOIN sessions s ON s.id = m.session_id WHERE s.key = %s AND m.role = 'user' "
+            "ORDER BY m.position", s.key)]
+
+    def settled(s) -> bool:  # the user's messages get no reply while a person has the session: look at the store
+        return (len({t for t, _ in replies(s)} & set(operator_texts[s.label])) == len(operator_texts[s.label])
+                and len(stored(s)) > len(user_texts[s.label]))
+
     deadline = time.time() + SETTLE_S
-    while any(len({t for t, _ in replies(s)} & set(operator_texts[s.label])) < 2 for s in sessions):
-        if time.time() > deadline:
-            break
+    while not all(settled(s) for s in sessions) and time.time() < deadline:
         time.sleep(0.5)
 
     problems, excused = [], 0
@@ -598,11 +607,8 @@ def test_m_handoff_replies_survive_a_worker_sigkill(make_stack):
                 excused += 1
             elif len(arrivals) > 1:
                 problems.append(f"{s.label}: {t!r} sent {len(arrivals)} times")
-        stored = [r["text"] for r in stack.query(
-            "SELECT m.text FROM messages m JOIN sessions s ON s.id = m.session_id WHERE s.key = %s AND m.role = 'user' "
-            "ORDER BY m.position", s.key)]
-        if stored[1:] != [f"{s.label} step {n}" for n, who in enumerate(steps) if who == "user"]:
-            problems.append(f"{s.label}: stored user messages {stored}")
+        if stored(s)[1:] != user_texts[s.label]:
+            problems.append(f"{s.label}: stored user messages {stored(s)}")
     total = len(sessions) * len(steps)
     report = Report("m. handoff: operator replies across a worker SIGKILL", posted=total, accepted=total)
     report.notes += [f"{len(sessions)} sessions taken over, {len(sessions) * 2} operator replies; pool-a killed "
