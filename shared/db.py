@@ -41,9 +41,9 @@ RECYCLE_S = 1800  # connections older than this are replaced at checkout (idle t
 STALE_RETRIES = 2  # fresh connections run_transaction tries after finding the one it got dead
 
 
-@functools.cache
 def as_utc(value: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes (stored as UTC); PostgreSQL aware ones in the session's zone."""
+    """SQLite hands back naive datetimes (stored as UTC); PostgreSQL aware ones in the session's zone. (Not cached:
+    every stored message has its own time, so a cache would grow with the conversations a worker has read.)"""
     if value is None:
         return None
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)

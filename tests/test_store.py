@@ -383,3 +383,22 @@ def test_the_order_starts_over_only_for_a_restarted_counter(database_url, case):
         late = msg("two again", seq=2)
     r.store.accept(late)
     assert _session_of(database_url).last_seq == 3
+
+
+def test_reading_stored_times_keeps_none_of_them():
+    """Every stored message has its own time: a worker that converts them (history, transcripts) must not keep them
+    (an unbounded cache here grew with every conversation a worker had read)."""
+    import tracemalloc
+    from datetime import datetime, timezone
+
+    zone = timezone(timedelta(hours=-3))
+    times = [datetime(2026, 1, 1, tzinfo=zone) + timedelta(microseconds=i) for i in range(20_000)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for t in times:
+            assert as_utc(t).tzinfo is timezone.utc
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 200_000, f"{kept} bytes kept after converting {len(times)} times"
