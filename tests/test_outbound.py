@@ -63,6 +63,22 @@ def test_success_returns_id():
     assert server.requests[0].body == {"a": 1} and server.requests[0].headers["x-test"] == "1"
 
 
+def test_a_request_goes_out_as_json_with_the_senders_headers_through_the_configured_proxy(monkeypatch):
+    """The send skips requests' Session.request, so what it did for us is checked here: the JSON body with its
+    type and length, the sender's headers beside requests' own, the path quoted, and HTTP_PROXY honoured (the
+    stand-in plays the proxy: it is sent the absolute URL)."""
+    with StandIn(default=Reply(body={"id": "m1"})) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.base)
+        sender = HttpSender({"Authorization": "Bot t0ken"})
+        delivery = sender.post("http://platform.invalid/bot1:AB/send message", {"text": "olá"}, id_of)
+    assert delivery.ok and delivery.platform_message_ids == ("m1",)
+    [sent] = proxy.requests
+    assert sent.path == "http://platform.invalid/bot1:AB/send%20message"
+    assert sent.body == {"text": "olá"}
+    assert sent.headers["content-type"] == "application/json" and int(sent.headers["content-length"]) > 0
+    assert sent.headers["authorization"] == "Bot t0ken" and sent.headers["user-agent"].startswith("python-requests")
+
+
 def test_success_without_json_body_has_no_id():
     with StandIn(default=Reply(body=b"ok")) as server:
         assert HttpSender({}).post(server.base, {}, id_of) == Delivery(ok=True, attempts=1)
