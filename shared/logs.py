@@ -112,7 +112,9 @@ def configure_logging(settings: Settings) -> None:
     else:
         rendering = [_escape_controls, structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
     structlog.configure(
-        processors=[*shared_processors, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        # A line below the level is dropped before anything is done for it (the ingress's DEBUG line per webhook).
+        processors=[structlog.stdlib.filter_by_level, *shared_processors,
+                    structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
@@ -123,6 +125,9 @@ def configure_logging(settings: Settings) -> None:
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *private,
                     structlog.processors.format_exc_info, *rendering],
     ))
+    # No line shows the caller's file and line (the event names say where): the logging module then skips walking
+    # the stack for every record (the optimization the logging HOWTO names).
+    logging._srcfile = None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
