@@ -382,14 +382,30 @@ def test_chatsessions_ingress_gives_gunicorn_the_trusted_proxies(tmp_path, monke
 def test_chatsessions_ingress_has_gunicorn_write_an_access_log_only_when_asked(tmp_path, monkeypatch, options,
                                                                               accesslog):
     """gunicorn formats an access log line for every request whenever its `accesslog` is set, to /dev/null too."""
+    assert gunicorn_config(ingress_argv(monkeypatch, write(tmp_path, WA), *options)).accesslog == accesslog
+
+
+def gunicorn_config(argv: list[str]):
+    """gunicorn's Config as gunicorn reads this command line."""
     from gunicorn.config import Config
 
-    argv = ingress_argv(monkeypatch, write(tmp_path, WA), *options)
     config = Config()
-    for name, value in vars(config.parser().parse_args(argv[1:])).items():  # as gunicorn reads its command line
+    for name, value in vars(config.parser().parse_args(argv[1:])).items():
         if value is not None and name != "args":
             config.set(name.lower(), value)
-    assert config.accesslog == accesslog
+    return config
+
+
+@pytest.mark.parametrize("options, worker_class, concurrency", [
+    ((), "gevent", ("worker_connections", 1000)),
+    (("--connections", "300"), "gevent", ("worker_connections", 300)),
+    (("--pool", "threads", "--threads", "12"), "gthread", ("threads", 12)),
+])
+def test_chatsessions_ingress_serves_on_greenlets_unless_told_threads(tmp_path, monkeypatch, options, worker_class,
+                                                                      concurrency):
+    config = gunicorn_config(ingress_argv(monkeypatch, write(tmp_path, WA), *options))
+    assert config.worker_class_str == worker_class
+    assert getattr(config, concurrency[0]) == concurrency[1]
 
 
 def test_secure_cookies_is_on_outside_the_embedded_process_and_can_be_turned_off(tmp_path):
