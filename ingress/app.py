@@ -1,5 +1,6 @@
 """The webhook ingress (WSGI): each channel's adapter verifies and reads a request (`Inbound.receive`), the ingress
-publishes what it found and answers what the adapter says. No platform logic and no turn logic here.
+publishes what it found and answers what the adapter says (ingress/webhooks.py, before Flask); Flask serves the rest
+(health, the web chat, the session browser). No platform logic and no turn logic here.
 
 Status codes: 404 unknown channel, 401/403 bad signature, 400 malformed body, 413 too large,
 405 wrong method, 503 when the broker cannot take the message (the platform retries), 200 otherwise.
@@ -8,42 +9,26 @@ Status codes: 404 unknown channel, 401/403 bad signature, 400 malformed body, 41
 from __future__ import annotations
 
 import structlog
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, request
 
 from ingress import browser, webchat
 from ingress.proxies import TrustedProxies
 from ingress.publisher import Publisher
-from shared.channels import Channel, WebhookRequest, build_channel
+from ingress.webhooks import MAX_BODY_BYTES, NO_FRAMES, REFUSED, RETRY_AFTER_S, Webhooks, refusal
+from shared.channels import Channel, build_channel
 from shared.config import Settings
-from shared.errors import (
-    EnqueueFailed,
-    HandshakeRefused,
-    InvalidSignature,
-    MalformedPayload,
-    UnknownChannel,
-)
+from shared.errors import EnqueueFailed
 
 log = structlog.get_logger(__name__)
-
-MAX_BODY_BYTES = 1024 * 1024
-NO_FRAMES = "frame-ancestors 'none'"
 
 
 def create_app(settings: Settings, publisher: Publisher | None = None) -> Flask:
     app = Flask("chatsessions.ingress")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
-    app.wsgi_app = TrustedProxies(app.wsgi_app, settings.trusted_proxies)  # the client's address and scheme
     channels: dict[str, Channel] = {cid: build_channel(c) for cid, c in settings.channels.items()}
     publisher = publisher or Publisher(settings)
-
-    def webhook_request(route: str) -> WebhookRequest:
-        return WebhookRequest(
-            method=request.method,
-            headers={k.lower(): v for k, v in request.headers.items()},
-            query=request.args.to_dict(),
-            body=request.get_data(cache=False),
-            route=route,
-        )
+    # The webhooks are served before Flask (ingress/webhooks.py); the client's address and scheme before both.
+    app.wsgi_app = TrustedProxies(Webhooks(channels, publisher, app.wsgi_app), settings.trusted_proxies)
 
     def reject(status: int, reason: str, channel_id: str | None = None) -> Response:
         if channel_id is None:
@@ -62,26 +47,17 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> Flask:
             response.headers.setdefault("X-Frame-Options", "DENY")
         return response
 
-    @app.errorhandler(UnknownChannel)
-    def _unknown(exc: UnknownChannel):
-        return reject(404, "unknown channel", str(exc))
+    def _refused(exc: Exception):
+        return reject(*refusal(exc))
 
-    @app.errorhandler(InvalidSignature)
-    def _forged(exc: InvalidSignature):
-        return reject(401, f"invalid signature: {exc}")
-
-    @app.errorhandler(HandshakeRefused)
-    def _refused(exc: HandshakeRefused):
-        return reject(403, f"verification failed: {exc}")
-
-    @app.errorhandler(MalformedPayload)
-    def _malformed(exc: MalformedPayload):
-        return reject(400, f"malformed payload: {exc}")
+    for refused in REFUSED:  # the web chat's
+        app.register_error_handler(refused, _refused)
 
     @app.errorhandler(EnqueueFailed)
     def _unavailable(exc: EnqueueFailed):
         log.error("ingress.enqueue_failed", reason=str(exc), path=request.path)
-        return Response("temporarily unavailable\n", status=503, headers={"Retry-After": "5"}, mimetype="text/plain")
+        return Response("temporarily unavailable\n", status=503, headers={"Retry-After": str(RETRY_AFTER_S)},
+                        mimetype="text/plain")
 
     @app.errorhandler(405)
     def _wrong_method(exc):
@@ -104,22 +80,6 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> Flask:
             log.warning("ingress.not_ready", reason=exc.__class__.__name__)
             return Response("broker unreachable\n", status=503, mimetype="text/plain")
         return Response("ready\n", mimetype="text/plain")
-
-    @app.route("/webhooks/<channel_id>", methods=["GET", "POST"])
-    @app.post("/webhooks/<channel_id>/<route>")
-    def webhook(channel_id: str, route: str = ""):
-        """Every platform's webhook: its adapter verifies and reads the request and says what to answer."""
-        channel = channels.get(channel_id)
-        if channel is None:
-            raise UnknownChannel(channel_id)
-        answer = channel.receive(webhook_request(route))
-        if answer.dropped:
-            log.warning("ingress.dropped", reason=answer.dropped, channel=channel_id)
-        if answer.messages:
-            publisher.publish(list(answer.messages))
-        if isinstance(answer.body, str):
-            return Response(answer.body, mimetype="text/plain")
-        return jsonify(answer.body)
 
     app.register_blueprint(webchat.blueprint(settings, publisher))  # /chat/<channel_id>: the web chat page
     if not settings.admin_bind:  # else only on its own address (`chatsessions admin`)

@@ -500,6 +500,59 @@ def test_whatsapp_handshake_with_the_verify_token_echoes_the_challenge(stack):
     assert stack.enqueued() == 0
 
 
+def test_a_head_on_the_handshake_answers_as_its_get_without_the_body(stack):
+    response = stack.client.head(f"/webhooks/{WA}", query_string={
+        "hub.mode": "subscribe", "hub.verify_token": VERIFY_TOKEN, "hub.challenge": "1158201444"})
+    assert response.status_code == 200 and response.data == b"" and response.headers["Content-Length"] == "10"
+
+
+def test_a_repeated_query_parameter_counts_once_its_first_value(stack):
+    response = stack.client.get(f"/webhooks/{WA}?hub.mode=subscribe&hub.verify_token={VERIFY_TOKEN}"
+                                "&hub.challenge=111&hub.challenge=222")
+    assert response.status_code == 200 and response.data == b"111"
+
+
+def post_raw(stack, path: str, body: bytes, headers: dict[str, str], content_length: str | None = None):
+    """POST `body` with this Content-Length header (None: none at all, as a server hands over a chunked request,
+    whose stream ends by itself); (status, body) of the answer."""
+    import io
+
+    from werkzeug.test import EnvironBuilder, run_wsgi_app
+
+    environ = EnvironBuilder(path=path, method="POST", headers=headers).get_environ()
+    environ.pop("CONTENT_LENGTH", None)
+    environ.update({"wsgi.input": io.BytesIO(body), "wsgi.input_terminated": content_length is None})
+    if content_length is not None:
+        environ["CONTENT_LENGTH"] = content_length
+    app_iter, status, _headers = run_wsgi_app(stack.client.application, environ, buffered=True)
+    return int(status.split()[0]), b"".join(app_iter)
+
+
+def test_a_chunked_webhook_is_read_to_its_end_and_refused_past_the_limit(stack):
+    body = wa_body()
+    assert post_raw(stack, f"/webhooks/{WA}", body, p.sign_whatsapp(body, APP_SECRET))[0] == 200
+    assert stack.enqueued() == 1
+    stack.logs.clear()
+    big = b'{"object":"whatsapp_business_account","pad":"' + b"x" * MAX_BODY_BYTES + b'"}'
+    assert post_raw(stack, f"/webhooks/{WA}", big, p.sign_whatsapp(big, APP_SECRET))[0] == 413
+    assert stack.rejected(413)["reason"] == f"body larger than {MAX_BODY_BYTES} bytes"
+    assert stack.enqueued() == 1
+
+
+@pytest.mark.parametrize("path", [f"/webhooks/{DC}/interactions/more", f"/webhooks/{WA}/", "/webhooks/",
+                                  "/webhooks//interactions"])
+def test_a_path_that_names_no_webhook_is_404(stack, path):
+    assert stack.client.post(path, data=b"{}").status_code == 404
+    assert stack.enqueued() == 0
+
+
+@pytest.mark.parametrize("length", ["-5", "many"])
+def test_a_bad_content_length_is_400(stack, length):
+    body = wa_body()
+    assert post_raw(stack, f"/webhooks/{WA}", body, p.sign_whatsapp(body, APP_SECRET), length)[0] == 400
+    assert stack.rejected(400)["reason"] == "bad Content-Length" and stack.enqueued() == 0
+
+
 # -- 405: wrong method ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH"])
