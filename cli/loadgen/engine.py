@@ -62,6 +62,14 @@ class _Client:
         self.timeout = timeout
         self.conn: Any = None
 
+    def connect(self) -> None:
+        """Open the connection now (an open loop's senders, before its clock starts); a failure is left to `post`."""
+        try:
+            self.conn = self.http.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            self.conn.connect()
+        except OSError:
+            self.close()
+
     def post(self, path: str, body: bytes, headers: dict[str, str]) -> int:
         for attempt in (1, 2):  # a keep-alive connection the server closed while idle: reconnect once
             if self.conn is None:
@@ -200,8 +208,16 @@ class LoadGen:
     def _open_loop(self, wl: Workload) -> list[threading.Thread]:
         work: queue.Queue[tuple[Session, float] | None] = queue.Queue()
 
+        # The senders' connections are open before the clock starts, as a platform's are in steady state: otherwise
+        # the first requests' latencies would hold the load generator's own start (threads, connects).
+        connected = threading.Barrier(max(1, wl.senders) + 1)
+
         def sender() -> None:
             client = _Client(self.url)
+            try:
+                client.connect()
+            finally:
+                connected.wait()
             try:
                 while (item := work.get()) is not None:
                     self._send(wl, client, *item)
@@ -209,6 +225,7 @@ class LoadGen:
                 client.close()
 
         def dispatcher() -> None:
+            connected.wait()
             t0_mono, t0_wall = time.monotonic(), time.time()
             for n in itertools.count():
                 s = wl.take()
