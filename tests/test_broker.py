@@ -15,13 +15,12 @@ from kombu import Connection
 from shared.broker import TRANSPORT
 
 
-@pytest.fixture
-def private_redis(tmp_path):
+def _start_redis(tmp_path, *options):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+                             "--appendonly", "no", "--dir", str(tmp_path), *options], stdout=subprocess.DEVNULL)
     client = redis.Redis(port=port)
     for _ in range(100):
         try:
@@ -29,6 +28,21 @@ def private_redis(tmp_path):
             break
         except redis.ConnectionError:
             time.sleep(0.05)
+    return proc, port, client
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    proc, port, client = _start_redis(tmp_path)
+    yield port, client
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture
+def redis6(tmp_path):
+    """A server without BLMPOP, as Redis 6 is."""
+    proc, port, client = _start_redis(tmp_path, "--rename-command", "BLMPOP", "")
     yield port, client
     proc.kill()
     proc.wait()
@@ -85,3 +99,76 @@ def test_a_dead_consumers_message_comes_back_while_traffic_never_stops(private_r
     dead.close()
     assert "orphan" in received
     assert received.index("orphan") < 59  # not only once the traffic stopped
+
+
+def _consume(conn, prefetch: int | None = None) -> tuple[object, list]:
+    channel = conn.channel()
+    channel.queue_declare("sessions.0")
+    if prefetch:
+        channel.basic_qos(0, prefetch, False)
+    received: list = []
+    channel.basic_consume("sessions.0", False, received.append, "worker")
+    return channel, received
+
+
+def _publish(channel, count: int) -> None:
+    for n in range(count):
+        channel.basic_publish(channel.prepare_message(f"m{n}"), exchange="", routing_key="sessions.0")
+
+
+def test_one_poll_takes_a_batch_and_files_every_message_as_unacked(private_redis):
+    """A green pool's consumer took one message per round trip: a thousand queued messages drained at ~100/s."""
+    port, client = private_redis
+    with Connection(f"redis://127.0.0.1:{port}/0", transport=TRANSPORT) as conn:
+        channel, received = _consume(conn)
+        _publish(channel, 10)
+        conn.drain_events(timeout=1)
+        assert [m.body.decode() for m in received] == [f"m{n}" for n in range(10)]  # all ten, in queue order
+        assert client.hlen("unacked") == 10 and client.zcard("unacked_index") == 10
+        assert client.llen("sessions.0") == 0
+        received[0].ack()
+        assert client.hlen("unacked") == 9 and not client.hexists("unacked", received[0].delivery_tag)
+
+
+def test_a_batch_never_exceeds_the_free_prefetch_slots(private_redis):
+    port, client = private_redis
+    with Connection(f"redis://127.0.0.1:{port}/0", transport=TRANSPORT) as conn:
+        channel, received = _consume(conn, prefetch=3)
+        _publish(channel, 10)
+        conn.drain_events(timeout=1)
+        assert len(received) == 3 and client.llen("sessions.0") == 7
+        received[0].ack()
+        conn.drain_events(timeout=1)
+        assert len(received) == 4  # one slot came free, one more message
+
+
+def test_a_batched_message_of_a_dead_consumer_comes_back(private_redis):
+    port, client = private_redis
+    url, options = f"redis://127.0.0.1:{port}/0", {"visibility_timeout": 1}
+    with Connection(url, transport=TRANSPORT, transport_options=options) as conn:
+        channel, received = _consume(conn)
+        _publish(channel, 3)
+        conn.drain_events(timeout=1)
+        assert len(received) == 3  # taken, never acked: the worker dies
+        restored = json.loads(client.hget("unacked", received[1].delivery_tag))
+        assert restored[1:] == ["", "sessions.0"] and restored[0]["properties"]["delivery_tag"] == \
+            received[1].delivery_tag  # the record kombu's restore reads: message, exchange, routing key
+    time.sleep(1.1)
+    with Connection(url, transport=TRANSPORT, transport_options=options) as conn:
+        conn.channel().qos.restore_visible()
+    assert sorted(json.loads(raw)["body"] for raw in client.lrange("sessions.0", 0, -1)) == \
+        sorted(m._raw["body"] for m in received)
+
+
+def test_without_blmpop_the_consumer_takes_one_message_per_poll(redis6):
+    port, client = redis6
+    with Connection(f"redis://127.0.0.1:{port}/0", transport=TRANSPORT) as conn:
+        channel, received = _consume(conn)
+        _publish(channel, 3)
+        for _ in range(5):
+            try:
+                conn.drain_events(timeout=1)
+            except socket.timeout:
+                break
+        assert [m.body.decode() for m in received] == ["m0", "m1", "m2"]
+        assert client.hlen("unacked") == 3
