@@ -28,6 +28,8 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.greenlets import GreenConnection, on_greenlets
+
 # The database is down, the connection died, or every pooled connection stayed busy past the pool's timeout (many
 # turns at once on greenlets): transient, worth retrying (a failed transaction left nothing).
 DB_UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeout)
@@ -91,6 +93,10 @@ def engine_for(url: str) -> Engine:
     engine = create_engine(url, pool_size=20, max_overflow=20, pool_recycle=RECYCLE_S, pool_use_lifo=True,
                            connect_args=driver_options(url), hide_parameters=True)
     _ping_when_idle(engine)
+    if on_greenlets():
+        @event.listens_for(engine, "do_connect")
+        def _green_connection(_dialect, _record, cargs, cparams):
+            return GreenConnection.connect(*cargs, **cparams)
     return engine
 
 

@@ -48,7 +48,12 @@ def database_url(request, tmp_path):
         yield url
         engine_for(url).dispose()
     else:
-        url = request.getfixturevalue("postgres_url")
-        yield url
-        with engine_for(url).begin() as conn:
-            conn.exec_driver_sql("TRUNCATE dead_letters, session_events, messages, sessions, channels CASCADE")
+        yield request.getfixturevalue("clean_postgres_url")
+
+
+@pytest.fixture
+def clean_postgres_url(postgres_url):
+    """The run's PostgreSQL database, emptied after the test (the next test's sessions start from nothing)."""
+    yield postgres_url
+    with engine_for(postgres_url).begin() as conn:
+        conn.exec_driver_sql("TRUNCATE dead_letters, session_events, messages, sessions, channels CASCADE")

@@ -149,13 +149,56 @@ GEVENT_RUN = textwrap.dedent("""
 """)
 
 
-def test_one_process_on_greenlets_keeps_a_thousand_agents_waiting_at_once(postgres_url):
+def test_one_process_on_greenlets_keeps_a_thousand_agents_waiting_at_once(clean_postgres_url):
     """WORKER_POOL=gevent: plain and async Agents alike wait without a thread each, and the turns around them share
     the engine's few connections (20 + 20 overflow at most)."""
-    done = subprocess.run([sys.executable, "-c", GEVENT_RUN, postgres_url, "1000", "60"], cwd=REPO, env=os.environ,
+    done = subprocess.run([sys.executable, "-c", GEVENT_RUN, clean_postgres_url, "1000", "60"], cwd=REPO, env=os.environ,
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["errors"] == [] and result["outcomes"] == ["replied"] and result["replies"] == 1000
     assert result["peak_waiting"] == 1000, result  # all of them waiting at the same time
     assert result["peak_connections"] <= 40, result
+
+
+GREEN_QUERIES = textwrap.dedent("""
+    from gevent import monkey; monkey.patch_all()
+    import json, sys, gevent, psycopg
+    from sqlalchemy import text
+    from shared.db import engine_for
+    from shared.greenlets import GreenConnection
+
+    engine, ticks = engine_for(sys.argv[1]), []
+    def ticker():
+        while True:
+            ticks.append(1)
+            gevent.sleep(0.01)
+    with engine.connect() as c:
+        kind = type(c.connection.dbapi_connection).__name__
+        t = gevent.spawn(ticker)
+        gevent.sleep(0)
+        before = len(ticks)
+        slept = c.execute(text("select pg_sleep(0.3), 42")).one()[1]  # other greenlets run meanwhile
+        during = len(ticks) - before
+        t.kill()
+        try:
+            c.execute(text("select 1/0"))
+            error = None
+        except Exception as exc:
+            error = type(exc.orig).__name__
+        c.rollback()
+        after = c.execute(text("select repeat('x', 300000)")).scalar()  # a reply larger than a socket read
+    print(json.dumps({"kind": kind, "slept": slept, "during": during, "error": error, "after": len(after)}))
+""")
+
+
+def test_on_greenlets_a_query_parks_only_its_own_greenlet(postgres_url):
+    """psycopg's own wait goes through gevent's patched poll (a poller, watchers and a timer per wait): on greenlets
+    the engine's connections wait on one watcher of the hub instead, and still let other greenlets run."""
+    done = subprocess.run([sys.executable, "-c", GREEN_QUERIES, postgres_url], cwd=REPO, env=os.environ,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["kind"] == "GreenConnection" and result["slept"] == 42
+    assert result["during"] >= 10, result  # the ticker ran while the query waited on the server
+    assert result["error"] == "DivisionByZero" and result["after"] == 300000

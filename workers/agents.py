@@ -7,7 +7,6 @@ import functools
 import importlib
 import inspect
 import re
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 import structlog
 
 from shared.errors import ConfigError
+from shared.greenlets import on_greenlets
 
 log = structlog.get_logger(__name__)
 
@@ -64,17 +64,11 @@ def reply_of(agent: Agent, conversation: Conversation) -> str | Handoff | None:
     return _await(result) if inspect.isawaitable(result) else result
 
 
-def _gevent() -> bool:
-    """Whether this process runs on greenlets (a `-P gevent` worker monkey-patches threading at start)."""
-    monkey = sys.modules.get("gevent.monkey")
-    return monkey is not None and monkey.is_module_patched("threading")
-
-
 @functools.cache
 def _agent_loop() -> asyncio.AbstractEventLoop:
     """The process's one event loop for async Agents, in a native thread of its own: thousands of coroutines wait
     there for the price of one thread. Under gevent, with the original (unpatched) selector and thread."""
-    if _gevent():
+    if on_greenlets():
         from gevent import monkey
 
         loop = asyncio.SelectorEventLoop(monkey.get_original("selectors", "DefaultSelector")())
@@ -90,7 +84,7 @@ def _await(awaitable: Any) -> Any:
     gevent's thread-safe async watcher, which the loop's thread fires when the coroutine is done, so the waiting
     costs it no thread either."""
     future = asyncio.run_coroutine_threadsafe(_as_coroutine(awaitable), _agent_loop())
-    if not _gevent():
+    if not on_greenlets():
         return future.result()
     import gevent
     from gevent.event import Event
