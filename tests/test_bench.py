@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cli.bench.harness import Bench
 from cli.bench.knobs import Knobs
-from cli.bench.meters import LOADGEN, Peaks, cpu_by_role, cpu_per_msg, cpu_per_request
+from cli.bench.meters import LOADGEN, Peaks, cpu_by_role, cpu_per_msg, cpu_per_request, machine_info
 from cli.bench.pipeline import log_levels
 from cli.bench.report import CORRECTNESS, table, targets_met
 from cli.bench.slow_agents import waiting_figures, waiting_wave
@@ -229,6 +229,18 @@ def test_the_table_prints_the_new_figures_with_their_targets():
     assert row(text, "status_callbacks", "max req/s").endswith("3,100.0 >= 3,000 yes")
     assert "0.50 / 0.00 / 0.30" in row(text, "status_callbacks", "CPU ms per request")
     assert row(text, "status_callbacks", "log lines").endswith("0 / 0 / 0 all 0 yes")
+
+
+def test_a_run_records_the_versions_of_the_libraries_a_message_goes_through():
+    """Two runs are comparable only on the same versions: a fresh virtualenv may pull newer ones."""
+    import celery
+    import kombu
+
+    info = machine_info()
+    assert info["packages"]["celery"] == celery.__version__ and info["packages"]["kombu"] == kombu.__version__
+    r = results()
+    r["machine"]["packages"] = {"celery": "5.7.0", "falcon": None}
+    assert table(r).splitlines()[-1] == "packages: celery 5.7.0, falcon -"
 
 
 # -- the waiting_agent scenario: its stand-in LLM, channels and figures ------------------------------------------------

@@ -150,7 +150,25 @@ def machine_info() -> dict[str, Any]:
             info[name] = subprocess.run(argv, capture_output=True, text=True, timeout=5, check=False).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             info[name] = None
+    info["packages"] = package_versions()
     return info
+
+
+# The libraries a message's CPU goes through: runs are comparable only with the same versions.
+BENCH_PACKAGES = ("celery", "kombu", "redis", "psycopg", "sqlalchemy", "gunicorn", "gevent", "greenlet", "flask",
+                  "requests", "urllib3", "structlog")
+
+
+def package_versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name in BENCH_PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def commit_probe(pg_url: str, n: int = 200) -> float | None:

@@ -208,4 +208,6 @@ def table(r: dict[str, Any]) -> str:
     m = r["machine"]
     out.append(f"\nmachine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; load avg at start "
                f"{', '.join(f'{x:.2f}' for x in m['loadavg_start'])}")
+    if m.get("packages"):
+        out.append("packages: " + ", ".join(f"{name} {v or '-'}" for name, v in m["packages"].items()))
     return "\n".join(out)
