@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from queue import Empty
+from typing import NamedTuple
 
 import redis
 import structlog
@@ -37,6 +38,15 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
 log = structlog.get_logger(__name__)
+
+
+class Popped(NamedTuple):
+    """A message a batch poll took: its text as popped, decoded, its tag and its `"exchange", "routing_key"`."""
+
+    raw: str
+    payload: dict
+    tag: str
+    route: str
 
 
 class QoS(kombu_redis.QoS):
@@ -57,11 +67,18 @@ class Channel(kombu_redis.Channel):
     _blmpop_refused = False
 
     def __init__(self, *args, **kwargs):
-        self._filed: set[str] = set()
+        self._filed: set[str] = set()  # delivery tags of the batch being delivered, filed as unacked already
+        self._no_ack_queues: set[str] = set()
         super().__init__(*args, **kwargs)
 
+    def basic_consume(self, queue, no_ack, *args, **kwargs):
+        if no_ack:
+            self._no_ack_queues.add(queue)
+        return super().basic_consume(queue, no_ack, *args, **kwargs)
+
     def _batch_size(self) -> int:
-        if self._blmpop_refused or self.global_keyprefix:
+        """Batches need acks that remove their unacked records (Celery's consumer acks; a no_ack one would not)."""
+        if self._blmpop_refused or self.global_keyprefix or not self.ack_emulation or self._no_ack_queues:
             return 1
         free = self.qos.can_consume_max_estimate()
         return self.batch_max if free is None else max(1, min(free, self.batch_max))
@@ -88,10 +105,10 @@ class Channel(kombu_redis.Channel):
             try:
                 popped = self.client.parse_response(self.client.connection, "BLMPOP", **options)
             except self.ResponseError as exc:
-                if "unknown command" not in str(exc).lower():
+                if "blmpop" not in str(exc).lower():
                     raise
-                self._blmpop_refused = True  # Redis < 7: BRPOP from now on
-                log.info("broker.batch_pop_unsupported")
+                self._blmpop_refused = True  # Redis < 7, or an ACL without it: BRPOP from now on
+                log.info("broker.batch_pop_unavailable", error=str(exc)[:200])
                 raise Empty() from None
             except self.connection_errors:
                 self.client.connection.disconnect()  # the next poll reconnects
@@ -101,11 +118,9 @@ class Channel(kombu_redis.Channel):
             key, items = popped
             queue = bytes_to_str(key).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(queue)
-            raws = [bytes_to_str(item) for item in items]
-            payloads = [loads(raw) for raw in raws]
-            self._file_unacked(raws, payloads)
-            for payload in payloads:
-                self.connection._deliver(payload, queue)
+            batch = self._parsed(items)
+            self._file_unacked(batch)
+            self._deliver_batch(batch, queue)
             return True
         finally:
             self._filed.clear()
@@ -113,14 +128,27 @@ class Channel(kombu_redis.Channel):
             self._batch = 0
             self._flush_brpop_reauth()
 
-    def _file_unacked(self, raws: list[str], payloads: list[dict]) -> None:
-        """Record a popped batch as unacked in one round trip, in the form QoS.append writes one message."""
-        records = {}
-        for raw, payload in zip(raws, payloads):
-            properties = payload["properties"]
-            delivery = properties["delivery_info"]
-            route = f"{dumps(delivery['exchange'])}, {dumps(delivery['routing_key'])}"
-            records[properties["delivery_tag"]] = f"[{raw}, {route}]"
+    @staticmethod
+    def _parsed(items) -> list[Popped]:
+        """Each popped item; one that is not a kombu message is logged and dropped (kombu's own BRPOP read would
+        raise on it, and it must not take the rest of its batch along)."""
+        batch = []
+        for item in items:
+            raw = bytes_to_str(item)
+            try:
+                payload = loads(raw)
+                delivery = payload["properties"]["delivery_info"]
+                route = f"{dumps(delivery['exchange'])}, {dumps(delivery['routing_key'])}"
+                batch.append(Popped(raw, payload, payload["properties"]["delivery_tag"], route))
+            except (ValueError, TypeError, KeyError) as exc:
+                log.error("broker.malformed_message", error=exc.__class__.__name__, size=len(raw))
+        return batch
+
+    def _file_unacked(self, batch: list[Popped]) -> None:
+        """Record a popped batch as unacked in one round trip, in the form QoS.append writes one message, and count
+        it as delivered at once: the prefetch sees the whole batch, and a worker stopping while part of it still
+        waits for a free greenlet (the pool's spawn) gives that part back too."""
+        records = {popped.tag: f"[{popped.raw}, {popped.route}]" for popped in batch}
         try:
             with self.conn_or_acquire() as client:
                 client.pipeline().zadd(self.unacked_index_key, dict.fromkeys(records, time.time())) \
@@ -128,6 +156,23 @@ class Channel(kombu_redis.Channel):
         except self.connection_errors as exc:  # delivered anyway, as QoS.append does (see above)
             log.warning("broker.unacked_write_failed", messages=len(records), error=exc.__class__.__name__)
         self._filed.update(records)
+        for popped in batch:
+            virtual.QoS.append(self.qos, self.Message(popped.payload, channel=self), popped.tag)
+
+    def _deliver_batch(self, batch: list[Popped], queue: str) -> None:
+        """Hand each message to the consumer; if that fails, the rest of the batch goes back to its queue now
+        rather than after VISIBILITY_TIMEOUT."""
+        for done, popped in enumerate(batch):
+            try:
+                self.connection._deliver(popped.payload, queue)
+            except BaseException:
+                for rest in reversed(batch[done + 1:]):  # each back to the head of its queue: the last first
+                    self.qos._delivered.pop(rest.tag, None)
+                    try:
+                        self.qos.restore_by_tag(rest.tag)
+                    except self.connection_errors:
+                        pass  # its unacked record brings it back after VISIBILITY_TIMEOUT
+                raise
 
     def _connparams(self, asynchronous: bool = False) -> dict:
         if self.connection is None or self.connection.client is None:

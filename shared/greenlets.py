@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg.waiting import Ready, Wait
 
 
@@ -21,26 +22,34 @@ def on_greenlets() -> bool:
 
 
 _EVENTS = {Wait.R: 1, Wait.W: 2, Wait.RW: 3}  # libev's READ, WRITE
-_READY = {Wait.R: Ready.R, Wait.W: Ready.W, Wait.RW: Ready.RW}  # RW: libpq's calls are non-blocking, a guess is safe
+_READY = {0: Ready.RW, 1: Ready.R, 2: Ready.W, 3: Ready.RW}  # 0: an error only; libpq finds out which
 
 
 class GreenConnection(psycopg.Connection):
     def wait(self, gen, interval=0.1, timeout=None):
-        """Run psycopg's generator, parking the greenlet on the hub while the socket is not ready. A wait with a
-        timeout (a cancel, a close) is psycopg's own."""
+        """Run psycopg's generator, parking the greenlet on the hub while the socket is not ready, and telling
+        the generator which way it is ready. A wait with a timeout (a cancel, a close) is psycopg's own."""
         if timeout is not None:
             return super().wait(gen, interval, timeout)
-        from gevent.hub import get_hub
+        from gevent.hub import Waiter, get_hub
 
         fileno, hub = self.pgconn.socket, get_hub()
         try:
             state = next(gen)
             while True:
-                watcher = hub.loop.io(fileno, _EVENTS[state])
+                watcher, waiter = hub.loop.io(fileno, _EVENTS[state]), Waiter(hub)
+                watcher.start(waiter.switch, pass_events=True)
                 try:
-                    hub.wait(watcher)
+                    events = waiter.get()
                 finally:
                     watcher.close()
-                state = gen.send(_READY[state])
+                state = gen.send(_READY[events & 3])
         except StopIteration as done:
             return done.value
+        except (KeyboardInterrupt, SystemExit):  # as psycopg does: the server must not go on running the query
+            if self.pgconn.transaction_status == TransactionStatus.ACTIVE:
+                try:
+                    self.cancel_safe(timeout=5.0)
+                except Exception:  # noqa: BLE001 - the interrupt is what the caller must see
+                    pass
+            raise

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import time
 
+import base64
 import json
 
 import pytest
@@ -39,10 +40,14 @@ def private_redis(tmp_path):
     proc.wait()
 
 
-@pytest.fixture
-def redis6(tmp_path):
-    """A server without BLMPOP, as Redis 6 is."""
-    proc, port, client = _start_redis(tmp_path, "--rename-command", "BLMPOP", "")
+@pytest.fixture(params=["redis 6", "acl"])
+def without_blmpop(request, tmp_path):
+    """A server without BLMPOP, as Redis 6 is, or one whose ACL does not let the user run it."""
+    if request.param == "redis 6":
+        proc, port, client = _start_redis(tmp_path, "--rename-command", "BLMPOP", "")
+    else:
+        proc, port, client = _start_redis(tmp_path)
+        client.execute_command("ACL", "SETUSER", "default", "-blmpop")
     yield port, client
     proc.kill()
     proc.wait()
@@ -160,8 +165,8 @@ def test_a_batched_message_of_a_dead_consumer_comes_back(private_redis):
         sorted(m._raw["body"] for m in received)
 
 
-def test_without_blmpop_the_consumer_takes_one_message_per_poll(redis6):
-    port, client = redis6
+def test_without_blmpop_the_consumer_takes_one_message_per_poll(without_blmpop):
+    port, client = without_blmpop
     with Connection(f"redis://127.0.0.1:{port}/0", transport=TRANSPORT) as conn:
         channel, received = _consume(conn)
         _publish(channel, 3)
@@ -172,3 +177,56 @@ def test_without_blmpop_the_consumer_takes_one_message_per_poll(redis6):
                 break
         assert [m.body.decode() for m in received] == ["m0", "m1", "m2"]
         assert client.hlen("unacked") == 3
+
+
+class Stopped(BaseException):
+    """What a worker's consumer gets thrown while it waits for a free greenlet (GreenletExit, a warm shutdown)."""
+
+
+def test_a_consumer_stopped_inside_a_batch_gives_the_rest_back_at_once_and_the_taken_part_at_close(private_redis):
+    port, client = private_redis
+    conn = Connection(f"redis://127.0.0.1:{port}/0", transport=TRANSPORT)
+    channel = conn.channel()
+    channel.queue_declare("sessions.0")
+    taken: list = []
+
+    def consume(message):
+        if len(taken) == 3:
+            raise Stopped()
+        taken.append(message)
+
+    channel.basic_consume("sessions.0", False, consume, "worker")
+    _publish(channel, 10)
+    with pytest.raises(Stopped):
+        conn.drain_events(timeout=1)
+    assert len(taken) == 3 and client.llen("sessions.0") == 6  # 4-9 back now, in their order ...
+    assert [base64.b64decode(json.loads(raw)["body"]) for raw in client.lrange("sessions.0", 0, -1)][::-1] == \
+        [f"m{n}".encode() for n in range(4, 10)]  # RPOP order: the next message first
+    assert client.hlen("unacked") == 4  # ... the three taken and the one it stopped in stay unacked ...
+    conn.close()  # ... until the consumer closes: kombu gives back everything it counted as delivered
+    assert client.llen("sessions.0") == 10 and client.hlen("unacked") == 0
+
+
+def test_an_item_that_is_not_a_message_does_not_take_its_batch_along(private_redis):
+    port, client = private_redis
+    with Connection(f"redis://127.0.0.1:{port}/0", transport=TRANSPORT) as conn:
+        channel, received = _consume(conn)
+        _publish(channel, 2)
+        client.lpush("sessions.0", "not json", '{"no": "properties"}')
+        _publish(channel, 2)
+        conn.drain_events(timeout=1)
+        assert [m.body.decode() for m in received] == ["m0", "m1", "m0", "m1"]
+        assert client.hlen("unacked") == 4 and client.llen("sessions.0") == 0
+
+
+def test_a_consumer_without_acks_takes_one_message_per_poll(private_redis):
+    """Its messages are never acked, so a batch's unacked records would bring them back after the timeout."""
+    port, client = private_redis
+    with Connection(f"redis://127.0.0.1:{port}/0", transport=TRANSPORT) as conn:
+        channel = conn.channel()
+        channel.queue_declare("sessions.0")
+        received: list = []
+        channel.basic_consume("sessions.0", True, received.append, "reader")
+        _publish(channel, 3)
+        conn.drain_events(timeout=1)
+        assert len(received) == 1 and client.hlen("unacked") == 0
