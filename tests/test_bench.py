@@ -419,3 +419,30 @@ def test_peaks_keeps_the_highest_reading_and_skips_the_missing():
     with Peaks({"rss": lambda: next(values, 1.0), "none": lambda: None, "gone": gone}, interval=60) as peaks:
         peaks.sample()
     assert peaks.peak == {"rss": 7.0}  # entry, the explicit sample, exit
+
+
+def test_the_scale_scenario_explains_the_statements_inside_the_turn_functions(clean_postgres_url):
+    """EXPLAIN of a function call shows only the call; `scale` reports the plans of the statements the turn's
+    functions run (auto_explain's nested statements), so its "index scans only" still covers the turn's SQL."""
+    from cli.bench.growth import _TURN_FUNCTION, _explain_call
+    from shared.db import STATEMENT_LISTENERS, engine_for
+    from test_turn import make_runner, msg
+
+    r = make_runner(clean_postgres_url)
+    r.handle(msg("one", seq=1))
+    calls: list[tuple[str, dict]] = []
+    STATEMENT_LISTENERS.append(lambda _c, statement, params: calls.append((statement, params)))
+    try:
+        assert r.handle(msg("two", seq=2)) == "replied"
+    finally:
+        STATEMENT_LISTENERS.pop()
+    assert len(calls) == 3 and all(_TURN_FUNCTION.search(statement) for statement, _ in calls)
+    engine = engine_for(clean_postgres_url)
+    accept = _explain_call(engine, *calls[0])
+    queries = " | ".join(p["sql"] for p in accept)
+    for inner in ("FROM sessions WHERE key", "UPDATE sessions SET lease_token", "INSERT INTO inbox", "FROM inbox i",
+                  "FROM messages WHERE session_id"):
+        assert inner in queries
+    assert all(p["plan"] and "error" not in p for p in accept)
+    release = _explain_call(engine, *calls[2])
+    assert any(p["sql"].startswith("UPDATE sessions SET lease_until = NULL") for p in release)

@@ -13,11 +13,11 @@ import pytest
 from sqlalchemy import event, select, update
 
 from workers.agents import EchoAgent
-from shared.db import STATEMENT_LISTENERS, engine_for, transaction
+from shared.db import STATEMENT_LISTENERS, autocommit, engine_for, transaction
 from shared.models import ChatSession, Message, SessionEvent
 from shared.transcripts import transcript
 from shared.db import as_utc
-from workers.store import SEQ_RESTART_IDLE_S, LeaseBusy, now
+from workers.store import SEQ_RESTART_IDLE_S, AlreadyStored, LeaseBusy, LeaseLost, now
 from workers.maintenance import Maintenance
 from test_turn import _hours, make_runner, msg, sent
 
@@ -117,7 +117,7 @@ class Counter:
         """A statement shared.db.execute ran straight on psycopg; on an autocommit connection, its own transaction
         (SQLAlchemy's begin event does not fire for it)."""
         self.statements += 1
-        if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+        if autocommit(conn):
             self.transactions += 1
 
     def __enter__(self) -> Counter:
@@ -135,14 +135,15 @@ class Counter:
 def test_a_turn_takes_three_transactions(database_url):
     """accept with the claim (the lease is free: taken first, then the message joins the inbox, then the turn and
     its context are read), the commit (fenced, renewing the lease: the send right after it needs no fencing
-    statement of its own), the release with the delivery recorded."""
+    statement of its own), the release with the delivery recorded. On PostgreSQL each is one call of a function
+    (migration 0007): three statements, three round trips."""
     r = make_runner(database_url, EchoAgent())
     r.handle(msg("one", seq=1))
     with Counter(database_url) as counted:
         assert r.handle(msg("two", seq=2)) == "replied"
     assert counted.transactions == 3
     sqlite_begins = counted.transactions if database_url.startswith("sqlite") else 0  # BEGIN IMMEDIATE statements
-    assert counted.statements - sqlite_begins == 14
+    assert counted.statements - sqlite_begins == (3 if database_url.startswith("postgresql") else 14)
     assert sent(r)[-1] == ("5511", "echo: two")
     assert transcript(database_url, "wa:dm:5511")[1][-1].delivery_status == "sent"
 
@@ -402,3 +403,95 @@ def test_reading_stored_times_keeps_none_of_them():
     finally:
         tracemalloc.stop()
     assert kept < 200_000, f"{kept} bytes kept after converting {len(times)} times"
+
+
+class _Recorder:
+    """Echoes, but stays silent on "quiet ..."; keeps what each turn showed it (its history)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, list[tuple[str, str]]]] = []
+
+    def reply(self, conversation) -> str | None:
+        self.seen.append((conversation.message.text, [(u.role, u.text) for u in conversation.history]))
+        return None if conversation.message.text.startswith("quiet") else f"echo: {conversation.message.text}"
+
+
+def _conversation(url: str, user: str, functions: bool) -> dict:
+    """One session's life through the store, with PostgreSQL's turn functions (migration 0007) or the statements:
+    a new session, an unanswered message, a history longer than its limit, a redelivery, a message queued behind a
+    held lease, a dormant session woken, a turn that lost its lease. What was stored, sent and shown to the Agent."""
+    agent = _Recorder()
+    r = make_runner(url, agent, history_limit=3)
+    r.store._calls = functions
+    first = msg("one", user=user, seq=1)
+    outcomes = [r.handle(first), r.handle(msg("quiet two", user=user, seq=2))]
+    outcomes += [r.handle(msg(text, user=user, seq=seq)) for seq, text in enumerate(("three", "four", "five"), 3)]
+    outcomes.append(r.handle(first))  # a redelivery of an answered message
+    sid = r.store.accept(msg("six", user=user, seq=6)).session_id
+    held = r.store.claim(sid, LEASE)
+    outcomes.append(r.handle(msg("seven", user=user, seq=7)))  # queued: the lease is held
+    assert r.store.release(held) is True  # both wait in the inbox
+    outcomes += sorted(r.drain(sid).values())
+    with transaction(url) as s:
+        s.execute(update(ChatSession).where(ChatSession.key == f"wa:dm:{user}").values(status="dormant"))
+    outcomes.append(r.handle(msg("eight", user=user, seq=8)))
+    stale = r.store.accept(msg("nine", user=user, seq=9), r.lease).claim
+    assert stale is not None and stale.turn is not None
+    with transaction(url) as s:  # another holder took over meanwhile
+        s.execute(update(ChatSession).where(ChatSession.id == sid).values(lease_token=ChatSession.lease_token + 1))
+    with pytest.raises(LeaseLost):
+        r.store.commit_turn(stale.turn, "echo: nine")
+    summary, lines = transcript(url, f"wa:dm:{user}")
+    return {"outcomes": outcomes, "sent": [text for _, text in sent(r)], "seen": agent.seen,
+            "session": (summary.status, summary.generation, summary.message_count),
+            "lines": [(line.kind, line.generation, line.sender_name, line.text, line.delivery_status) for line in lines]}
+
+
+def test_the_turn_functions_do_what_the_statements_do(clean_postgres_url):
+    """On PostgreSQL a turn's three transactions are function calls for the common case; everything else takes the
+    statements SQLite runs. Played both ways, one session's life leaves the same trace."""
+    with_functions = _conversation(clean_postgres_url, "5511", functions=True)
+    with_statements = _conversation(clean_postgres_url, "5522", functions=False)
+    assert with_functions == with_statements
+    assert with_functions["outcomes"][:6] == ["replied", "silent", "replied", "replied", "replied", "duplicate"]
+    assert with_functions["seen"][4] == ("five", [("assistant", "echo: three"), ("user", "four"),
+                                                  ("assistant", "echo: four")])  # the newest 3 (history_limit)
+    assert [line[3] for line in with_functions["lines"] if line[0] == "event"] == ["created", "resumed"]
+
+
+def test_a_message_stored_meanwhile_is_not_stored_twice_by_the_function(clean_postgres_url):
+    """The commit's call refuses a platform message id stored since the turn was read (AlreadyStored), and
+    applies nothing: the inbox keeps the message for its redelivery turn."""
+    r = make_runner(clean_postgres_url, EchoAgent())
+    r.handle(msg("one", seq=1))
+    claim = r.store.accept(msg("two", seq=2, pid="wamid.twice"), r.lease).claim
+    with transaction(clean_postgres_url) as s:
+        row = s.scalars(select(Message).where(Message.text == "one")).first()
+        s.add(Message(session_id=row.session_id, generation=1, position=99, role="user", sender_id="x",
+                      sender_name="x", text="two", channel_id="wa", platform_message_id="wamid.twice",
+                      created_at=now()))
+    with pytest.raises(AlreadyStored):
+        r.store.commit_turn(claim.turn, "echo: two")
+    assert transcript(clean_postgres_url, "wa:dm:5511")[0].message_count == 2  # the failed call changed nothing
+
+
+def test_a_schema_without_the_turn_functions_takes_the_statements(monkeypatch):
+    """Workers started on this code before `chatsessions db upgrade` (a database at migration 0006) still answer,
+    with the statements, and say what to run."""
+    from alembic import command
+
+    import workers.store
+    from conftest import fresh_database
+    from shared.migrate import alembic_config
+
+    warned = []
+    monkeypatch.setattr(workers.store.log, "warning", lambda event, **kw: warned.append(event))
+    with fresh_database("chatsessions_0006") as url:
+        command.downgrade(alembic_config(url), "0006")
+        r = make_runner(url, EchoAgent())
+        r.handle(msg("one", seq=1))
+        with Counter(url) as counted:
+            assert r.handle(msg("two", seq=2)) == "replied"
+        assert counted.statements == 14 and warned == ["store.turn_functions_missing"]
+        command.upgrade(alembic_config(url), "head")
+        assert workers.store.Store(url)._functions() is False  # known per process: used after a restart

@@ -33,7 +33,7 @@ import json
 import time
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
-from typing import Callable, Iterable, Mapping, TypeVar
+from typing import Callable, Iterable, Mapping, NamedTuple, TypeVar
 
 import structlog
 from sqlalchemy import (
@@ -56,7 +56,7 @@ from workers.work import (
     Turn,
 )
 from shared.config import ChannelConfig
-from shared.db import DB_UNAVAILABLE, as_utc, engine_for, execute, run_statement, run_transaction
+from shared.db import DB_UNAVAILABLE, as_utc, engine_for, execute, run_call, run_statement, run_transaction
 from shared.errors import ChatSessionsError, LeaseLost  # noqa: F401 - LeaseLost is part of the store's surface
 from shared.messages import SEQ_TTL_S, Delivery, InboundMessage
 from shared.models import (
@@ -144,7 +144,14 @@ def _take(take: Mapping[str, int] | None, claim: Claim) -> int:
     return max(1, take.get(claim.channel_id, 1)) if take else 1
 
 
-def _turn(c: Connection, claim: Claim, heads, history_limit: int | Mapping[str, int], force: bool) -> Turn | None:
+def _history(c: Connection, claim: Claim) -> Callable[[int], Iterable]:
+    """The HISTORY reader `_turn` takes: the newest messages of the claim's generation, newest first."""
+    return lambda limit: execute(c, sql.HISTORY, {"sid": claim.session_id, "generation": claim.generation,
+                                                  "limit": limit}).all()
+
+
+def _turn(claim: Claim, heads, history_limit: int | Mapping[str, int], force: bool,
+          read_history: Callable[[int], Iterable]) -> Turn | None:
     """The turn of the inbox's first rows `heads` with its context: the newest `history_limit` messages of the
     session's current generation, oldest first (a mapping: the limit of the message's channel, which in a
     per-person session need not be the session row's). None if there is no head, or it waits for an earlier
@@ -170,10 +177,23 @@ def _turn(c: Connection, claim: Claim, heads, history_limit: int | Mapping[str, 
     item_id, message = burst[-1]
     if not isinstance(history_limit, int):
         history_limit = history_limit.get(message.channel_id) or history_limit[claim.channel_id]
-    history = execute(c, sql.HISTORY, {"sid": claim.session_id, "generation": claim.generation,
-                                   "limit": history_limit}).all()
+    history = read_history(history_limit)
     return Turn(claim, item_id, message, [StoredMessage(*r) for r in reversed(history)], stored=False,
                 earlier=tuple(burst[:-1]))
+
+
+class _Head(NamedTuple):
+    """An inbox row as HEAD reads it, from cs_accept's result."""
+
+    id: int
+    seq: int
+    payload: str
+    stored: bool
+
+
+def _timestamp(value: str | None) -> datetime | None:
+    """A timestamptz as PostgreSQL writes it in JSON (ISO 8601 with its offset), in UTC."""
+    return as_utc(datetime.fromisoformat(value)) if value else None
 
 
 def _delivery_params(reply_id: int, delivery: Delivery) -> dict:
@@ -181,11 +201,35 @@ def _delivery_params(reply_id: int, delivery: Delivery) -> dict:
             "attempts": delivery.attempts, "at": now() if delivery.ok else None}
 
 
+TURN_FUNCTIONS = ("cs_accept", "cs_commit_turn", "cs_release")
+
+
+@functools.cache
+def _turn_functions(url: str) -> bool:
+    """Whether the database has the turn's functions. A worker started on code newer than the schema (before
+    `chatsessions db upgrade`) runs the statements instead, and says so; it uses the functions once restarted."""
+    found = run_transaction(url, lambda c: c.exec_driver_sql(
+        "SELECT count(DISTINCT proname) FROM pg_proc WHERE proname = ANY(%(names)s)", {"names": list(TURN_FUNCTIONS)}
+    ).scalar())
+    if found < len(TURN_FUNCTIONS):
+        log.warning("store.turn_functions_missing", hint="run `chatsessions db upgrade` (migration 0007), then "
+                    "restart the workers: until then each turn takes ~20 round trips to the database instead of 3")
+    return found == len(TURN_FUNCTIONS)
+
+
 class Store:
     def __init__(self, database_url: str):
         self.url = database_url
         self.insert = _insert(database_url)
-        self._create_session, self._enqueue = sql.upserts(engine_for(database_url).dialect.name)
+        dialect = engine_for(database_url).dialect.name
+        self._create_session, self._enqueue = sql.upserts(dialect)
+        self._calls: bool | None = None if dialect == "postgresql" else False  # see _functions
+
+    def _functions(self) -> bool:
+        """Whether the turn's common cases run as the functions of migration 0007 (PostgreSQL, once migrated)."""
+        if self._calls is None:
+            self._calls = _turn_functions(self.url)
+        return self._calls
 
     def sync_channels(self, channels: Iterable[ChannelConfig]) -> None:
         """Make the channels table match the config (rows are kept for channels that left it)."""
@@ -200,8 +244,7 @@ class Store:
 
     # -- accepting ----------------------------------------------------------------------------------------------
 
-    @transactional
-    def accept(self, c: Connection, msg: InboundMessage, lease: Lease | None = None) -> Accepted:
+    def accept(self, msg: InboundMessage, lease: Lease | None = None) -> Accepted:
         """Record a message in its session's inbox (creating the session, or waking a dormant one).
 
         After this commits the message is durable: the broker's copy may be acknowledged. The session's row is
@@ -214,7 +257,51 @@ class Store:
         is held, or taken between the read and the claim, the message only joins the inbox, as without `lease`,
         and the caller claims in a transaction of its own once this one has committed: the release protocol (see
         `release`) relies on the message being committed before that claim is tried.
+
+        On PostgreSQL, a message for an active session is one call of `cs_accept` (migration 0007), which runs the
+        statements below for that case; a new or dormant session, or a restarted numbering, takes the statements.
         """
+        if self._functions():
+            accepted = self._accept_call(msg, lease)
+            if accepted is not None:
+                return accepted
+        return self._accept(msg, lease)
+
+    def _accept_call(self, msg: InboundMessage, lease: Lease | None) -> Accepted | None:
+        t, monotonic = _clock()
+        read = None
+        if lease is not None and lease.history_limits is not None:
+            read = json.dumps({"limits": lease.history_limits, "takes": lease.take or {}})
+        out = run_call(self.url, sql.ACCEPT_CALL, {
+            "key": msg.session_key, "seq": msg.seq, "t": t,
+            "until": t + timedelta(seconds=lease.seconds) if lease is not None else None,
+            "channel": msg.channel_id, "pmid": msg.platform_message_id, "payload": json.dumps(msg.to_dict()),
+            "idle_since": t - timedelta(seconds=SEQ_RESTART_IDLE_S), "read": read}).scalar()
+        if out is None:
+            return None
+        if "claim" not in out:
+            return Accepted(out["sid"], new=out["inserted"])
+        assert lease is not None
+        (sid, channel_id, token, generation, last_seq, chat_id, chat_kind, _status, last_activity_at, mode, operator,
+         notice_sent) = out["claim"]
+        claim = Claim(sid, channel_id, token, generation, last_seq, chat_id, chat_kind, _timestamp(last_activity_at),
+                      lease.seconds, monotonic, mode, operator, notice_sent)
+        outbox = tuple(PendingReply(rid, channel, chat or chat_id, kind or chat_kind, text, thread, _timestamp(at))
+                       for rid, text, channel, chat, kind, thread, at in out["outbox"])
+        if lease.history_limits is None:
+            return Accepted(sid, new=out["inserted"], claim=replace(claim, outbox=outbox))
+
+        def read_history(limit: int) -> Iterable:
+            if limit == out["limit"]:  # read with the turn (a turn of one message); a burst's is read here
+                return [(role, sender, name, text, _timestamp(at)) for role, sender, name, text, at in out["history"]]
+            return run_call(self.url, sql.HISTORY, {"sid": sid, "generation": generation, "limit": limit}).all()
+
+        heads = [_Head(*h) for h in out["heads"]]
+        turn = _turn(claim, heads, lease.history_limits, False, read_history)
+        return Accepted(sid, new=out["inserted"], claim=replace(claim, outbox=outbox, turn=turn))
+
+    @transactional
+    def _accept(self, c: Connection, msg: InboundMessage, lease: Lease | None) -> Accepted:
         t, monotonic = _clock()
         row = execute(c, sql.FIND_SESSION, {"key": msg.session_key}).first()
         if row is None:
@@ -294,18 +381,28 @@ class Store:
         heads = execute(c, sql.HEAD, {"sid": claim.session_id, "take": _take(lease.take, claim)}).all()
         if heads and row.status == DORMANT:  # the dormancy sweep raced an accept: active again
             self._wake(c, claim.session_id, t)
-        turn = _turn(c, claim, heads, lease.history_limits, force)
+        turn = _turn(claim, heads, lease.history_limits, force, _history(c, claim))
         return replace(claim, outbox=outbox, turn=turn)
 
-    @transactional
-    def release(self, c: Connection, claim: Claim, deliveries: Iterable[tuple[int, Delivery]] = ()) -> bool:
+    def release(self, claim: Claim, deliveries: Iterable[tuple[int, Delivery]] = ()) -> bool:
         """Give the lease up, recording the outcomes of the last sends in the same transaction. True if an inbox
         message is ready after all: it came in while the holder finished its last turn, and its own worker found
         the lease taken; the holder must claim again.
 
         Race-free because the release's UPDATE locks the session's row before the inbox is read (a new
         statement, a new snapshot): an accept that committed before that read is seen here; one that committed
-        after it then claims, and that claim waits for this transaction's row lock, then finds the lease free."""
+        after it then claims, and that claim waits for this transaction's row lock, then finds the lease free.
+        On PostgreSQL the transaction is one call of `cs_release` (migration 0007), whose statements do the same."""
+        deliveries = list(deliveries)
+        if len(deliveries) > 1 or not self._functions():
+            return self._release(claim, deliveries)
+        mark = _delivery_params(*deliveries[0]) if deliveries else dict.fromkeys(("rid", "outcome", "error",
+                                                                                  "attempts", "at"))
+        return bool(run_call(self.url, sql.RELEASE_CALL, {"sid": claim.session_id, "token": claim.token,
+                                                          **mark}).scalar())
+
+    @transactional
+    def _release(self, c: Connection, claim: Claim, deliveries: Iterable[tuple[int, Delivery]]) -> bool:
         for reply_id, delivery in deliveries:
             execute(c, sql.MARK_DELIVERY, _delivery_params(reply_id, delivery))
         row = execute(c, sql.RELEASE, {"sid": claim.session_id, "token": claim.token}).first()
@@ -335,10 +432,9 @@ class Store:
                         last_activity_at=as_utc(row.last_activity_at), renewed_at=monotonic, mode=row.mode,
                         operator=row.operator, notice_sent=row.notice_sent, outbox=(), turn=None)
         heads = execute(c, sql.HEAD, {"sid": claim.session_id, "take": _take(take, claim)}).all()
-        return _turn(c, claim, heads, history_limit, force)
+        return _turn(claim, heads, history_limit, force, _history(c, claim))
 
-    @transactional
-    def commit_turn(self, c: Connection, turn: Turn, reply: str | None, *, new_generation: bool = False,
+    def commit_turn(self, turn: Turn, reply: str | None, *, new_generation: bool = False,
                     reset: bool = False, supersede: bool = False, handoff: HandoffRequest | None = None,
                     notice: bool = False) -> Settled:
         """Move the turn's messages from the inbox into the conversation with its reply (the outbox entry), all or
@@ -353,6 +449,37 @@ class Store:
 
         `handoff`: the session now waits for a person (from the mode the turn read; an operator's takeover meanwhile
         stands). `notice`: the reply is the handoff's notice to the user (said once per handoff)."""
+        if not (turn.earlier or new_generation or reset or supersede or handoff or notice) and self._functions():
+            return self._commit_call(turn, reply)
+        return self._commit_turn(turn, reply, new_generation=new_generation, reset=reset, supersede=supersede,
+                                 handoff=handoff, notice=notice)
+
+    def _commit_call(self, turn: Turn, reply: str | None) -> Settled:
+        """commit_turn's common case on PostgreSQL, one message and its reply, as one call of `cs_commit_turn`
+        (migration 0007): the statements of `_commit_turn` for that case, in one round trip."""
+        claim, msg, (t, monotonic) = turn.claim, turn.message, _clock()
+        user_sent_at = datetime.fromtimestamp(msg.sent_at, timezone.utc) if msg.sent_at else None
+        try:
+            row = run_call(self.url, sql.COMMIT_TURN_CALL, {
+                "sid": claim.session_id, "token": claim.token, "gen": claim.generation, "t": t,
+                "until": t + timedelta(seconds=claim.lease_seconds), "item": turn.item_id, "seq": msg.seq,
+                "channel": msg.channel_id, "chat": msg.chat_id, "kind": msg.chat_kind, "thread": msg.thread_id,
+                "sender_id": msg.sender_id, "sender_name": msg.sender_name, "text": msg.text,
+                "pmid": msg.platform_message_id, "reply": reply or None, "reply_sender_id": AGENT_SENDER[0],
+                "reply_sender_name": AGENT_SENDER[1], "user_sent_at": user_sent_at}).one()
+        except IntegrityError as exc:
+            if "platform" in str(exc.orig).lower():
+                raise AlreadyStored(msg.platform_message_id) from None
+            raise
+        if not row.held:
+            raise LeaseLost(msg.session_key)
+        replies = () if row.reply_id is None else (
+            PendingReply(row.reply_id, msg.channel_id, msg.chat_id, msg.chat_kind, reply, msg.thread_id, user_sent_at),)
+        return Settled(replies, row.ready, renewed_at=monotonic)
+
+    @transactional
+    def _commit_turn(self, c: Connection, turn: Turn, reply: str | None, *, new_generation: bool, reset: bool,
+                     supersede: bool, handoff: HandoffRequest | None, notice: bool) -> Settled:
         claim, msg, (t, monotonic) = turn.claim, turn.message, _clock()
         generation = claim.generation + 1 if new_generation or reset else claim.generation
         inbound = turn.messages

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import re
 import time
 from typing import Any
 
@@ -147,11 +148,65 @@ class GrowthScenarios:
             if key in seen or key.upper() in ("SELECT 1", "BEGIN", "COMMIT", "ROLLBACK"):
                 continue
             seen.add(key)
-            plans.append(_explain(engine, statement, params))
+            if _TURN_FUNCTION.search(key):
+                plans.extend(_explain_call(engine, statement, params))
+            else:
+                plans.append(_explain(engine, statement, params))
         log(f"EXPLAIN: one turn ({outcome}) ran {len(captured)} statements, {len(plans)} distinct, {counts}")
         self.turn_counts = {"outcome": outcome, "statements": len(captured), "distinct_statements": len(plans),
                             **counts}
         return plans
+
+
+_TURN_FUNCTION = re.compile(r"\bcs_\w+\(")  # a call of one of the turn's functions (migration 0007)
+
+
+def _plan_facts(plan: list[str]) -> dict[str, Any]:
+    return {"plan": plan, "uses_index": any("Index" in line for line in plan),
+            "seq_scans": sorted({line.split("Seq Scan on ")[1].split()[0] for line in plan if "Seq Scan on " in line})}
+
+
+def _explain_call(engine: Any, statement: str, params: Any) -> list[dict[str, Any]]:
+    """The plans of the statements inside a turn function's call, as auto_explain reports them to the client
+    (`log_nested_statements`, at NOTICE), the call run again and rolled back. A statement the second run refuses
+    (an INSERT of a message stored by the first) ends the list; it is marked with the error."""
+    conn = engine.connect()
+    raw = conn.connection.dbapi_connection
+    notices: list[str] = []
+
+    def keep(diag: Any) -> None:
+        notices.append(diag.message_primary or "")
+
+    raw.add_notice_handler(keep)
+    trans = conn.begin()
+    error = None
+    try:
+        conn.exec_driver_sql("LOAD 'auto_explain'")
+        for setting in ("log_min_duration = 0", "log_analyze = on", "log_buffers = on", "log_nested_statements = on",
+                        "log_level = notice"):
+            conn.exec_driver_sql(f"SET LOCAL auto_explain.{setting}")
+        conn.exec_driver_sql(statement, params if params else None).fetchall()
+    except Exception as exc:  # noqa: BLE001 - reported with the plans it got to
+        error = f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}"
+    finally:
+        trans.rollback()
+        raw.remove_notice_handler(keep)
+        conn.close()
+    call = " ".join(statement.split())
+    results = []
+    for notice in notices:
+        # "duration: ... plan:", "Query Text: ..." (over as many lines as the query), then the plan's nodes
+        lines = notice.splitlines()
+        start = next((i for i, line in enumerate(lines) if "(cost=" in line), len(lines))
+        query = " ".join(lines[1:start]).removeprefix("Query Text: ")
+        if not query or _TURN_FUNCTION.search(query):
+            continue  # the call itself
+        plan = lines[start:]
+        results.append({"sql": " ".join(query.split()), "in_call": call[:80], "analyzed": True, **_plan_facts(plan)})
+    if error is not None or not results:
+        results.append({"sql": call, "analyzed": False, "error": error or "auto_explain reported no statement",
+                        "plan": [], "uses_index": False, "seq_scans": []})
+    return results
 
 
 def _explain(engine: Any, statement: str, params: Any) -> dict[str, Any]:
@@ -163,12 +218,8 @@ def _explain(engine: Any, statement: str, params: Any) -> dict[str, Any]:
         try:
             prefix = "EXPLAIN (ANALYZE, BUFFERS) " if analyze else "EXPLAIN "
             rows = conn.exec_driver_sql(prefix + statement, params if params else None).fetchall()
-            plan = [r[0] for r in rows]
             result["analyzed"] = analyze
-            result["plan"] = plan
-            result["seq_scans"] = sorted({line.split("Seq Scan on ")[1].split()[0] for line in plan
-                                          if "Seq Scan on " in line})
-            result["uses_index"] = any("Index" in line for line in plan)
+            result.update(_plan_facts([r[0] for r in rows]))
             return result
         except Exception as exc:  # noqa: BLE001 - e.g. a unique violation re-running an INSERT: plain EXPLAIN
             result["error"] = f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}"

@@ -85,7 +85,7 @@ def profile_turns(database_url: str, turns: int = 1000, sessions: int = 100, war
 
     from cli.bench_agents import DemoEcho
     from shared.config import ChannelConfig, SessionOptions
-    from shared.db import STATEMENT_LISTENERS, engine_for
+    from shared.db import STATEMENT_LISTENERS, autocommit, engine_for
     from shared.logs import configure_logging
     from shared.messages import DM, InboundMessage
     from workers.store import Store
@@ -138,11 +138,11 @@ def profile_turns(database_url: str, turns: int = 1000, sessions: int = 100, war
 
     def begin(conn: Any) -> None:  # each one database transaction; an autocommit statement is its own
         counts["transactions"] += 1
-        if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+        if autocommit(conn):
             counts["autocommit_statements"] += 1
     def count_direct(conn: Any, *_args: Any) -> None:  # the statements shared.db.execute runs straight on psycopg
         counts["statements"] += 1
-        if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":  # its own transaction
+        if autocommit(conn):  # its own transaction
             counts["transactions"] += 1
             counts["autocommit_statements"] += 1
 
