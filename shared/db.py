@@ -191,8 +191,21 @@ def run_call(url: str, statement: Executable, params: dict) -> Rows:
                     continue
                 raise
             finally:
-                if raw is not None and not raw.closed:
-                    raw.autocommit = False
+                _end_autocommit(conn, raw)
+
+
+def _end_autocommit(conn: Connection, raw: Any) -> None:
+    """Give the connection back to the pool as it came (not in autocommit); one left mid-statement (an interrupt,
+    a greenlet killed) or broken is invalidated instead. Never raises over the statement's own outcome."""
+    from psycopg.pq import TransactionStatus
+
+    try:
+        if not raw.closed and raw.info.transaction_status == TransactionStatus.IDLE:
+            raw.autocommit = False
+            return
+    except Exception:  # noqa: BLE001 - invalidated below
+        pass
+    conn.invalidate()
 
 
 def autocommit(c: Connection) -> bool:

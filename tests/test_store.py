@@ -11,6 +11,7 @@ from datetime import timedelta
 import psycopg
 import pytest
 from sqlalchemy import event, select, update
+from sqlalchemy.exc import IntegrityError
 
 from workers.agents import EchoAgent
 from shared.db import STATEMENT_LISTENERS, autocommit, engine_for, transaction
@@ -441,22 +442,57 @@ def _conversation(url: str, user: str, functions: bool) -> dict:
         s.execute(update(ChatSession).where(ChatSession.id == sid).values(lease_token=ChatSession.lease_token + 1))
     with pytest.raises(LeaseLost):
         r.store.commit_turn(stale.turn, "echo: nine")
-    summary, lines = transcript(url, f"wa:dm:{user}")
-    return {"outcomes": outcomes, "sent": [text for _, text in sent(r)], "seen": agent.seen,
-            "session": (summary.status, summary.generation, summary.message_count),
-            "lines": [(line.kind, line.generation, line.sender_name, line.text, line.delivery_status) for line in lines]}
+    return {"outcomes": outcomes, "sent": [text for _, text in sent(r)], "seen": agent.seen, **_stored(url, sid, user)}
+
+
+def _burst(url: str, user: str, functions: bool) -> dict:
+    """A channel with burst = "collect": messages that waited behind a held lease make one turn."""
+    agent = _Recorder()
+    r = make_runner(url, agent, burst="collect")
+    r.store._calls = functions
+    outcomes = [r.handle(msg("one", user=user, seq=1))]
+    sid = r.store.accept(msg("two", user=user, seq=2)).session_id
+    held = r.store.claim(sid, LEASE)
+    outcomes += [r.handle(msg(text, user=user, seq=seq)) for seq, text in ((3, "three"), (4, "four"))]
+    assert r.store.release(held) is True
+    outcomes += sorted(r.drain(sid).values())
+    outcomes.append(r.handle(msg("five", user=user, seq=5)))
+    return {"outcomes": outcomes, "sent": [text for _, text in sent(r)], "seen": agent.seen, **_stored(url, sid, user)}
+
+
+def _stored(url: str, sid: int, user: str) -> dict:
+    """Every column a turn writes, of one session's rows (ids and times as what they point at, or whether set; the
+    user's id as "user")."""
+    with engine_for(url).connect() as conn:
+        session = conn.exec_driver_sql(
+            "SELECT status, generation, message_count, last_seq, lease_until IS NULL, mode, operator, notice_sent "
+            "FROM sessions WHERE id = %(s)s", {"s": sid}).one()
+        messages = conn.exec_driver_sql(
+            "SELECT m.generation, m.position, m.role, m.sender_id, m.sender_name, m.text, m.channel_id, m.chat_id, "
+            "m.chat_kind, m.thread_id, m.platform_message_id IS NULL, m.ingress_seq, r.position, m.delivery_status, "
+            "m.delivery_error, m.delivery_attempts, m.user_sent_at IS NULL, m.delivered_at IS NULL "
+            "FROM messages m LEFT JOIN messages r ON r.id = m.in_reply_to WHERE m.session_id = %(s)s "
+            "ORDER BY m.position", {"s": sid}).all()
+        events = conn.exec_driver_sql("SELECT generation, event, actor, detail FROM session_events "
+                                      "WHERE session_id = %(s)s ORDER BY id", {"s": sid}).all()
+        inbox = conn.exec_driver_sql("SELECT seq FROM inbox WHERE session_id = %(s)s ORDER BY seq", {"s": sid}).all()
+    def plain(rows) -> list[tuple]:
+        return [tuple("user" if value == user else value for value in row) for row in rows]
+    return {"session": tuple(session), "messages": plain(messages), "events": plain(events), "inbox": plain(inbox)}
 
 
 def test_the_turn_functions_do_what_the_statements_do(clean_postgres_url):
     """On PostgreSQL a turn's three transactions are function calls for the common case; everything else takes the
-    statements SQLite runs. Played both ways, one session's life leaves the same trace."""
+    statements SQLite runs. Played both ways, one session's life leaves the same trace, column by column."""
     with_functions = _conversation(clean_postgres_url, "5511", functions=True)
     with_statements = _conversation(clean_postgres_url, "5522", functions=False)
     assert with_functions == with_statements
     assert with_functions["outcomes"][:6] == ["replied", "silent", "replied", "replied", "replied", "duplicate"]
     assert with_functions["seen"][4] == ("five", [("assistant", "echo: three"), ("user", "four"),
                                                   ("assistant", "echo: four")])  # the newest 3 (history_limit)
-    assert [line[3] for line in with_functions["lines"] if line[0] == "event"] == ["created", "resumed"]
+    assert [e[1] for e in with_functions["events"]] == ["created", "resumed"]
+    assert with_functions["inbox"] == [(9,)]  # the stale holder's message waits for the next one
+    assert _burst(clean_postgres_url, "5533", functions=True) == _burst(clean_postgres_url, "5544", functions=False)
 
 
 def test_a_message_stored_meanwhile_is_not_stored_twice_by_the_function(clean_postgres_url):
@@ -473,6 +509,25 @@ def test_a_message_stored_meanwhile_is_not_stored_twice_by_the_function(clean_po
     with pytest.raises(AlreadyStored):
         r.store.commit_turn(claim.turn, "echo: two")
     assert transcript(clean_postgres_url, "wa:dm:5511")[0].message_count == 2  # the failed call changed nothing
+
+
+@pytest.mark.parametrize("functions", [True, False])
+def test_another_refused_insert_is_an_error_not_a_duplicate(clean_postgres_url, functions):
+    """Only the platform id's constraint means "stored already". Any other refusal (here: the position a commit
+    takes is taken) stays an error, so the turn is retried, then dead-lettered — never dropped as a duplicate,
+    although PostgreSQL's message of an error inside a function quotes the INSERT's column names."""
+    r = make_runner(clean_postgres_url, EchoAgent())
+    r.store._calls = functions
+    r.handle(msg("one", seq=1))
+    claim = r.store.accept(msg("two", seq=2), r.lease).claim
+    with transaction(clean_postgres_url) as s:
+        row = s.scalars(select(Message).where(Message.text == "one")).first()
+        s.add(Message(session_id=row.session_id, generation=1, position=2, role="user", sender_id="x",
+                      sender_name="x", text="squatter", channel_id="wa", platform_message_id="wamid.other",
+                      created_at=now()))
+    with pytest.raises(IntegrityError) as refused:
+        r.store.commit_turn(claim.turn, "echo: two")
+    assert "uq_messages_session_position" in str(refused.value.orig)
 
 
 def test_a_schema_without_the_turn_functions_takes_the_statements(monkeypatch):

@@ -16,20 +16,38 @@ down_revision = "0006"
 branch_labels = None
 depends_on = None
 
-# A message into the inbox of an active session, claiming its lease if free and reading the new holder's work
-# (Store.accept). NULL, with nothing done, for the cases the store's statements handle: a session that is new or
-# dormant, or whose ingress numbering restarted. `_read`: {"limits": {channel: history limit}, "takes": {channel:
-# messages per turn}}, or NULL to read only the outbox. A turn of one message comes with its history (read with the
-# limit of its channel, `limit` in the result); a burst's history is read by the store, which knows its last message.
+# A message into the inbox of its session — created if new (with its `created` event) — claiming the lease if free
+# and reading the new holder's work (Store.accept). NULL, with nothing done, for the cases the store's statements
+# handle: a dormant session, a restarted ingress numbering, or a claim on a channel that takes bursts (a turn of
+# several messages, which the store puts together). `_read`: {"limits": {channel: history limit}, "takes": {channel: messages per turn}}, or NULL
+# to read only the outbox. The turn (the inbox's head, when it is the next message) comes with its history, read
+# with the limit of the head's channel (`limit` in the result).
 ACCEPT = """
 CREATE OR REPLACE FUNCTION cs_accept(_key text, _seq bigint, _t timestamptz, _until timestamptz, _channel text,
-                                     _pmid text, _payload text, _idle_since timestamptz, _read json) RETURNS json
+                                     _chat_kind text, _chat_id text, _pmid text, _payload text,
+                                     _idle_since timestamptz, _read json) RETURNS json
 LANGUAGE plpgsql AS $$
 DECLARE s record; c record; _claimed boolean := false; _inserted int; _outbox json; _heads json := '[]';
-        _head record; _has_head boolean; _take int; _gen int; _limit int; _history json := '[]';
+        _head record; _has_head boolean; _gen int; _limit int; _history json := '[]';
 BEGIN
-  SELECT id, status, last_seq, last_activity_at, lease_until INTO s FROM sessions WHERE key = _key;
-  IF NOT FOUND OR s.status <> 'active' OR (_seq > 0 AND _seq <= s.last_seq AND s.last_activity_at < _idle_since) THEN
+  SELECT id, channel_id, status, last_seq, last_activity_at, lease_until INTO s FROM sessions WHERE key = _key;
+  IF NOT FOUND THEN
+    IF _until IS NOT NULL AND coalesce((_read->'takes'->>_channel)::int, 1) > 1 THEN
+      RETURN NULL;
+    END IF;
+    INSERT INTO sessions (channel_id, key, chat_kind, chat_id, status, generation, message_count, last_seq,
+                          lease_token, lease_until, created_at, last_activity_at)
+         VALUES (_channel, _key, _chat_kind, _chat_id, 'active', 1, 0, 0, 0, NULL, _t, _t)
+    ON CONFLICT (key) DO NOTHING
+      RETURNING id, channel_id, status, last_seq, last_activity_at, lease_until INTO s;
+    IF FOUND THEN
+      INSERT INTO session_events (session_id, generation, event, at) VALUES (s.id, 1, 'created', _t);
+    ELSE  -- a concurrent accept created it (and committed: ON CONFLICT waited for it)
+      SELECT id, channel_id, status, last_seq, last_activity_at, lease_until INTO s FROM sessions WHERE key = _key;
+    END IF;
+  END IF;
+  IF s.status <> 'active' OR (_seq > 0 AND _seq <= s.last_seq AND s.last_activity_at < _idle_since)
+     OR (coalesce((_read->'takes'->>s.channel_id)::int, 1) > 1 AND (s.lease_until IS NULL OR s.lease_until < _t)) THEN
     RETURN NULL;
   END IF;
   IF _until IS NOT NULL AND (s.lease_until IS NULL OR s.lease_until < _t) THEN
@@ -50,26 +68,21 @@ BEGIN
                            ORDER BY position), '[]')
     INTO _outbox FROM messages WHERE session_id = s.id AND delivery_status = 'pending';
   IF _read IS NOT NULL THEN
-    _take := greatest(1, coalesce((_read->'takes'->>c.channel_id)::int, 1));
-    SELECT coalesce(json_agg(json_build_array(h.id, h.seq, h.payload, h.stored) ORDER BY h.seq, h.id), '[]')
-      INTO _heads
-      FROM (SELECT i.id, i.seq, i.payload,
-                   EXISTS (SELECT 1 FROM messages m WHERE m.channel_id = i.channel_id
-                                                      AND m.platform_message_id = i.platform_message_id) AS stored
-              FROM inbox i WHERE i.session_id = s.id ORDER BY i.seq, i.id
-             LIMIT _take) h;
-    SELECT i.seq, i.channel_id,
+    SELECT i.id, i.seq, i.payload, i.channel_id,
            EXISTS (SELECT 1 FROM messages m WHERE m.channel_id = i.channel_id
                                               AND m.platform_message_id = i.platform_message_id) AS stored
       INTO _head FROM inbox i WHERE i.session_id = s.id ORDER BY i.seq, i.id LIMIT 1;
     _has_head := FOUND;
+    IF _has_head THEN
+      _heads := json_build_array(json_build_array(_head.id, _head.seq, _head.payload, _head.stored));
+    END IF;
     IF _has_head AND c.status = 'dormant' THEN  -- the dormancy sweep raced this accept: active again
       UPDATE sessions SET status = 'active' WHERE id = s.id AND status = 'dormant' RETURNING generation INTO _gen;
       IF FOUND THEN
         INSERT INTO session_events (session_id, generation, event, at) VALUES (s.id, _gen, 'resumed', _t);
       END IF;
     END IF;
-    IF _has_head AND NOT _head.stored AND _head.seq <= c.last_seq + 1 AND _take = 1 THEN
+    IF _has_head AND NOT _head.stored AND _head.seq <= c.last_seq + 1 THEN
       _limit := coalesce(nullif((_read->'limits'->>_head.channel_id)::int, 0), (_read->'limits'->>c.channel_id)::int);
       SELECT coalesce(json_agg(json_build_array(role, sender_id, sender_name, text, created_at) ORDER BY position DESC),
                       '[]')
