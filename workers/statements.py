@@ -127,6 +127,7 @@ MARK_DELIVERY = (update(messages).where(messages.c.id == bindparam("rid"))
 # On PostgreSQL, the common case of each of a turn's transactions as one call (migration 0007: one round trip).
 ACCEPT_CALL = text("SELECT cs_accept(:key, :seq, :t, :until, :channel, :chat_kind, :chat_id, :pmid, :payload, "
                    ":idle_since, :read)")
+NEXT_TURN_CALL = text("SELECT cs_next_turn(:sid, :token, :until, :read)")
 COMMIT_TURN_CALL = text(
     "SELECT held, reply_id, ready FROM cs_commit_turn(:sid, :token, :gen, :t, :until, :item, :seq, :channel, :chat, "
     ":kind, :thread, :sender_id, :sender_name, :text, :pmid, :reply, :reply_sender_id, :reply_sender_name, "

@@ -198,6 +198,11 @@ def _timestamp(value: str | None) -> datetime | None:
     return as_utc(datetime.fromisoformat(value)) if value else None
 
 
+def _history_rows(rows: list) -> list[tuple]:
+    """HISTORY's rows from a turn function's JSON (read with the limit `_turn` would use: a turn of one message)."""
+    return [(role, sender, name, text, _timestamp(at)) for role, sender, name, text, at in rows]
+
+
 def _platform_id_taken(exc: IntegrityError) -> bool:
     """Whether the refused INSERT's platform message id is stored already (and not another constraint: PostgreSQL's
     message of an error inside a function quotes the whole INSERT, column names included)."""
@@ -303,9 +308,8 @@ class Store:
         if lease.history_limits is None:
             return Accepted(sid, new=out["inserted"], claim=replace(claim, outbox=outbox))
 
-        history = [(role, sender, name, text, _timestamp(at)) for role, sender, name, text, at in out["history"]]
         heads = [_Head(*h) for h in out["heads"]]
-        turn = _turn(claim, heads, lease.history_limits, False, lambda _limit: history)  # one message: its limit
+        turn = _turn(claim, heads, lease.history_limits, False, lambda _limit: _history_rows(out["history"]))
         return Accepted(sid, new=out["inserted"], claim=replace(claim, outbox=outbox, turn=turn))
 
     @transactional
@@ -425,12 +429,31 @@ class Store:
 
     # -- turns --------------------------------------------------------------------------------------------------
 
-    @transactional
-    def next_turn(self, c: Connection, claim: Claim, lease_seconds: float, history_limit: int | Mapping[str, int],
+    def next_turn(self, claim: Claim, lease_seconds: float, history_limit: int | Mapping[str, int],
                   force: bool = False, take: Mapping[str, int] | None = None) -> Turn | None:
         """The inbox message whose turn it is (lowest seq, right after last_seq), with its context; renews the
         lease. None if the inbox is empty or its head waits for an earlier message (unless `force`). With `take`
-        (see `claim`), the ready messages after it too, up to that many: a burst."""
+        (see `claim`), the ready messages after it too, up to that many: a burst. On PostgreSQL, a turn of one
+        message is one call of `cs_next_turn` (migration 0007)."""
+        if force or _take(take, claim) > 1 or not self._functions():
+            return self._next_turn(claim, lease_seconds, history_limit, force, take)
+        t, monotonic = _clock()
+        read = {"limit": history_limit} if isinstance(history_limit, int) else {"limits": history_limit}
+        out = run_call(self.url, sql.NEXT_TURN_CALL, {"sid": claim.session_id, "token": claim.token,
+                                                      "until": t + timedelta(seconds=lease_seconds),
+                                                      "read": json.dumps(read)}).scalar()
+        if out is None:
+            raise LeaseLost(str(claim.session_id))
+        generation, last_seq, last_activity_at, mode, operator, notice_sent = out["session"]
+        claim = replace(claim, generation=generation, last_seq=last_seq, last_activity_at=_timestamp(last_activity_at),
+                        renewed_at=monotonic, mode=mode, operator=operator, notice_sent=notice_sent, outbox=(),
+                        turn=None)
+        return _turn(claim, [_Head(*h) for h in out["heads"]], history_limit, False,
+                     lambda _limit: _history_rows(out["history"]))
+
+    @transactional
+    def _next_turn(self, c: Connection, claim: Claim, lease_seconds: float, history_limit: int | Mapping[str, int],
+                   force: bool, take: Mapping[str, int] | None) -> Turn | None:
         t, monotonic = _clock()
         row = execute(c, sql.RENEW_FOR_TURN, {"sid": claim.session_id, "token": claim.token,
                                           "until": t + timedelta(seconds=lease_seconds)}).first()

@@ -1,4 +1,4 @@
-"""turn functions: on PostgreSQL, the common case of each of a turn's three transactions is one function call
+"""turn functions: on PostgreSQL, the common case of each of a turn's transactions is one function call
 
 A transaction of six short statements cost the worker ~0.5 ms of CPU and PostgreSQL ~0.45 ms, mostly in the
 round trips (BEGIN, each statement, COMMIT); one call of a PL/pgSQL function doing the same work costs ~0.08 and
@@ -16,6 +16,40 @@ down_revision = "0006"
 branch_labels = None
 depends_on = None
 
+# The turn a holder takes next: the inbox's head, with the session's newest messages of generation `_gen` when the
+# head is the next message (`_last` + 1) and not stored yet, read with the limit of the head's channel: `_read`'s
+# "limit", else its "limits" for the head's channel, else for the session's (the store's `_turn`).
+TURN_READ = """
+CREATE OR REPLACE FUNCTION cs_turn_read(_sid bigint, _gen int, _last bigint, _session_channel text, _read json,
+                                        OUT heads json, OUT lim int, OUT history json)
+LANGUAGE plpgsql AS $$
+DECLARE _head record;
+BEGIN
+  heads := '[]';
+  history := '[]';
+  SELECT i.id, i.seq, i.payload, i.channel_id,
+         EXISTS (SELECT 1 FROM messages m WHERE m.channel_id = i.channel_id
+                                            AND m.platform_message_id = i.platform_message_id) AS stored
+    INTO _head FROM inbox i WHERE i.session_id = _sid ORDER BY i.seq, i.id LIMIT 1;
+  IF NOT FOUND THEN
+    RETURN;
+  END IF;
+  heads := json_build_array(json_build_array(_head.id, _head.seq, _head.payload, _head.stored));
+  IF _head.stored OR _head.seq > _last + 1 THEN
+    RETURN;
+  END IF;
+  lim := coalesce((_read->>'limit')::int, nullif((_read->'limits'->>_head.channel_id)::int, 0),
+                  (_read->'limits'->>_session_channel)::int);
+  SELECT coalesce(json_agg(json_build_array(role, sender_id, sender_name, text, created_at) ORDER BY position DESC),
+                  '[]')
+    INTO history
+    FROM (SELECT position, role, sender_id, sender_name, text, created_at FROM messages
+           WHERE session_id = _sid AND generation = _gen
+             AND (delivery_status IS NULL OR delivery_status <> 'skipped')
+           ORDER BY position DESC LIMIT lim) newest;
+END $$
+"""
+
 # A message into the inbox of its session — created if new (with its `created` event) — claiming the lease if free
 # and reading the new holder's work (Store.accept). NULL, with nothing done, for the cases the store's statements
 # handle: a dormant session, a restarted ingress numbering, or a claim on a channel that takes bursts (a turn of
@@ -27,8 +61,8 @@ CREATE OR REPLACE FUNCTION cs_accept(_key text, _seq bigint, _t timestamptz, _un
                                      _chat_kind text, _chat_id text, _pmid text, _payload text,
                                      _idle_since timestamptz, _read json) RETURNS json
 LANGUAGE plpgsql AS $$
-DECLARE s record; c record; _claimed boolean := false; _inserted int; _outbox json; _heads json := '[]';
-        _head record; _has_head boolean; _gen int; _limit int; _history json := '[]';
+DECLARE s record; c record; _claimed boolean := false; _inserted int; _outbox json; _gen int;
+        _heads json := '[]'; _lim int; _history json := '[]';
 BEGIN
   SELECT id, channel_id, status, last_seq, last_activity_at, lease_until INTO s FROM sessions WHERE key = _key;
   IF NOT FOUND THEN
@@ -68,36 +102,39 @@ BEGIN
                            ORDER BY position), '[]')
     INTO _outbox FROM messages WHERE session_id = s.id AND delivery_status = 'pending';
   IF _read IS NOT NULL THEN
-    SELECT i.id, i.seq, i.payload, i.channel_id,
-           EXISTS (SELECT 1 FROM messages m WHERE m.channel_id = i.channel_id
-                                              AND m.platform_message_id = i.platform_message_id) AS stored
-      INTO _head FROM inbox i WHERE i.session_id = s.id ORDER BY i.seq, i.id LIMIT 1;
-    _has_head := FOUND;
-    IF _has_head THEN
-      _heads := json_build_array(json_build_array(_head.id, _head.seq, _head.payload, _head.stored));
-    END IF;
-    IF _has_head AND c.status = 'dormant' THEN  -- the dormancy sweep raced this accept: active again
+    SELECT heads, lim, history INTO _heads, _lim, _history
+      FROM cs_turn_read(s.id, c.generation, c.last_seq, c.channel_id, _read);
+    IF json_array_length(_heads) > 0 AND c.status = 'dormant' THEN  -- the dormancy sweep raced this accept
       UPDATE sessions SET status = 'active' WHERE id = s.id AND status = 'dormant' RETURNING generation INTO _gen;
       IF FOUND THEN
         INSERT INTO session_events (session_id, generation, event, at) VALUES (s.id, _gen, 'resumed', _t);
       END IF;
-    END IF;
-    IF _has_head AND NOT _head.stored AND _head.seq <= c.last_seq + 1 THEN
-      _limit := coalesce(nullif((_read->'limits'->>_head.channel_id)::int, 0), (_read->'limits'->>c.channel_id)::int);
-      SELECT coalesce(json_agg(json_build_array(role, sender_id, sender_name, text, created_at) ORDER BY position DESC),
-                      '[]')
-        INTO _history
-        FROM (SELECT position, role, sender_id, sender_name, text, created_at FROM messages
-               WHERE session_id = s.id AND generation = c.generation
-                 AND (delivery_status IS NULL OR delivery_status <> 'skipped')
-               ORDER BY position DESC LIMIT _limit) newest;
     END IF;
   END IF;
   RETURN json_build_object('sid', s.id, 'inserted', _inserted > 0, 'claim',
                            json_build_array(c.id, c.channel_id, c.lease_token, c.generation, c.last_seq, c.chat_id,
                                             c.chat_kind, c.status, c.last_activity_at, c.mode, c.operator,
                                             c.notice_sent),
-                           'outbox', _outbox, 'heads', _heads, 'limit', _limit, 'history', _history);
+                           'outbox', _outbox, 'heads', _heads, 'limit', _lim, 'history', _history);
+END $$
+"""
+
+# The holder's next turn (Store.next_turn, one message a turn): the lease renewed if the token still holds it (NULL
+# if not), the session's state as of now, and the turn.
+NEXT_TURN = """
+CREATE OR REPLACE FUNCTION cs_next_turn(_sid bigint, _token bigint, _until timestamptz, _read json) RETURNS json
+LANGUAGE plpgsql AS $$
+DECLARE c record; _turn record;
+BEGIN
+  UPDATE sessions SET lease_until = _until WHERE id = _sid AND lease_token = _token
+   RETURNING channel_id, generation, last_seq, last_activity_at, mode, operator, notice_sent INTO c;
+  IF NOT FOUND THEN
+    RETURN NULL;
+  END IF;
+  SELECT * INTO _turn FROM cs_turn_read(_sid, c.generation, c.last_seq, c.channel_id, _read);
+  RETURN json_build_object('session', json_build_array(c.generation, c.last_seq, c.last_activity_at, c.mode,
+                                                       c.operator, c.notice_sent),
+                           'heads', _turn.heads, 'limit', _turn.lim, 'history', _turn.history);
 END $$
 """
 
@@ -165,7 +202,9 @@ END $$
 def upgrade() -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
+    op.execute(TURN_READ)
     op.execute(ACCEPT)
+    op.execute(NEXT_TURN)
     op.execute(COMMIT_TURN)
     op.execute(RELEASE)
 
@@ -174,5 +213,7 @@ def downgrade() -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
     op.execute("DROP FUNCTION IF EXISTS cs_accept")
+    op.execute("DROP FUNCTION IF EXISTS cs_next_turn")
+    op.execute("DROP FUNCTION IF EXISTS cs_turn_read")
     op.execute("DROP FUNCTION IF EXISTS cs_commit_turn")
     op.execute("DROP FUNCTION IF EXISTS cs_release")
