@@ -40,6 +40,10 @@ T = TypeVar("T")
 
 IDLE_PING_S = 5.0  # a connection idle in the pool this long is pinged at checkout
 RECYCLE_S = 1800  # connections older than this are replaced at checkout (idle timeouts of proxies, firewalls)
+# A process's connections at most, opened as its threads or greenlets first need them and then kept: none is an
+# "overflow" closed at checkin, since a new backend costs PostgreSQL a fork and every cached plan again (with 20 kept
+# + 20 overflow, a pool of 64 threads opened new backends all the time: two thirds of a core went to them).
+POOL_CONNECTIONS = 40
 STALE_RETRIES = 2  # fresh connections run_transaction tries after finding the one it got dead
 
 
@@ -90,7 +94,7 @@ def engine_for(url: str) -> Engine:
         return engine
     # LIFO: a busy process keeps reusing its few warm connections; the rest stay idle (pinged when next used).
     # hide_parameters: an error's text (logged by Celery with its traceback) must not quote message text or keys.
-    engine = create_engine(url, pool_size=20, max_overflow=20, pool_recycle=RECYCLE_S, pool_use_lifo=True,
+    engine = create_engine(url, pool_size=POOL_CONNECTIONS, max_overflow=0, pool_recycle=RECYCLE_S, pool_use_lifo=True,
                            connect_args=driver_options(url), hide_parameters=True)
     _ping_when_idle(engine)
     if on_greenlets():

@@ -413,7 +413,7 @@ def test_compose_services_wait_for_the_migration():
 # over the base manifests minus their worker pools (deploy/README.md, "Several hosts"). Checked the same way.
 
 SCALING = DEPLOY / "k8s" / "examples" / "scaling"
-CONNECTIONS_PER_PROCESS = 40  # shared/db.py: SQLAlchemy pool_size 20 + max_overflow 20
+CONNECTIONS_PER_PROCESS = 40  # shared/db.py: POOL_CONNECTIONS
 URL_VARS = ("DATABASE_URL", "BROKER_URL", "REDIS_URL")
 
 

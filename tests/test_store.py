@@ -297,6 +297,34 @@ def test_a_dead_pooled_connection_is_replaced_not_failed(postgres_url, monkeypat
             conn.exec_driver_sql("TRUNCATE dead_letters, session_events, messages, inbox, sessions, channels CASCADE")
 
 
+def test_a_busy_moment_leaves_its_connections_open_for_the_next(postgres_url):
+    """A pool of more threads than usual connections: the connections a burst opened are kept and reused, not
+    closed at checkin and opened again (a fresh backend costs PostgreSQL a fork and its cached plans)."""
+    engine = engine_for(postgres_url)
+    engine.dispose()
+    barrier = threading.Barrier(30)
+
+    def burst() -> list[int]:
+        pids: list[int] = []
+
+        def hold() -> None:
+            with engine.connect() as conn:
+                pids.append(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar())
+                barrier.wait(timeout=10)  # all 30 checked out at once
+
+        threads = [threading.Thread(target=hold) for _ in range(30)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return pids
+
+    first, second = burst(), burst()
+    assert len(set(first)) == 30
+    assert set(second) == set(first)
+    assert engine.pool.checkedin() == 30
+
+
 def test_the_bench_turn_profile_counts_a_turn(tmp_path):
     """`chatsessions bench --scenarios turn`, small, on SQLite: the figures the docs quote come from here."""
     from cli.bench.turn import print_turn_profile, profile_turns

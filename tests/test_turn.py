@@ -455,7 +455,7 @@ def test_a_busy_connection_pool_is_waited_out_not_dead_lettered(database_url):
     commit = r.store.commit_turn
 
     def pool_exhausted(*_args, **_kwargs):
-        raise PoolTimeout("QueuePool limit of size 20 overflow 20 reached, connection timed out, timeout 30.00")
+        raise PoolTimeout("QueuePool limit of size 40 overflow 0 reached, connection timed out, timeout 30.00")
 
     r.store.commit_turn = pool_exhausted
     with pytest.raises(PoolTimeout):

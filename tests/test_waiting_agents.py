@@ -151,7 +151,7 @@ GEVENT_RUN = textwrap.dedent("""
 
 def test_one_process_on_greenlets_keeps_a_thousand_agents_waiting_at_once(clean_postgres_url):
     """WORKER_POOL=gevent: plain and async Agents alike wait without a thread each, and the turns around them share
-    the engine's few connections (20 + 20 overflow at most)."""
+    the engine's few connections (40 at most)."""
     done = subprocess.run([sys.executable, "-c", GEVENT_RUN, clean_postgres_url, "1000", "60"], cwd=REPO, env=os.environ,
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
