@@ -39,6 +39,8 @@ from kombu.utils.json import dumps, loads
 
 log = structlog.get_logger(__name__)
 
+POOL_WAIT_S = 20.0  # how long an ack or publish waits for a free connection before it fails as a connection error
+
 
 class Popped(NamedTuple):
     """A message a batch poll took: its text as popped, decoded, its tag and its `"exchange", "routing_key"`."""
@@ -179,6 +181,16 @@ class Channel(kombu_redis.Channel):
             raise redis.exceptions.ConnectionError("the broker connection is already closed")
         return super()._connparams(asynchronous=asynchronous)
 
+    def _get_pool(self, asynchronous: bool = False):
+        """The pool acks and publishes take their connections from waits for one when all `max_connections` (kombu's
+        10) are busy: kombu's raised MaxConnectionsError, so 64 greenlets finishing at once left some of their
+        messages unacked ("Couldn't ack", CRITICAL), run again after VISIBILITY_TIMEOUT."""
+        if asynchronous:  # the poller's own connection
+            return super()._get_pool(asynchronous=True)
+        params = self._connparams()
+        self.keyprefix_fanout = self.keyprefix_fanout.format(db=params["db"])
+        return redis.BlockingConnectionPool(timeout=POOL_WAIT_S, **params)
+
 
 class MultiChannelPoller(kombu_redis.MultiChannelPoller):
     restore_interval = float(kombu_redis.Channel.unacked_restore_interval)
@@ -208,7 +220,10 @@ class Transport(kombu_redis.Transport):
 
 
 class SentinelChannel(Channel, kombu_redis.SentinelChannel):
-    """kombu's Sentinel-managed channel (master_name from the transport options) with the hardening above."""
+    """kombu's Sentinel-managed channel (master_name from the transport options) with the hardening above, but its
+    pool (the sentinels' master-following one)."""
+
+    _get_pool = kombu_redis.SentinelChannel._get_pool
 
 
 class SentinelTransport(kombu_redis.SentinelTransport):

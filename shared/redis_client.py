@@ -21,6 +21,7 @@ from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 SENTINEL_SCHEME = "sentinel"
 SENTINEL_PORT = 26379
 MASTER_PARAM = "master_name"
+POOL_WAIT_S = 20.0  # how long a command waits for a free connection of its client's pool
 
 
 def is_sentinel(url: str | None) -> bool:
@@ -95,7 +96,10 @@ def redis_client(url: str, master_name: str | None = None, **kwargs: Any):
     from redis.sentinel import Sentinel
 
     if not is_sentinel(url):
-        return redis.Redis.from_url(url, **kwargs)
+        # At max_connections (redis-py's 100) a command waits for a connection to come back instead of failing with
+        # MaxConnectionsError: a green pool runs a thousand turns, each pacing its send through this client.
+        pool = redis.BlockingConnectionPool.from_url(url, max_connections=100, timeout=POOL_WAIT_S, **kwargs)
+        return redis.Redis(connection_pool=pool)
     target = parse_sentinel_url(url)
     master = master_name or target.master_name
     if not master:

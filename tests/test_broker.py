@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import threading
 import time
 
 import base64
@@ -133,6 +134,26 @@ def test_one_poll_takes_a_batch_and_files_every_message_as_unacked(private_redis
         assert client.llen("sessions.0") == 0
         received[0].ack()
         assert client.hlen("unacked") == 9 and not client.hexists("unacked", received[0].delivery_tag)
+
+
+def test_an_ack_waits_for_a_free_connection_instead_of_failing(private_redis):
+    """A pool whose turns end together acks together: with every connection of the channel's pool busy, an ack
+    waits for one (kombu's pool raised MaxConnectionsError and the message stayed unacked until its timeout)."""
+    port, client = private_redis
+    with Connection(f"redis://127.0.0.1:{port}/0", transport=TRANSPORT,
+                    transport_options={"max_connections": 2}) as conn:
+        channel, received = _consume(conn)
+        _publish(channel, 3)
+        conn.drain_events(timeout=1)
+        held = [channel.pool.get_connection() for _ in range(2)]  # both connections busy
+        acked = threading.Thread(target=received[0].ack)
+        acked.start()
+        acked.join(0.3)
+        assert acked.is_alive() and client.hlen("unacked") == 3  # waiting, not failed
+        channel.pool.release(held.pop())
+        acked.join(5)
+        assert not acked.is_alive() and client.hlen("unacked") == 2
+        channel.pool.release(held.pop())
 
 
 def test_a_batch_never_exceeds_the_free_prefetch_slots(private_redis):

@@ -1,5 +1,6 @@
 """Outbound pacing: token buckets per account and per chat, on the real Redis and in process."""
 
+import threading
 import uuid
 
 import pytest
@@ -74,3 +75,22 @@ def test_peek_says_what_taking_would_without_taking(redis_limiter):
         assert limiter.try_take([bucket]) == 0 and limiter.try_take([bucket]) == 0
         assert limiter.peek([bucket]) > 0  # empty now, and peeking says so
         assert limiter.try_take([bucket]) > 0
+
+
+def test_more_senders_than_connections_wait_for_one_instead_of_failing(redis_limiter):
+    """A green pool paces a thousand sends at once through one client: past its pool's max_connections a send
+    waits for a connection to come back (redis-py's pool raised MaxConnectionsError, and the turn failed)."""
+    pool = redis_limiter.redis.connection_pool
+    held = [pool.get_connection() for _ in range(pool.max_connections)]
+    waits: list[float] = []
+    sender = threading.Thread(target=lambda: waits.append(redis_limiter.try_take([Bucket(uuid.uuid4().hex, 1, 1)])))
+    try:
+        sender.start()
+        sender.join(0.3)
+        assert sender.is_alive() and waits == []  # waiting for a connection, not failed
+        pool.release(held.pop())
+        sender.join(5)
+        assert waits == [0]
+    finally:
+        for conn in held:
+            pool.release(conn)
