@@ -39,7 +39,7 @@ from kombu.utils.json import dumps, loads
 
 log = structlog.get_logger(__name__)
 
-POOL_WAIT_S = 20.0  # how long an ack or publish waits for a free connection before it fails as a connection error
+POOL_WAIT_S = 20.0  # how long an ack or publish waits for a free connection (then: a connection error)
 
 
 class Popped(NamedTuple):

@@ -14,6 +14,7 @@ URL forms:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
@@ -21,7 +22,7 @@ from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 SENTINEL_SCHEME = "sentinel"
 SENTINEL_PORT = 26379
 MASTER_PARAM = "master_name"
-POOL_WAIT_S = 20.0  # how long a command waits for a free connection of its client's pool
+MAX_CONNECTIONS = 100  # per client (redis-py's default)
 
 
 def is_sentinel(url: str | None) -> bool:
@@ -95,16 +96,26 @@ def redis_client(url: str, master_name: str | None = None, **kwargs: Any):
     import redis
     from redis.sentinel import Sentinel
 
+    # At MAX_CONNECTIONS a command waits for a connection to come back, as long as it would wait for Redis's answer,
+    # instead of failing at once with MaxConnectionsError: a green pool runs a thousand turns, each pacing its send
+    # through one client, and a gevent ingress worker serves a thousand webhooks.
+    waiting = {"max_connections": MAX_CONNECTIONS, "timeout": kwargs.get("socket_timeout") or 2.0}
     if not is_sentinel(url):
-        # At max_connections (redis-py's 100) a command waits for a connection to come back instead of failing with
-        # MaxConnectionsError: a green pool runs a thousand turns, each pacing its send through this client.
-        pool = redis.BlockingConnectionPool.from_url(url, max_connections=100, timeout=POOL_WAIT_S, **kwargs)
-        return redis.Redis(connection_pool=pool)
+        return redis.Redis.from_pool(redis.BlockingConnectionPool.from_url(url, **waiting, **kwargs))
     target = parse_sentinel_url(url)
     master = master_name or target.master_name
     if not master:
         raise ValueError("a sentinel:// URL needs the master's name (REDIS_SENTINEL_MASTER or ?master_name=)")
     timeout = kwargs.get("socket_connect_timeout") or kwargs.get("socket_timeout") or 2.0
     sentinel = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_kwargs(timeout))
-    return sentinel.master_for(master, redis_class=redis.Redis, db=target.db, username=target.username,
-                               password=target.password, **kwargs)
+    return sentinel.master_for(master, redis_class=redis.Redis, connection_pool_class=_waiting_sentinel_pool(),
+                               db=target.db, username=target.username, password=target.password, **waiting, **kwargs)
+
+
+@functools.cache
+def _waiting_sentinel_pool() -> type:
+    """redis-py's pool that follows the sentinels' master, waiting at its limit like BlockingConnectionPool."""
+    from redis import BlockingConnectionPool
+    from redis.sentinel import SentinelConnectionPool
+
+    return type("WaitingSentinelConnectionPool", (SentinelConnectionPool, BlockingConnectionPool), {})

@@ -147,13 +147,17 @@ def test_an_ack_waits_for_a_free_connection_instead_of_failing(private_redis):
         conn.drain_events(timeout=1)
         held = [channel.pool.get_connection() for _ in range(2)]  # both connections busy
         acked = threading.Thread(target=received[0].ack)
-        acked.start()
-        acked.join(0.3)
-        assert acked.is_alive() and client.hlen("unacked") == 3  # waiting, not failed
-        channel.pool.release(held.pop())
-        acked.join(5)
-        assert not acked.is_alive() and client.hlen("unacked") == 2
-        channel.pool.release(held.pop())
+        try:
+            acked.start()
+            acked.join(0.3)
+            assert acked.is_alive() and client.hlen("unacked") == 3  # waiting, not failed
+            channel.pool.release(held.pop())
+            acked.join(5)
+            assert not acked.is_alive() and client.hlen("unacked") == 2
+        finally:
+            for conn in held:
+                channel.pool.release(conn)
+            acked.join(5)
 
 
 def test_a_batch_never_exceeds_the_free_prefetch_slots(private_redis):

@@ -94,3 +94,4 @@ def test_more_senders_than_connections_wait_for_one_instead_of_failing(redis_lim
     finally:
         for conn in held:
             pool.release(conn)
+        sender.join(5)
