@@ -18,7 +18,6 @@ import os
 import signal
 import socket
 import subprocess
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -28,6 +27,7 @@ import redis
 
 from cli.standins.platforms import StandInPlatforms
 from conftest import fresh_database
+from test_ratelimit import assert_a_send_waits_for_a_connection
 from ingress.ledger import RedisLedger
 from ingress.publisher import Publisher
 from shared.config import load_settings
@@ -407,21 +407,7 @@ def test_redis_sentinel_ledger_limiter_and_worker_follow_a_failover(procs, stand
     assert limiter.try_take([Bucket("rl:ha2", 1, 5)]) == 0 and replica.exists("rl:ha2")
     client = redis_client(settings.redis_url, socket_timeout=2)
     assert client.info("server")["tcp_port"] == new_port
-    pool = limiter.redis.connection_pool  # at its limit, a command through the sentinels waits for a connection
-    held = [pool.get_connection() for _ in range(pool.max_connections)]
-    waits: list[float] = []
-    sender = threading.Thread(target=lambda: waits.append(limiter.try_take([Bucket("rl:ha3", 1, 5)])))
-    try:
-        sender.start()
-        sender.join(0.3)
-        assert sender.is_alive() and waits == []
-        pool.release(held.pop())
-        sender.join(5)
-        assert waits == [0]
-    finally:
-        for conn in held:
-            pool.release(conn)
-        sender.join(5)
+    assert_a_send_waits_for_a_connection(limiter)  # through the sentinels too
 
     assert publisher.publish([message("6002", "after the failover")]) == 1
     wait_for_reply(standin, procs, "6002", "after the failover")

@@ -80,10 +80,15 @@ def test_peek_says_what_taking_would_without_taking(redis_limiter):
 def test_more_senders_than_connections_wait_for_one_instead_of_failing(redis_limiter):
     """A green pool paces a thousand sends at once through one client: past its pool's max_connections a send
     waits for a connection to come back (redis-py's pool raised MaxConnectionsError, and the turn failed)."""
-    pool = redis_limiter.redis.connection_pool
+    assert_a_send_waits_for_a_connection(redis_limiter)
+
+
+def assert_a_send_waits_for_a_connection(limiter: RedisLimiter) -> None:
+    """With every connection of the limiter's pool held, a send's pacing waits, and goes on once one is back."""
+    pool = limiter.redis.connection_pool
     held = [pool.get_connection() for _ in range(pool.max_connections)]
     waits: list[float] = []
-    sender = threading.Thread(target=lambda: waits.append(redis_limiter.try_take([Bucket(uuid.uuid4().hex, 1, 1)])))
+    sender = threading.Thread(target=lambda: waits.append(limiter.try_take([Bucket(uuid.uuid4().hex, 1, 1)])))
     try:
         sender.start()
         sender.join(0.3)
